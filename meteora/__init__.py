@@ -1,0 +1,38 @@
+"""meteora: many off-the-shelf LoRA adapters fused into one causal LM as a per-token mixture of experts.
+
+    model = MeteoraModel.from_adapters(base, {"reverse": "adapters/reverse", ...}, top_k=2)
+    with model.force_experts(["reverse"]): ...
+    out = model.generate(**inputs, max_new_tokens=32, return_routing=True)
+"""
+from .adapters import LoraAdapter, LoraModule, load_adapter
+from .backends import BACKENDS
+from .base_model import BaseFingerprint, load_base_model
+from .config import MeteoraConfig
+from .errors import AdapterError, CheckpointError
+from .experts import ExpertStack
+from .layer import MeteoraLinear
+from .model import GenerationWithRouting, MeteoraModel
+from .routing import RoutingTrace
+from .training import MeteoraLoss, lm_labels, meteora_loss, routing_accuracy, task_labels
+
+__all__ = [
+    "AdapterError",
+    "BACKENDS",
+    "BaseFingerprint",
+    "CheckpointError",
+    "ExpertStack",
+    "GenerationWithRouting",
+    "LoraAdapter",
+    "LoraModule",
+    "MeteoraConfig",
+    "MeteoraLinear",
+    "MeteoraLoss",
+    "MeteoraModel",
+    "RoutingTrace",
+    "lm_labels",
+    "load_adapter",
+    "load_base_model",
+    "meteora_loss",
+    "routing_accuracy",
+    "task_labels",
+]

@@ -1,0 +1,61 @@
+"""The base causal LM: loading it from a model directory, and the fingerprint a checkpoint checks it by.
+
+A checkpoint references its base model (never copies it) and must refuse a different one. The fingerprint
+has two parts: `structure`, a hash of the model type and every parameter's name and shape, compared exactly;
+and `probe`, a fixed sample of weight values compared with a tolerance, so the same weights loaded in
+another dtype still match while a different model of the same architecture does not.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+PROBE_TENSORS = 8  # matrices sampled, evenly spaced in name order
+PROBE_VALUES = 16  # values sampled per matrix, evenly spaced in its flattened storage
+PROBE_RTOL = 1e-2  # bf16 keeps ~3 significant digits; two different models differ far more than this
+
+
+def load_base_model(uri: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """Load a transformers causal LM from a local model directory (safetensors only, no remote code)."""
+    text = str(uri)
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError(f"base model URI {text!r}: only local directories (or file://) can be loaded here")
+    path = Path(text.removeprefix("file://"))
+    if not (path / "config.json").is_file():
+        raise ValueError(f"base model {str(path)!r} is not a model directory: config.json is missing")
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
+    )
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    structure: str  # "sha256:<hex>"
+    probe: tuple[float, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "BaseFingerprint":
+        params = sorted(model.named_parameters(), key=lambda item: item[0])
+        digest = hashlib.sha256(getattr(getattr(model, "config", None), "model_type", "").encode())
+        for name, param in params:
+            digest.update(f"{name}:{tuple(param.shape)};".encode())
+        matrices = [param for _, param in params if param.dim() >= 2]
+        picked = [matrices[int(i)] for i in torch.linspace(0, len(matrices) - 1, min(PROBE_TENSORS, len(matrices)))]
+        probe = []
+        for param in picked:
+            flat = param.detach().reshape(-1)
+            positions = torch.linspace(0, flat.numel() - 1, PROBE_VALUES).long()
+            probe.extend(float(f"{v:.6g}") for v in flat[positions].double().tolist())
+        return cls(structure=f"sha256:{digest.hexdigest()}", probe=tuple(probe))
+
+    def matches(self, other: "BaseFingerprint") -> bool:
+        if self.structure != other.structure or len(self.probe) != len(other.probe):
+            return False
+        mine, theirs = torch.tensor(self.probe), torch.tensor(other.probe)
+        scale = max(mine.abs().max().item(), 1e-12)
+        return bool(torch.allclose(mine, theirs, rtol=PROBE_RTOL, atol=PROBE_RTOL * scale))

@@ -1,0 +1,74 @@
+"""The MeteoRA checkpoint directory: what is stored, and reading/writing it safely.
+
+    meteora_config.json   format_version, base_model {name, uri, fingerprint, probe}, experts [{name, sha256,
+                          rank, alpha, scaling, target_modules}], target_modules, top_k, temperature, training
+    experts.safetensors   "<layer>.A" [R, d_in], "<layer>.B_t" [R, d_out], "<layer>.ranks" [E], "<layer>.scaling" [E]
+    gates.safetensors     "<layer>.gate" [E, d_in]
+The base model is referenced by URI and fingerprint, never copied. Each file is written to a temporary name
+and renamed into place, the config last, so a reader never sees a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "meteora_config.json"
+EXPERTS_FILE = "experts.safetensors"
+GATES_FILE = "gates.safetensors"
+
+
+def write_checkpoint(path: str | Path, config: dict, experts: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic(path / EXPERTS_FILE, lambda tmp: save_file(_contiguous(experts), tmp, metadata={"format": "pt"}))
+    _atomic(path / GATES_FILE, lambda tmp: save_file(_contiguous(gates), tmp, metadata={"format": "pt"}))
+    text = json.dumps({"format_version": FORMAT_VERSION, **config}, indent=2)
+    _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, expert tensors, gate tensors). Raises CheckpointError naming the file that is wrong."""
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{path} is not a MeteoRA checkpoint: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    if config.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{config_file}: format_version {config.get('format_version')!r} is not {FORMAT_VERSION}")
+    return config, _load(path / EXPERTS_FILE), _load(path / GATES_FILE)
+
+
+def _load(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} is missing")
+    try:
+        return load_file(file)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint file {file} is unreadable (truncated or corrupt): {err}") from None
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+
+def _atomic(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,92 @@
+"""Per-token routing: the settings every fused layer shares, and the routing trace they record.
+
+    logits = G x                       # [T, E]  one gate per adapted layer
+    vals, ids = topk(logits, k)        # [T, k]
+    weights = softmax(vals / temperature)
+Forcing bypasses the gates: every token uses the forced experts with equal weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    """Mutable settings shared by reference by all fused layers of one model."""
+
+    top_k: int
+    temperature: float
+    backend: str
+    forced: torch.Tensor | None = None  # [m] expert ids, or None to route with the gates
+    gate_logits: list[torch.Tensor] | None = None  # when a list, every layer appends its [T, E] logits (training)
+    records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # layer -> [(ids, weights)] per call
+
+    def route(self, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d_in], gate [E, d_in] -> ids [T, k] int64, weights [T, k] fp32."""
+        T = x.shape[0]
+        if self.forced is not None:
+            m = self.forced.numel()
+            ids = self.forced.to(x.device).expand(T, m)  # [T, m]
+            return ids, torch.full((T, m), 1.0 / m, device=x.device)
+        logits = F.linear(x.float(), gate)  # [T, E] in fp32
+        if self.gate_logits is not None:
+            self.gate_logits.append(logits)
+        vals, ids = logits.topk(self.top_k, dim=-1)  # [T, k]
+        return ids, torch.softmax(vals / self.temperature, dim=-1)
+
+    def record(self, layer: str, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        if self.records is not None:
+            self.records.setdefault(layer, []).append((ids.detach().cpu(), weights.detach().float().cpu()))
+
+
+@dataclass
+class RoutingTrace:
+    """The experts picked at every adapted layer for every position a forward pass processed.
+
+    ids / weights [B, P, L, k]: batch row, position, adapted layer (order of `layers`), pick.
+    After `generate`, position P - n + i (n generated tokens) is the input whose routing produced
+    generated token i: `for_generated(n)` returns exactly those.
+    """
+
+    expert_names: list[str]
+    layers: list[str]
+    ids: torch.Tensor
+    weights: torch.Tensor
+
+    def expert_weights(self) -> torch.Tensor:
+        """[B, P, E]: each expert's routing weight at each position, averaged over the adapted layers."""
+        B, P, L, k = self.ids.shape
+        dense = torch.zeros(B, P, L, len(self.expert_names))
+        dense.scatter_add_(-1, self.ids, self.weights)  # [B, P, L, E]
+        return dense.mean(dim=2)
+
+    def for_generated(self, n: int) -> "RoutingTrace":
+        return RoutingTrace(self.expert_names, self.layers, self.ids[:, -n:], self.weights[:, -n:])
+
+    def top_experts(self, row: int = 0) -> list[list[tuple[str, float]]]:
+        """Per position of batch row `row`: experts by mean weight (those above zero), heaviest first."""
+        result = []
+        for position in self.expert_weights()[row]:  # [E]
+            order = position.argsort(descending=True)
+            result.append([(self.expert_names[e], round(position[e].item(), 4)) for e in order if position[e] > 0])
+        return result
+
+
+def assemble_trace(records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], layers: list[str],
+                   expert_names: list[str], batch: int) -> RoutingTrace:
+    """Join per-call records of a generation into one trace: all positions of the first call (the prompt),
+    then the last position of each later call (one new token per step, with or without a KV cache)."""
+    per_layer_ids, per_layer_weights = [], []
+    for layer in layers:
+        calls = records[layer]
+        ids = [calls[0][0].view(batch, -1, calls[0][0].shape[-1])]
+        weights = [calls[0][1].view(batch, -1, calls[0][1].shape[-1])]
+        for call_ids, call_weights in calls[1:]:
+            ids.append(call_ids.view(batch, -1, call_ids.shape[-1])[:, -1:])
+            weights.append(call_weights.view(batch, -1, call_weights.shape[-1])[:, -1:])
+        per_layer_ids.append(torch.cat(ids, dim=1))  # [B, P, k]
+        per_layer_weights.append(torch.cat(weights, dim=1))
+    return RoutingTrace(expert_names, layers, torch.stack(per_layer_ids, 2), torch.stack(per_layer_weights, 2))

@@ -1,0 +1,45 @@
+"""Tiny random causal LMs and real PEFT adapters for tests (nothing is downloaded)."""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),  # q/k/v carry biases
+}
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VOCAB = 96
+
+
+def tiny_base(arch: str = "llama", attn: str = "eager", seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    config_class, model_class = ARCHS[arch]
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          attn_implementation=attn, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def make_adapter(base: torch.nn.Module, path: Path, rank: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
+                 rslora: bool = False, seed: int = 0, **extra) -> Path:
+    """Save a real PEFT LoRA adapter for `base` with random, non-zero A and B (so it changes the outputs)."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), use_rslora=rslora,
+                        init_lora_weights=False, lora_dropout=0.0, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(copy.deepcopy(base), config)
+    peft_model.save_pretrained(path)
+    return Path(path)
+
+
+def random_ids(batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
