@@ -45,12 +45,10 @@ class BaseFingerprint:
         for name, param in params:
             digest.update(f"{name}:{tuple(param.shape)};".encode())
         matrices = [param for _, param in params if param.dim() >= 2]
-        picked = [matrices[int(i)] for i in torch.linspace(0, len(matrices) - 1, min(PROBE_TENSORS, len(matrices)))]
         probe = []
-        for param in picked:
+        for param in _evenly_spaced(matrices, PROBE_TENSORS):
             flat = param.detach().reshape(-1)
-            positions = torch.linspace(0, flat.numel() - 1, PROBE_VALUES).long()
-            probe.extend(float(f"{v:.6g}") for v in flat[positions].double().tolist())
+            probe.extend(float(f"{v:.6g}") for v in _evenly_spaced(flat, PROBE_VALUES).double().tolist())
         return cls(structure=f"sha256:{digest.hexdigest()}", probe=tuple(probe))
 
     def matches(self, other: "BaseFingerprint") -> bool:
@@ -59,3 +57,10 @@ class BaseFingerprint:
         mine, theirs = torch.tensor(self.probe), torch.tensor(other.probe)
         scale = max(mine.abs().max().item(), 1e-12)
         return bool(torch.allclose(mine, theirs, rtol=PROBE_RTOL, atol=PROBE_RTOL * scale))
+
+
+def _evenly_spaced(items, count: int):
+    """`count` items at evenly spaced positions, first and last included (integer arithmetic: exact)."""
+    n = len(items)
+    positions = [i * (n - 1) // max(count - 1, 1) for i in range(min(count, n))]
+    return items[torch.tensor(positions)] if isinstance(items, torch.Tensor) else [items[i] for i in positions]

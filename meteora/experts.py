@@ -5,10 +5,11 @@ Glossary (used by the layer and the backends too):
     r_e the rank of expert e here (0 when e does not target this layer), R = sum_e r_e, r_max = max_e r_e.
 
 Storage, with no padding and no per-token copies:
-    A        [R, d_in]       rows offsets[e] : offsets[e] + r_e are expert e's lora_A
-    B_t      [R + 1, d_out]  the same rows of lora_B transposed; the last row is zero, the target of padded
-                             indices in the torch backend
-    offsets  [E] int64, ranks [E] int64, scaling [E] fp32 (alpha / r or alpha / sqrt(r); 0 where r_e = 0)
+    A        [R + 1, d_in]   rows offsets[e] : offsets[e] + r_e are expert e's lora_A; the last row is zero
+    B_t      [R + 1, d_out]  the same rows of lora_B transposed; the last row is zero
+    row_table [E, r_max]     row_table[e, c] = offsets[e] + c for c < r_e, else R (a zero row): indexing it
+                             with a token's expert ids gives the rows of its experts, padded slots included
+    ranks [E] int64, scaling [E] fp32 (alpha / r or alpha / sqrt(r); 0 where r_e = 0)
 """
 from __future__ import annotations
 
@@ -22,17 +23,19 @@ class ExpertStack(nn.Module):
     def __init__(self, A: torch.Tensor, B_t: torch.Tensor, ranks: torch.Tensor, scaling: torch.Tensor):
         super().__init__()
         R = int(ranks.sum())
-        assert A.shape[0] == R and B_t.shape[0] == R + 1, "stacked rows must match the ranks"
+        assert A.shape[0] == R + 1 and B_t.shape[0] == R + 1, "stacked rows must match the ranks, plus a zero row"
         offsets = torch.cumsum(ranks, 0) - ranks
+        slot = torch.arange(int(ranks.max()))
+        row_table = torch.where(slot < ranks[:, None], offsets[:, None] + slot, R)  # [E, r_max]
         # Buffers, not parameters: experts never train. Not persistent: the checkpoint saves them itself.
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("B_t", B_t, persistent=False)
-        self.register_buffer("offsets", offsets, persistent=False)
+        self.register_buffer("row_table", row_table, persistent=False)
         self.register_buffer("ranks", ranks, persistent=False)
         self.register_buffer("scaling", scaling.float(), persistent=False)
         self.rank_list = ranks.tolist()  # python ints: the loop backend and grouped shrink index without syncs
         self.offset_list = offsets.tolist()
-        self.r_max = max(self.rank_list)
+        self.r_max = row_table.shape[1]
         self.total_rank = R
 
     @classmethod
@@ -42,15 +45,17 @@ class ExpertStack(nn.Module):
         d_out = present[0].B.shape[0]
         ranks = torch.tensor([m.rank if m else 0 for m in modules], dtype=torch.int64)
         scaling = torch.tensor([m.scaling if m else 0.0 for m in modules], dtype=torch.float32)
-        A = torch.cat([m.A.to(dtype) for m in present])  # [R, d_in]
-        B_t = torch.cat([m.B.t().to(dtype) for m in present] + [torch.zeros(1, d_out, dtype=dtype)])  # [R + 1, d_out]
-        return cls(A.contiguous(), B_t.contiguous(), ranks, scaling)
+        zero_rows = torch.zeros(1, present[0].A.shape[1], dtype=dtype), torch.zeros(1, d_out, dtype=dtype)
+        A = torch.cat([m.A.to(dtype) for m in present] + [zero_rows[0]])  # [R + 1, d_in]
+        B_t = torch.cat([m.B.t().to(dtype) for m in present] + [zero_rows[1]])  # [R + 1, d_out]
+        return cls(A, B_t, ranks, scaling)
 
     @classmethod
     def from_stacked(cls, A: torch.Tensor, B_t: torch.Tensor, ranks: torch.Tensor, scaling: torch.Tensor) -> "ExpertStack":
-        """Rebuild from checkpoint tensors: A [R, d_in], B_t [R, d_out] (no zero row), ranks, scaling [E]."""
-        zero = torch.zeros(1, B_t.shape[1], dtype=B_t.dtype)
-        return cls(A.contiguous(), torch.cat([B_t, zero]).contiguous(), ranks.to(torch.int64), scaling)
+        """Rebuild from checkpoint tensors: A [R, d_in], B_t [R, d_out] (no zero rows), ranks, scaling [E]."""
+        A = torch.cat([A, A.new_zeros(1, A.shape[1])])
+        B_t = torch.cat([B_t, B_t.new_zeros(1, B_t.shape[1])])
+        return cls(A, B_t, ranks.to(torch.int64), scaling)
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert e's (A_e [r_e, d_in], B_e^T [r_e, d_out]) as views into the stack."""
@@ -58,8 +63,8 @@ class ExpertStack(nn.Module):
         return self.A[start:stop], self.B_t[start:stop]
 
     def stacked(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint stores (B_t without its zero row)."""
-        return {"A": self.A, "B_t": self.B_t[:-1], "ranks": self.ranks, "scaling": self.scaling}
+        """The tensors a checkpoint stores (without the zero rows)."""
+        return {"A": self.A[:-1], "B_t": self.B_t[:-1], "ranks": self.ranks, "scaling": self.scaling}
 
     @property
     def num_experts(self) -> int:

@@ -34,7 +34,7 @@ class MeteoraLinear(nn.Module):
         y = self.base_layer(x)  # [..., d_out] in the base dtype
         x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
         ids, weights = self.routing.route(x2, self.meteora_gate)  # [T, k], [T, k]
-        self.routing.record(self.name, ids.view(*x.shape[:-1], -1), weights.view(*x.shape[:-1], -1))
+        self.routing.record(self.name, ids, weights, x.shape[:-1])
         delta = BACKENDS[self.routing.backend](x2, ids, weights, self.meteora_experts)  # [T, d_out]
         return y + delta.view(y.shape).to(y.dtype)
 

@@ -35,11 +35,15 @@ class Routing:
         if self.gate_logits is not None:
             self.gate_logits.append(logits)
         vals, ids = logits.topk(self.top_k, dim=-1)  # [T, k]
-        return ids, torch.softmax(vals / self.temperature, dim=-1)
+        if self.temperature != 1.0:
+            vals = vals / self.temperature
+        return ids, torch.softmax(vals, dim=-1)
 
-    def record(self, layer: str, ids: torch.Tensor, weights: torch.Tensor) -> None:
+    def record(self, layer: str, ids: torch.Tensor, weights: torch.Tensor, shape: torch.Size) -> None:
+        """Keep ids and weights [*shape, k] of one call when a trace is being recorded."""
         if self.records is not None:
-            self.records.setdefault(layer, []).append((ids.detach().cpu(), weights.detach().float().cpu()))
+            ids, weights = ids.view(*shape, -1).detach().cpu(), weights.view(*shape, -1).detach().float().cpu()
+            self.records.setdefault(layer, []).append((ids, weights))
 
 
 @dataclass

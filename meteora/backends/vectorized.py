@@ -3,15 +3,16 @@
     delta[t] = sum_j weights[t, j] * scaling[e] * B_e (A_e x[t]),  e = ids[t, j]
 
 Two steps (symbols: meteora/experts.py):
-  shrink  h[t, j, :r_e] = A_e x[t] for each picked expert, zeros in the slots past r_e       [T, k, r_max]
+  shrink  h[t, j, c] = A_e[c] . x[t] for each picked expert e = ids[t, j]; 0 in slots c >= r_e     [T, k, r_max]
   expand  one F.embedding_bag over the rows of B_t: token t's bag holds the rows of its k experts,
           each row weighted by weights[t, j] * scaling[e] * h[t, j, c]. It reads only the picked experts'
           rows, copies no weights per token, and needs no padding in storage (padded slots point at the
           zero row R of B_t).
-The shrink has two forms, picked per call by size (measured on a 2-core AVX-512 CPU, see DENSE_SHRINK_MAX):
-  dense   few tokens (decode): x @ A^T over all experts in one GEMM, then gather the picked columns.
-  grouped many tokens (prefill): token slots sorted by expert, one GEMM per expert over its contiguous
-          segment, so each expert's A is read once per call and the work is k * r per token, not R.
+The shrink has three forms, picked per call by size (crossovers measured on a 2-core AVX-512 CPU):
+  gathered  fewest tokens (decode, small batch): copy just the picked rows of A, one batched mat-vec.
+  dense     few tokens: x @ A^T over all experts in one GEMM, then gather the picked columns.
+  grouped   many tokens (prefill): token slots sorted by expert, one GEMM per expert over its contiguous
+            segment, so each expert's A is read once per call and the work is k * r per token, not R.
 """
 from __future__ import annotations
 
@@ -29,23 +30,16 @@ def vectorized_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     """x [T, d_in], ids [T, k] int64, weights [T, k] fp32 -> delta [T, d_out] in the experts' dtype."""
     T, k = ids.shape
     x = x.to(experts.A.dtype)
-    slot = torch.arange(experts.r_max, device=x.device)  # [r_max]
-    rows = experts.offsets[ids].unsqueeze(-1) + slot  # [T, k, r_max] rows of A / B_t per slot
-    padded = slot >= experts.ranks[ids].unsqueeze(-1)  # [T, k, r_max] slots past the expert's rank
-    rows = rows.masked_fill(padded, experts.total_rank)  # padded slots -> the zero row of B_t
-    if T * experts.total_rank <= DENSE_SHRINK_MAX:
-        h = _dense_shrink(x, rows, experts)
+    rows = experts.row_table[ids].view(T, -1)  # [T, k * r_max] rows of A / B_t per slot (R where padded)
+    if rows.numel() <= experts.total_rank:
+        h = torch.bmm(experts.A[rows], x.unsqueeze(-1))  # [T, k * r_max, 1]
+    elif T * experts.total_rank <= DENSE_SHRINK_MAX:
+        h = F.linear(x, experts.A).gather(1, rows)  # [T, R + 1] -> [T, k * r_max]
     else:
         h = _grouped_shrink(x, ids, experts)
-    coef = (weights * experts.scaling[ids]).unsqueeze(-1)  # [T, k, 1]
-    per_row = (h.float() * coef).view(T, -1).to(experts.B_t.dtype)  # [T, k * r_max]
-    return F.embedding_bag(rows.view(T, -1), experts.B_t, per_sample_weights=per_row, mode="sum")  # [T, d_out]
-
-
-def _dense_shrink(x: torch.Tensor, rows: torch.Tensor, experts: ExpertStack) -> torch.Tensor:
-    T, k, r_max = rows.shape
-    h_all = F.pad(F.linear(x, experts.A), (0, 1))  # [T, R + 1]; column R is zero, like row R of B_t
-    return h_all.gather(1, rows.view(T, -1)).view(T, k, r_max)
+    coef = (weights * experts.scaling[ids]).repeat_interleave(experts.r_max, dim=1)  # [T, k * r_max]
+    per_row = (h.view(T, -1) * coef).to(experts.B_t.dtype)
+    return F.embedding_bag(rows, experts.B_t, per_sample_weights=per_row, mode="sum")  # [T, d_out]
 
 
 def _grouped_shrink(x: torch.Tensor, ids: torch.Tensor, experts: ExpertStack) -> torch.Tensor:
@@ -62,5 +56,4 @@ def _grouped_shrink(x: torch.Tensor, ids: torch.Tensor, experts: ExpertStack) ->
             A_e, _ = experts.expert(e)  # [r_e, d_in]
             h_sorted[start : start + count, :rank] = x_sorted[start : start + count] @ A_e.t()
         start += count
-    h = torch.empty_like(h_sorted).index_copy_(0, order, h_sorted)  # back to (token, slot) order
-    return h.view(T, k, experts.r_max)
+    return torch.empty_like(h_sorted).index_copy_(0, order, h_sorted)  # [T * k, r_max] in (token, slot) order

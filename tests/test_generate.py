@@ -1,0 +1,63 @@
+"""generate() works with the KV cache and returns the routing trace per generated token."""
+import copy
+
+import pytest
+import torch
+
+from meteora import MeteoraModel
+from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = tiny_base()
+    paths = {name: make_adapter(base, root / name, r, 2 * r, t, seed=i)
+             for i, (name, r, t) in enumerate([("alpha", 4, ALL_MODULES), ("beta", 8, ALL_MODULES), ("gamma", 8, ["q_proj"])])}
+    return MeteoraModel.from_adapters(copy.deepcopy(base), paths, top_k=2)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_returns_a_trace_per_generated_token(fused, use_cache):
+    prompt = random_ids(batch=2, length=5)
+    out = fused.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_routing=True,
+                         use_cache=use_cache, pad_token_id=0)
+    plain = fused.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out.sequences, plain)
+    trace = out.routing
+    n_layers = 2 * len(ALL_MODULES)
+    assert trace.layers == fused.layer_names and len(trace.layers) == n_layers
+    assert trace.ids.shape == (2, 5 + 6 - 1, n_layers, 2)  # every processed position
+    generated = trace.for_generated(6)
+    assert generated.ids.shape == (2, 6, n_layers, 2)
+    torch.testing.assert_close(generated.weights.sum(-1), torch.ones(2, 6, n_layers))
+    shares = generated.expert_weights()  # [B, n, E]
+    torch.testing.assert_close(shares.sum(-1), torch.ones(2, 6))
+
+
+def test_trace_matches_a_plain_forward_pass(fused):
+    """The routing recorded during generation is the routing of the same positions in one forward pass."""
+    prompt = random_ids(batch=1, length=4, seed=5)
+    out = fused.generate(prompt, max_new_tokens=5, do_sample=False, return_routing=True, pad_token_id=0)
+    fused.routing.records = {}
+    with torch.no_grad():
+        fused(out.sequences[:, :-1])
+    records, fused.routing.records = fused.routing.records, None
+    for i, layer in enumerate(fused.layer_names):
+        assert torch.equal(out.routing.ids[0, :, i], records[layer][0][0][0])
+
+
+def test_forced_experts_show_in_the_trace(fused):
+    with fused.force_experts(["gamma"]):
+        out = fused.generate(random_ids(batch=1, length=3), max_new_tokens=3, return_routing=True, pad_token_id=0)
+    assert (out.routing.ids == 2).all() and (out.routing.weights == 1).all()
+    assert out.routing.top_experts()[0] == [("gamma", 1.0)]
+    assert fused.routing.forced is None, "forcing ends with the block"
+
+
+def test_sampling_with_routing_and_beam_search_refused(fused):
+    torch.manual_seed(0)
+    out = fused.generate(random_ids(batch=2, length=3), max_new_tokens=4, do_sample=True, return_routing=True, pad_token_id=0)
+    assert out.routing.ids.shape[1] == out.sequences.shape[1] - 1
+    with pytest.raises(ValueError, match="beam"):
+        fused.generate(random_ids(batch=1, length=3), max_new_tokens=2, num_beams=2, return_routing=True)
