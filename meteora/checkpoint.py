@@ -2,7 +2,8 @@
 
     meteora_config.json   format_version, base_model {name, uri, fingerprint, probe}, experts [{name, sha256,
                           rank, alpha, scaling, target_modules}], target_modules, top_k, temperature, training
-    experts.safetensors   "<layer>.A" [R, d_in], "<layer>.B_t" [R, d_out], "<layer>.ranks" [E], "<layer>.scaling" [E]
+    experts.safetensors   "<layer>.A" [R, d_in], "<layer>.B_t" [R, d_out] (scaling_e * B_e^T), "<layer>.ranks" [E],
+                          "<layer>.scaling" [E]; experts' rows in expert order at their own ranks, no padding
     gates.safetensors     "<layer>.gate" [E, d_in]
 The base model is referenced by URI and fingerprint, never copied. Each file is written to a temporary name
 and renamed into place, the config last, so a reader never sees a half-written checkpoint.

@@ -6,7 +6,8 @@ Glossary (used by the layer and the backends too):
 
 Storage, with no padding and no per-token copies:
     A        [R + 1, d_in]   rows offsets[e] : offsets[e] + r_e are expert e's lora_A; the last row is zero
-    B_t      [R + 1, d_out]  the same rows of lora_B transposed; the last row is zero
+    B_t      [R + 1, d_out]  the same rows of scaling_e * lora_B transposed (the scaling folded in once, so no
+                             backend spends an op on it); the last row is zero
     row_table [E, r_max]     row_table[e, c] = offsets[e] + c for c < r_e, else R (a zero row): indexing it
                              with a token's expert ids gives the rows of its experts, padded slots included
     ranks [E] int64, scaling [E] fp32 (alpha / r or alpha / sqrt(r); 0 where r_e = 0)
@@ -47,18 +48,18 @@ class ExpertStack(nn.Module):
         scaling = torch.tensor([m.scaling if m else 0.0 for m in modules], dtype=torch.float32)
         zero_rows = torch.zeros(1, present[0].A.shape[1], dtype=dtype), torch.zeros(1, d_out, dtype=dtype)
         A = torch.cat([m.A.to(dtype) for m in present] + [zero_rows[0]])  # [R + 1, d_in]
-        B_t = torch.cat([m.B.t().to(dtype) for m in present] + [zero_rows[1]])  # [R + 1, d_out]
+        B_t = torch.cat([(m.scaling * m.B.t()).to(dtype) for m in present] + [zero_rows[1]])  # [R + 1, d_out]
         return cls(A, B_t, ranks, scaling)
 
     @classmethod
     def from_stacked(cls, A: torch.Tensor, B_t: torch.Tensor, ranks: torch.Tensor, scaling: torch.Tensor) -> "ExpertStack":
-        """Rebuild from checkpoint tensors: A [R, d_in], B_t [R, d_out] (no zero rows), ranks, scaling [E]."""
+        """Rebuild from checkpoint tensors: A [R, d_in], B_t [R, d_out] (scaled, no zero rows), ranks, scaling [E]."""
         A = torch.cat([A, A.new_zeros(1, A.shape[1])])
         B_t = torch.cat([B_t, B_t.new_zeros(1, B_t.shape[1])])
         return cls(A, B_t, ranks.to(torch.int64), scaling)
 
     def expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert e's (A_e [r_e, d_in], B_e^T [r_e, d_out]) as views into the stack."""
+        """Expert e's (A_e [r_e, d_in], scaling_e * B_e^T [r_e, d_out]) as views into the stack."""
         start, stop = self.offset_list[e], self.offset_list[e] + self.rank_list[e]
         return self.A[start:stop], self.B_t[start:stop]
 

@@ -18,8 +18,7 @@ def loop_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert
         tokens, slots = (ids == e).nonzero(as_tuple=True)  # [n], [n]: the (token, slot) pairs that picked e
         if tokens.numel() == 0:
             continue
-        A_e, B_e_t = experts.expert(e)  # [r_e, d_in], [r_e, d_out]
-        coef = weights[tokens, slots] * experts.scaling[e]  # [n]
+        A_e, B_e_t = experts.expert(e)  # [r_e, d_in], scaling_e * B_e^T [r_e, d_out]
         h = x[tokens].float() @ A_e.float().t()  # [n, r_e]
-        delta.index_add_(0, tokens, (h @ B_e_t.float()) * coef[:, None])  # [n, d_out] added per token
+        delta.index_add_(0, tokens, (h @ B_e_t.float()) * weights[tokens, slots, None])  # [n, d_out] per token
     return delta

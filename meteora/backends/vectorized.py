@@ -5,11 +5,12 @@
 Two steps (symbols: meteora/experts.py):
   shrink  h[t, j, c] = A_e[c] . x[t] for each picked expert e = ids[t, j]; 0 in slots c >= r_e     [T, k, r_max]
   expand  one F.embedding_bag over the rows of B_t: token t's bag holds the rows of its k experts,
-          each row weighted by weights[t, j] * scaling[e] * h[t, j, c]. It reads only the picked experts'
-          rows, copies no weights per token, and needs no padding in storage (padded slots point at the
-          zero row R of B_t).
+          each row (scaling folded in) weighted by weights[t, j] * h[t, j, c]. It reads only the picked
+          experts' rows, copies no weights per token, and needs no padding in storage (padded slots point
+          at the zero row R of B_t).
 The shrink has three forms, picked per call by size (crossovers measured on a 2-core AVX-512 CPU):
-  gathered  fewest tokens (decode, small batch): copy just the picked rows of A, one batched mat-vec.
+  gathered  fewest tokens (decode, small batch): copy just the picked rows of A (fewer than half of A's
+            rows), one batched mat-vec.
   dense     few tokens: x @ A^T over all experts in one GEMM, then gather the picked columns.
   grouped   many tokens (prefill): token slots sorted by expert, one GEMM per expert over its contiguous
             segment, so each expert's A is read once per call and the work is k * r per token, not R.
@@ -30,16 +31,16 @@ def vectorized_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     """x [T, d_in], ids [T, k] int64, weights [T, k] fp32 -> delta [T, d_out] in the experts' dtype."""
     T, k = ids.shape
     x = x.to(experts.A.dtype)
-    rows = experts.row_table[ids].view(T, -1)  # [T, k * r_max] rows of A / B_t per slot (R where padded)
-    if rows.numel() <= experts.total_rank:
-        h = torch.bmm(experts.A[rows], x.unsqueeze(-1))  # [T, k * r_max, 1]
+    rows = experts.row_table.index_select(0, ids.reshape(-1)).view(T, -1)  # [T, k * r_max]; R where padded
+    if 2 * rows.numel() <= experts.total_rank:
+        picked_A = experts.A.index_select(0, rows.view(-1)).view(T, -1, x.shape[1])  # [T, k * r_max, d_in]
+        h = torch.bmm(picked_A, x.unsqueeze(-1))  # [T, k * r_max, 1]
     elif T * experts.total_rank <= DENSE_SHRINK_MAX:
         h = F.linear(x, experts.A).gather(1, rows)  # [T, R + 1] -> [T, k * r_max]
     else:
         h = _grouped_shrink(x, ids, experts)
-    coef = (weights * experts.scaling[ids]).repeat_interleave(experts.r_max, dim=1)  # [T, k * r_max]
-    per_row = (h.view(T, -1) * coef).to(experts.B_t.dtype)
-    return F.embedding_bag(rows, experts.B_t, per_sample_weights=per_row, mode="sum")  # [T, d_out]
+    per_row = (h.view(T, k, -1) * weights.unsqueeze(-1)).view(T, -1)  # [T, k * r_max], fp32
+    return F.embedding_bag(rows, experts.B_t, per_sample_weights=per_row.to(experts.B_t.dtype), mode="sum")
 
 
 def _grouped_shrink(x: torch.Tensor, ids: torch.Tensor, experts: ExpertStack) -> torch.Tensor:
