@@ -153,7 +153,7 @@ def main() -> None:
                   "experts": N_EXPERTS, "top_k": 2, "modules": MODULES, "prompt_tokens": 128,
                   "new_tokens": args.new_tokens, "repeats": args.repeats, "mixed_ranks": [4, 8, 16, 32]},
         "tokens_per_s_median": medians,
-        "ratio_to_peft_one_adapter": ratios,
+        "ratio_to_peft_one_adapter": ratios,  # the mixed-rank variants too are divided by PEFT with one rank-8 adapter
         "distinct_experts_per_decode_step": {"batch8": distinct_experts_per_step(fused, prompts[8]),
                                              "batch1": distinct_experts_per_step(fused, prompts[1])},
         "experts_memory_vs_adapter_files": {

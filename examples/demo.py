@@ -5,9 +5,10 @@
      on each, with mixed ranks and target sets
   3. the adapters fused into one MeteoraModel; its gates trained with the MeteoRA loss (adapters frozen)
   4. per-task next-token accuracy: base, the task's own adapter (forced), MeteoRA with learned top-2 routing
-  5. save -> load round trip, and the routing of one sequence whose task changes in the middle
+  5. save -> load round trip, and the routing of one sequence whose task changes in the middle, drawn as a
+     heatmap (positions x experts) in demo-output/routing.png
 
-    python examples/demo.py [--out demo-output] [--gate-steps 150]
+    python examples/demo.py [--out demo-output] [--gate-steps 300]
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import logging
 import warnings
 from pathlib import Path
 
+import matplotlib
 import torch
 from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
@@ -29,6 +31,7 @@ N_TASKS, BAND, LENGTH = 4, 24, 16
 ADAPTERS = [(4, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]), (8, ["q_proj", "k_proj", "v_proj", "o_proj"]),
             (16, ["gate_proj", "up_proj", "down_proj"]), (8, ["q_proj", "v_proj", "up_proj", "down_proj"])]
 log = logging.getLogger("demo")
+matplotlib.use("Agg")  # files only, no display
 
 
 def task_batch(batch: int, seed: int, task: int | None = None):
@@ -77,10 +80,27 @@ def train_gates(model: MeteoraModel, steps: int) -> list[float]:
     return accuracy
 
 
+def plot_routing(shares: torch.Tensor, tokens: list[int], experts: list[str], switch_at: int, file: Path) -> None:
+    """shares [P, E]: each expert's mean routing weight per position, as a heatmap."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(0.45 * len(tokens) + 2, 0.5 * len(experts) + 1.5))
+    image = ax.imshow(shares.T.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.axvline(switch_at - 0.5, color="white", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(tokens)), [str(t) for t in tokens], fontsize=7)
+    ax.set_yticks(range(len(experts)), experts)
+    ax.set_xlabel("input token at each position (dashed line: the task changes)")
+    ax.set_title("MeteoRA routing per token (mean gate weight over all adapted layers)")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output")
-    parser.add_argument("--gate-steps", type=int, default=150)
+    parser.add_argument("--gate-steps", type=int, default=300)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -123,6 +143,9 @@ def main() -> None:
     top = [experts[0][0] for experts in generated.routing.top_experts()]
     log.info("routing of a sequence that switches from task 1 to task 3 after 8 tokens (top expert per position):")
     log.info("  " + " ".join(name.removeprefix("count-by-") for name in top))
+    positions = generated.sequences[0, :-1].tolist()  # the input token at each traced position
+    plot_routing(generated.routing.expert_weights()[0], positions, model.expert_names, 8, out / "routing.png")
+    log.info(f"routing heatmap: {out / 'routing.png'}")
 
     sizes = {f.name: f.stat().st_size for f in (out / "checkpoint").iterdir()}
     base_size = sum(f.stat().st_size for f in (out / "base").glob("*.safetensors"))
