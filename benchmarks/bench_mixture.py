@@ -60,11 +60,11 @@ def write_adapter(base: torch.nn.Module, path: Path, rank: int, seed: int) -> in
 @torch.inference_mode()
 def decode_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
     out = model(prompt, use_cache=True, logits_to_keep=1)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     return prompt.shape[0] * new_tokens / (time.perf_counter() - start)
 
 
@@ -80,7 +80,7 @@ def distinct_experts_per_step(model: MeteoraModel, prompt: torch.Tensor) -> floa
     """Mean over adapted layers of how many distinct experts one decode step's tokens pick."""
     out = model(prompt, use_cache=True, logits_to_keep=1)
     model.routing.records = {}
-    model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    model(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
     records, model.routing.records = model.routing.records, None
     return statistics.mean(len(torch.unique(calls[0][0])) for calls in records.values())
 

@@ -25,6 +25,8 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "meteora_config.json"
 EXPERTS_FILE = "experts.safetensors"
 GATES_FILE = "gates.safetensors"
+REQUIRED = {"base_model": dict, "experts": list, "top_k": int, "temperature": (int, float)}
+REQUIRED_BASE = ("name", "uri", "fingerprint", "probe")
 
 
 def write_checkpoint(path: str | Path, config: dict, experts: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]) -> None:
@@ -48,6 +50,12 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format_version {config.get('format_version')!r} is not {FORMAT_VERSION}")
+    for field, kind in REQUIRED.items():
+        if not isinstance(config.get(field), kind):
+            raise CheckpointError(f"{config_file}: field '{field}' is missing or not a {getattr(kind, '__name__', 'number')}")
+    missing = [field for field in REQUIRED_BASE if field not in config["base_model"]]
+    if missing:
+        raise CheckpointError(f"{config_file}: base_model lacks {missing}")
     return config, _load(path / EXPERTS_FILE), _load(path / GATES_FILE)
 
 

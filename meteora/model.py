@@ -66,7 +66,7 @@ class MeteoraModel(nn.Module):
                       seed: int = 0) -> "MeteoraModel":
         """Fuse `adapters` (expert order = their order) into `base`, with freshly initialized gates."""
         config = MeteoraConfig(top_k=top_k, temperature=temperature, backend=backend)
-        resolve_backend(backend)
+        resolve_backend(backend)  # fail fast, before any adapter is read
         loaded = _load_adapters(adapters)
         config.check_experts(len(loaded))
         base, uri = _base(base, dtype)

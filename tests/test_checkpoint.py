@@ -74,19 +74,29 @@ def test_a_different_base_model_is_refused(saved):
         MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=2))
 
 
-@pytest.mark.parametrize("damage", ["missing_config", "missing_gates", "truncated_experts", "wrong_version"])
+def _edit_config(ckpt, change):
+    config = json.loads((ckpt / CONFIG_FILE).read_text())
+    (ckpt / CONFIG_FILE).write_text(json.dumps(change(config)))
+
+
+def _truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {  # name -> (how to damage a checkpoint directory, what the error must say)
+    "missing_config": (lambda c: (c / CONFIG_FILE).unlink(), "is missing"),
+    "missing_gates": (lambda c: (c / GATES_FILE).unlink(), "is missing"),
+    "truncated_experts": (lambda c: _truncate(c / EXPERTS_FILE), "truncated or corrupt"),
+    "wrong_version": (lambda c: _edit_config(c, lambda cfg: {**cfg, "format_version": 99}), "format_version 99"),
+    "no_top_k": (lambda c: _edit_config(c, lambda cfg: {k: v for k, v in cfg.items() if k != "top_k"}), "'top_k'"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_checkpoint_fails_clearly(saved, damage):
     _, root = saved
-    ckpt = root / "ckpt"
-    if damage == "missing_config":
-        (ckpt / CONFIG_FILE).unlink()
-    elif damage == "missing_gates":
-        (ckpt / GATES_FILE).unlink()
-    elif damage == "truncated_experts":
-        data = (ckpt / EXPERTS_FILE).read_bytes()
-        (ckpt / EXPERTS_FILE).write_bytes(data[: len(data) // 2])
-    else:
-        config = json.loads((ckpt / CONFIG_FILE).read_text())
-        (ckpt / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 99}))
-    with pytest.raises(CheckpointError):
-        MeteoraModel.from_pretrained(ckpt, base_model=tiny_base(layers=3))
+    mutate, message = DAMAGE[damage]
+    mutate(root / "ckpt")
+    with pytest.raises(CheckpointError, match=message):
+        MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=3))
