@@ -10,7 +10,8 @@ Storage, with no padding and no per-token copies:
                              backend spends an op on it); the last row is zero
     row_table [E, r_max]     row_table[e, c] = offsets[e] + c for c < r_e, else R (a zero row): indexing it
                              with a token's expert ids gives the rows of its experts, padded slots included
-    ranks [E] int64, scaling [E] fp32 (alpha / r or alpha / sqrt(r); 0 where r_e = 0)
+    offsets [E] int64 (first row of each expert), ranks [E] int64, scaling [E] fp32 (alpha / r or alpha / sqrt(r);
+    0 where r_e = 0)
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class ExpertStack(nn.Module):
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("B_t", B_t, persistent=False)
         self.register_buffer("row_table", row_table, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
         self.register_buffer("ranks", ranks, persistent=False)
         self.register_buffer("scaling", scaling.float(), persistent=False)
         self.rank_list = ranks.tolist()  # python ints: the loop backend and grouped shrink index without syncs

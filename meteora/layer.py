@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .backends import BACKENDS
+from .backends import pick_backend
 from .experts import ExpertStack
 from .routing import Routing
 
@@ -35,7 +35,9 @@ class MeteoraLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
         ids, weights = self.routing.route(x2, self.meteora_gate)  # [T, k], [T, k]
         self.routing.record(self.name, ids, weights, x.shape[:-1])
-        delta = BACKENDS[self.routing.backend](x2, ids, weights, self.meteora_experts)  # [T, d_out]
+        needs_grad = torch.is_grad_enabled() and self.meteora_gate.requires_grad
+        delta_fn = pick_backend(self.routing.backend, x2, needs_grad)
+        delta = delta_fn(x2, ids, weights, self.meteora_experts)  # [T, d_out]
         return y + delta.view(y.shape).to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .adapters import LoraAdapter, load_adapter
-from .backends import resolve_backend
+from .backends import check_backend
 from .base_model import BaseFingerprint, load_base_model
 from .checkpoint import EXPERTS_FILE, read_checkpoint, write_checkpoint
 from .config import MeteoraConfig
@@ -46,7 +46,7 @@ class MeteoraModel(nn.Module):
         self.experts = experts  # [{name, sha256, rank, alpha, scaling, target_modules}] in expert order
         self.base_info = base_info  # {name, uri, fingerprint, probe}
         self.training_summary = training or {}
-        self.routing = Routing(config.top_k, config.temperature, resolve_backend(config.backend))
+        self.routing = Routing(config.top_k, config.temperature, check_backend(config.backend))
         base.requires_grad_(False)
         generator = torch.Generator().manual_seed(seed)
         self.layers: dict[str, MeteoraLinear] = {}
@@ -66,7 +66,7 @@ class MeteoraModel(nn.Module):
                       seed: int = 0) -> "MeteoraModel":
         """Fuse `adapters` (expert order = their order) into `base`, with freshly initialized gates."""
         config = MeteoraConfig(top_k=top_k, temperature=temperature, backend=backend)
-        resolve_backend(backend)  # fail fast, before any adapter is read
+        check_backend(backend)  # fail fast, before any adapter is read
         loaded = _load_adapters(adapters)
         config.check_experts(len(loaded))
         base, uri = _base(base, dtype)
@@ -138,7 +138,7 @@ class MeteoraModel(nn.Module):
         )
         config.check_experts(len(self.experts))
         self.routing.top_k, self.routing.temperature = config.top_k, config.temperature
-        self.routing.backend = resolve_backend(config.backend)
+        self.routing.backend = check_backend(config.backend)
 
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)
