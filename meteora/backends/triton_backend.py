@@ -5,7 +5,6 @@ rather than silently training nothing. Triton is imported on the first call, nev
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from functools import cache
 
@@ -16,7 +15,12 @@ from ..experts import ExpertStack
 
 @cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether the kernels can be imported (asked only for CUDA activations, so CPU never imports triton)."""
+    try:
+        import kernels  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
 
 
 def triton_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertStack) -> torch.Tensor:
