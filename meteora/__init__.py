@@ -11,12 +11,16 @@ from .config import MeteoraConfig
 from .errors import AdapterError, CheckpointError
 from .experts import ExpertStack
 from .layer import MeteoraLinear
+from .manifest import AdapterSpec, Manifest, ManifestError, load_manifest
 from .model import GenerationWithRouting, MeteoraModel
+from .registry import Registry, RegistryError
 from .routing import RoutingTrace
+from .store import StoreError, open_store
 from .training import MeteoraLoss, lm_labels, meteora_loss, routing_accuracy, task_labels
 
 __all__ = [
     "AdapterError",
+    "AdapterSpec",
     "BACKENDS",
     "BaseFingerprint",
     "CheckpointError",
@@ -24,15 +28,22 @@ __all__ = [
     "GenerationWithRouting",
     "LoraAdapter",
     "LoraModule",
+    "Manifest",
+    "ManifestError",
     "MeteoraConfig",
     "MeteoraLinear",
     "MeteoraLoss",
     "MeteoraModel",
+    "Registry",
+    "RegistryError",
     "RoutingTrace",
+    "StoreError",
     "lm_labels",
     "load_adapter",
     "load_base_model",
+    "load_manifest",
     "meteora_loss",
+    "open_store",
     "routing_accuracy",
     "task_labels",
 ]

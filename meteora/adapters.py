@@ -103,57 +103,60 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     check_expert_name(name)
     if not path.is_dir():
         raise AdapterError(f"adapter '{name}': {path} is not a directory")
-    config = _read_config(name, path / CONFIG_FILE)
-    tensors, digest = _read_weights(name, path)
-    modules = _parse_modules(name, config, tensors)
-    return LoraAdapter(
-        name=name,
-        source=str(path),
-        sha256=digest,
-        rank=int(config["r"]),
-        alpha=float(config.get("lora_alpha", config["r"])),
-        use_rslora=bool(config.get("use_rslora", False)),
-        modules=modules,
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_file.is_file():
+        raise AdapterError(f"adapter '{name}': missing {config_file}")
+    if not weights_file.is_file():
+        if (path / PICKLE_WEIGHTS_FILE).is_file():
+            raise pickle_only_error(name)
+        raise AdapterError(f"adapter '{name}': missing {weights_file}")
+    return adapter_from_bytes(name, str(path), config_file.read_bytes(), weights_file.read_bytes())
+
+
+def pickle_only_error(name: str) -> AdapterError:
+    return AdapterError(
+        f"adapter '{name}': only {PICKLE_WEIGHTS_FILE} (a pickle) is present; pickles are never loaded. "
+        f"Re-save it with peft's save_pretrained(safe_serialization=True) to get {WEIGHTS_FILE}"
     )
 
 
-def _read_config(name: str, file: Path) -> dict:
-    if not file.is_file():
-        raise AdapterError(f"adapter '{name}': missing {file}")
+def adapter_from_bytes(name: str, source: str, config_bytes: bytes, weights_bytes: bytes) -> LoraAdapter:
+    """Parse and check an adapter from the bytes of its two files (as fetched from any store)."""
+    check_expert_name(name)
+    config = _parse_config(name, source, config_bytes)
     try:
-        config = json.loads(file.read_text())
+        tensors = load_safetensors(weights_bytes)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} is unreadable (truncated or corrupt): {err}") from None
+    return LoraAdapter(
+        name=name,
+        source=source,
+        sha256=hashlib.sha256(weights_bytes).hexdigest(),
+        rank=int(config["r"]),
+        alpha=float(config.get("lora_alpha", config["r"])),
+        use_rslora=bool(config.get("use_rslora", False)),
+        modules=_parse_modules(name, config, tensors),
+    )
+
+
+def _parse_config(name: str, source: str, data: bytes) -> dict:
+    try:
+        config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"adapter '{name}': {file} is not valid JSON: {err}") from None
+        raise AdapterError(f"adapter '{name}': {CONFIG_FILE} in {source} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
-        raise AdapterError(f"adapter '{name}': {file} must hold a JSON object")
+        raise AdapterError(f"adapter '{name}': {CONFIG_FILE} must hold a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter '{name}': peft_type is {config['peft_type']!r}; only LORA adapters can be fused")
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise AdapterError(f"adapter '{name}': field 'r' in {file} must be a positive integer, got {r!r}")
+        raise AdapterError(f"adapter '{name}': field 'r' in {CONFIG_FILE} must be a positive integer, got {r!r}")
     for field, reason in _UNSUPPORTED.items():
         if config.get(field):
             raise AdapterError(f"adapter '{name}': field '{field}' is set: {reason}")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"adapter '{name}': field 'bias' is {config['bias']!r}: trained biases are not supported")
     return config
-
-
-def _read_weights(name: str, path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    file = path / WEIGHTS_FILE
-    if not file.is_file():
-        if (path / PICKLE_WEIGHTS_FILE).is_file():
-            raise AdapterError(
-                f"adapter '{name}': only {PICKLE_WEIGHTS_FILE} (a pickle) is present; pickles are never loaded. "
-                f"Re-save it with peft's save_pretrained(safe_serialization=True) to get {WEIGHTS_FILE}"
-            )
-        raise AdapterError(f"adapter '{name}': missing {file}")
-    data = file.read_bytes()
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise AdapterError(f"adapter '{name}': {file} is unreadable (truncated or corrupt): {err}") from None
-    return tensors, hashlib.sha256(data).hexdigest()
 
 
 def _parse_modules(name: str, config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:

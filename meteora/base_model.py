@@ -33,6 +33,26 @@ def load_base_model(uri: str | Path, dtype: torch.dtype | None = None) -> PreTra
     )
 
 
+def structure_hash(model: nn.Module) -> str:
+    """"sha256:<hex>" of the model type and every parameter's name and shape (works on a meta-device model)."""
+    digest = hashlib.sha256(getattr(getattr(model, "config", None), "model_type", "").encode())
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def skeleton_from_config(config: dict) -> PreTrainedModel:
+    """The base model's modules and shapes without its weights (meta device): enough to validate adapters."""
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise ValueError("base model config.json has no model_type")
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), trust_remote_code=False)
+
+
 @dataclass(frozen=True)
 class BaseFingerprint:
     structure: str  # "sha256:<hex>"
@@ -41,15 +61,12 @@ class BaseFingerprint:
     @classmethod
     def of(cls, model: nn.Module) -> "BaseFingerprint":
         params = sorted(model.named_parameters(), key=lambda item: item[0])
-        digest = hashlib.sha256(getattr(getattr(model, "config", None), "model_type", "").encode())
-        for name, param in params:
-            digest.update(f"{name}:{tuple(param.shape)};".encode())
         matrices = [param for _, param in params if param.dim() >= 2]
         probe = []
         for param in _evenly_spaced(matrices, PROBE_TENSORS):
             flat = param.detach().reshape(-1)
             probe.extend(float(f"{v:.6g}") for v in _evenly_spaced(flat, PROBE_VALUES).double().tolist())
-        return cls(structure=f"sha256:{digest.hexdigest()}", probe=tuple(probe))
+        return cls(structure=structure_hash(model), probe=tuple(probe))
 
     def matches(self, other: "BaseFingerprint") -> bool:
         if self.structure != other.structure or len(self.probe) != len(other.probe):

@@ -26,6 +26,7 @@ from .config import MeteoraConfig
 from .errors import AdapterError, CheckpointError
 from .experts import ExpertStack
 from .layer import MeteoraLinear
+from .registry import Registry
 from .routing import Routing, RoutingTrace, assemble_trace
 
 AdapterSource = Mapping[str, "str | Path"] | Sequence["LoraAdapter | tuple[str, str | Path]"]
@@ -64,7 +65,8 @@ class MeteoraModel(nn.Module):
     def from_adapters(cls, base: PreTrainedModel | str | Path, adapters: AdapterSource, top_k: int = 2,
                       temperature: float = 1.0, backend: str = "auto", dtype: torch.dtype | None = None,
                       seed: int = 0) -> "MeteoraModel":
-        """Fuse `adapters` (expert order = their order) into `base`, with freshly initialized gates."""
+        """Fuse `adapters` ({name: dir}, LoraAdapters, or a Registry; expert order = their order) into `base`,
+        with freshly initialized gates."""
         config = MeteoraConfig(top_k=top_k, temperature=temperature, backend=backend)
         check_backend(backend)  # fail fast, before any adapter is read
         loaded = _load_adapters(adapters)
@@ -187,7 +189,9 @@ class MeteoraModel(nn.Module):
         return GenerationWithRouting(sequences=out.sequences, routing=trace)
 
 
-def _load_adapters(adapters: AdapterSource) -> list[LoraAdapter]:
+def _load_adapters(adapters: "AdapterSource | Registry") -> list[LoraAdapter]:
+    if isinstance(adapters, Registry):
+        adapters = adapters.adapter_dirs()
     items = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
     if not items:
         raise AdapterError("no adapters given: a MeteoRA model needs at least one expert")

@@ -1,0 +1,127 @@
+"""Collecting 32 adapters from a loopback S3 (moto_server, its own process): Ray's parallel fetch vs one by one.
+
+Variants, interleaved per repeat, each into a fresh local registry:
+  ray_parallel   pipelines/collect_adapters.collect(parallel=8): Ray tasks fetch and check 8 adapters at once
+  ray_serial     the same pipeline with parallel=1
+  one_by_one     a plain loop in the driver: fetch_adapter for each adapter, then the same upload and commit
+Medians of the repeats; ratio = one_by_one / ray_parallel.
+
+    python benchmarks/bench_collect.py [--adapters 32] [--repeats 3] [--out benchmarks/results/collect_loopback_s3.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import ray
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from meteora import Registry, load_manifest
+from meteora.collection import fetch_adapter, inspect_base, plan_index
+from pipelines.collect_adapters import collect
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+from tiny import ALL_MODULES, make_adapter  # noqa: E402
+
+
+def free_port() -> int:
+    for port in range(24000, 32000):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError("no free port")
+
+
+def one_by_one(manifest_path: Path, registry_uri: str) -> None:
+    manifest = load_manifest(manifest_path)
+    config, base = inspect_base(manifest)
+    registry = Registry(registry_uri)
+    results = [fetch_adapter(spec, config) for spec in manifest.adapters]
+    index, _ = plan_index(registry, base, results)
+    for result in results:
+        for key, data in result.files.items():
+            registry.store.write_bytes(key, data)
+    registry.commit(index)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapters", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default="benchmarks/results/collect_loopback_s3.json")
+    args = parser.parse_args()
+    port = free_port()
+    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    work = Path(tempfile.mkdtemp())
+    try:
+        time.sleep(2)
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="bench")
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                                            num_attention_heads=8, num_key_value_heads=8))
+        base.save_pretrained(work / "base")
+        for file in (work / "base").iterdir():
+            s3.upload_file(str(file), "bench", f"base/{file.name}")
+        entries, adapter_bytes = [], 0
+        for i in range(args.adapters):
+            path = make_adapter(base, work / f"a{i:02d}", rank=16, alpha=32, targets=ALL_MODULES, seed=i)
+            for file in path.iterdir():
+                s3.upload_file(str(file), "bench", f"adapters/a{i:02d}/{file.name}")
+                adapter_bytes += file.stat().st_size
+            s3.put_object(Bucket="bench", Key=f"data/a{i:02d}.jsonl", Body=b'{"prompt": "p", "response": "r"}\n' * 1000)
+            entries.append({"name": f"a{i:02d}", "uri": f"s3://bench/adapters/a{i:02d}/",
+                            "data": {"train": f"s3://bench/data/a{i:02d}.jsonl"}})
+        manifest = work / "manifest.yaml"
+        manifest.write_text(yaml.safe_dump({"apiVersion": "meteora/v1", "kind": "AdapterManifest",
+                                            "base_model": {"name": "bench-base", "uri": "s3://bench/base/"},
+                                            "adapters": entries}))
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        variants = {"ray_parallel": lambda r: collect(manifest, r, parallel=8),
+                    "ray_serial": lambda r: collect(manifest, r, parallel=1),
+                    "one_by_one": lambda r: one_by_one(manifest, r)}
+        variants["ray_parallel"](str(work / "warmup"))  # start the task workers once
+        seconds = {name: [] for name in variants}
+        for repeat in range(args.repeats):
+            for name, run in variants.items():
+                registry = work / f"{name}-{repeat}"
+                start = time.perf_counter()
+                run(str(registry))
+                seconds[name].append(time.perf_counter() - start)
+                assert len(Registry(registry).names) == args.adapters
+            print(f"repeat {repeat + 1}: " + ", ".join(f"{n} {s[-1]:.2f} s" for n, s in seconds.items()), file=sys.stderr)
+        medians = {name: statistics.median(s) for name, s in seconds.items()}
+        result = {
+            "command": "python " + " ".join(sys.argv),
+            "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                        "s3": "moto_server on 127.0.0.1 (separate process)"},
+            "adapters": args.adapters, "adapter_bytes_total": adapter_bytes,
+            "seconds_median": medians, "seconds": seconds,
+            "ratio_one_by_one_over_ray_parallel": medians["one_by_one"] / medians["ray_parallel"],
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: result[k] for k in ("seconds_median", "ratio_one_by_one_over_ray_parallel")}, indent=2))
+    finally:
+        ray.shutdown()
+        server.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

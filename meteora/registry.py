@@ -1,0 +1,122 @@
+"""The adapter registry: content-addressed adapters and task data under one index, in any object store.
+
+    registry.json                     format_version, base_model {name, uri, fingerprint},
+                                      adapters {name: {sha256, rank, alpha, target_modules, description,
+                                      data {train, eval: sha256}, metric, source_uri, registered_at, version}}
+    adapters/<sha256>/adapter_config.json, adapter_model.safetensors
+    data/<sha256>.jsonl
+
+Readers only follow the index, so objects written before a commit are invisible until the one atomic write
+of registry.json. Names and hashes read from an index are checked before they become paths.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .adapters import CONFIG_FILE, WEIGHTS_FILE
+from .config import NAME_PATTERN
+from .manifest import SHA256
+from .store import LocalStore, open_store
+
+INDEX_FILE = "registry.json"
+FORMAT_VERSION = 1
+
+
+class RegistryError(ValueError):
+    """The registry cannot be read or committed: the message names the registry and the problem."""
+
+
+def adapter_key(sha256: str, file: str) -> str:
+    return f"adapters/{sha256}/{file}"
+
+
+def data_key(sha256: str) -> str:
+    return f"data/{sha256}.jsonl"
+
+
+class Registry:
+    def __init__(self, uri: str | Path):
+        self.uri = str(uri)
+        self.store = open_store(uri)
+        self._raw = self.store.read_bytes(INDEX_FILE) if self.store.exists(INDEX_FILE) else None
+        self.index = _parse_index(self._raw, self.uri) if self._raw else {"format_version": FORMAT_VERSION,
+                                                                            "base_model": None, "adapters": {}}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.index["adapters"])
+
+    @property
+    def base_model(self) -> dict | None:
+        return self.index["base_model"]
+
+    def entry(self, name: str) -> dict:
+        if name not in self.index["adapters"]:
+            raise RegistryError(f"registry {self.uri} has no adapter '{name}'; it holds {self.names}")
+        return self.index["adapters"][name]
+
+    def adapter_dirs(self, names: list[str] | None = None) -> dict[str, Path]:
+        """{name: local PEFT adapter directory} in registry order (S3 objects are cached locally, hash-checked)."""
+        return {name: self._local_adapter(self.entry(name)["sha256"]) for name in (names or self.names)}
+
+    def data_file(self, name: str, split: str) -> Path:
+        sha = self.entry(name).get("data", {}).get(split)
+        if sha is None:
+            raise RegistryError(f"registry {self.uri}: adapter '{name}' has no {split} data")
+        return self._local(data_key(sha), sha)
+
+    def commit(self, index: dict) -> None:
+        """Write a new index in one atomic write, unless someone else changed it since this registry was read."""
+        current = self.store.read_bytes(INDEX_FILE) if self.store.exists(INDEX_FILE) else None
+        if current != self._raw:
+            raise RegistryError(f"registry {self.uri} changed while this run was collecting; run it again")
+        raw = json.dumps(index, indent=2, sort_keys=False).encode() + b"\n"
+        self.store.write_bytes(INDEX_FILE, raw)
+        self._raw, self.index = raw, index
+
+    def _local_adapter(self, sha: str) -> Path:
+        weights = self._local(adapter_key(sha, WEIGHTS_FILE), sha)
+        self._local(adapter_key(sha, CONFIG_FILE), None)
+        return weights.parent
+
+    def _local(self, key: str, sha: str | None) -> Path:
+        """A local path holding the object `key` (itself for a local registry; a verified cached copy for S3)."""
+        if isinstance(self.store, LocalStore):
+            return self.store.root / key
+        path = cache_dir() / key
+        if not (path.is_file() and (sha is None or _sha256(path.read_bytes()) == sha)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            data = self.store.read_bytes(key)
+            if sha is not None and _sha256(data) != sha:
+                raise RegistryError(f"registry {self.uri}: object {key} does not match its sha256")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return path
+
+
+def cache_dir() -> Path:
+    """Where objects of remote registries are cached: $METEORA_CACHE or ~/.cache/meteora."""
+    return Path(os.environ.get("METEORA_CACHE", Path.home() / ".cache" / "meteora"))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _parse_index(raw: bytes, uri: str) -> dict:
+    where = f"{uri}/{INDEX_FILE}"
+    try:
+        index = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RegistryError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
+        raise RegistryError(f"{where}: format_version must be {FORMAT_VERSION}")
+    for name, entry in index.get("adapters", {}).items():
+        shas = [entry.get("sha256")] + list((entry.get("data") or {}).values())
+        if not NAME_PATTERN.match(name) or not all(isinstance(s, str) and SHA256.match(s) for s in shas):
+            raise RegistryError(f"{where}: entry {name!r} has an invalid name or sha256 (refusing to build paths from it)")
+    return index

@@ -1,0 +1,145 @@
+"""Object stores: one small interface over a local directory and S3, addressed by URI.
+
+    open_store("registry/")  or  open_store("file:///srv/registry")   -> LocalStore (no server needed)
+    open_store("s3://bucket/prefix")                                 -> S3Store (boto3)
+
+Keys are "/"-separated paths below the store's root, checked so that none escapes it. Writes that others read
+are atomic: a temporary file renamed into place locally, a single PUT (or one completed multipart upload) on
+S3. S3 uses boto3's usual credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+(boto3 reads them) or the `endpoint_url` argument; retries with exponential backoff are botocore's
+"standard" mode (AWS_MAX_ATTEMPTS overrides the attempts); files above 64 MiB go up and down in parts.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+MULTIPART_THRESHOLD = 64 * 2**20
+TRANSFER = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+
+
+class StoreError(OSError):
+    """An object could not be read or written: the message names the URI and the cause."""
+
+
+def open_store(uri: str | Path, endpoint_url: str | None = None) -> "LocalStore | S3Store":
+    text = str(uri)
+    if text.startswith("s3://"):
+        bucket, _, prefix = text.removeprefix("s3://").partition("/")
+        if len(bucket) < 3:
+            raise ValueError(f"{text!r}: an S3 URI needs a bucket name of 3 or more characters")
+        return S3Store(bucket, prefix.strip("/"), endpoint_url)
+    if "://" in text and not text.startswith("file://"):
+        raise ValueError(f"{text!r}: unsupported URI scheme (use a local path, file://, or s3://)")
+    return LocalStore(Path(text.removeprefix("file://")))
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """'s3://b/p/x.json' -> ('s3://b/p', 'x.json'): the parent as a store URI and the last name as its key."""
+    parent, _, name = str(uri).rstrip("/").rpartition("/")
+    return parent or ".", name
+
+
+def check_key(key: str) -> str:
+    parts = PurePosixPath(key).parts
+    if not key or key.startswith("/") or any(part in ("..", ".") for part in parts) or "\\" in key:
+        raise ValueError(f"object key {key!r} is not a plain relative path")
+    return key
+
+
+class LocalStore:
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = str(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except OSError as err:
+            raise StoreError(f"cannot read {self._path(key)}: {err.strerror or err}") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def download(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except OSError as err:
+            raise StoreError(f"cannot read {self._path(key)}: {err.strerror or err}") from None
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self.root / prefix if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None):
+        self.bucket, self.prefix = bucket, prefix
+        self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        config = Config(retries={"mode": "standard"}, connect_timeout=5, read_timeout=60)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+
+    def _key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, key: str):
+        try:
+            yield
+        except (ClientError, BotoCoreError) as err:
+            raise StoreError(f"cannot {action} s3://{self.bucket}/{self._key(key)}: {err}") from None
+
+    def exists(self, key: str) -> bool:
+        with self._errors("check", key):
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
+        return True
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors("read", key):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("write", key):  # one PUT, or one multipart upload completed at the end: atomic either way
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=TRANSFER)
+
+    def download(self, key: str, path: Path) -> None:
+        with self._errors("read", key):
+            self.client.download_file(self.bucket, self._key(key), str(path), Config=TRANSFER)
+
+    def list(self, prefix: str = "") -> list[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        with self._errors("list", prefix):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
+            return sorted(obj["Key"].removeprefix(root) for page in pages for obj in page.get("Contents", []))

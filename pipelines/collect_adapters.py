@@ -1,0 +1,139 @@
+"""Collect the adapters of a YAML manifest into a registry, with Ray tasks fetching and checking in parallel.
+
+    python pipelines/collect_adapters.py --manifest M --registry R [--parallel 8]
+    python pipelines/collect_adapters.py --registry R --list
+
+1. parse the manifest and read the base model's config (no weights) -> a skeleton to check shapes against
+2. Ray tasks: fetch each adapter and its task data, check them (safetensors only, sha256, shapes, JSONL)
+3. if anything was rejected: print why, exit 1, and leave the registry byte-for-byte as it was
+4. otherwise Ray tasks upload the new content-addressed objects, then ONE atomic write of registry.json
+Registering again with identical content is a no-op; changed content under a name is a new version.
+Runs on the cluster of RAY_ADDRESS (or under `ray job submit`), else on a local Ray it starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from meteora import Registry
+from meteora.collection import Collected, fetch_adapter, inspect_base, plan_index
+from meteora.manifest import ManifestError, load_manifest
+from meteora.store import StoreError
+
+log = logging.getLogger("collect_adapters")
+TASK_CPUS = 0.25  # fetching is I/O-bound: several tasks share a core
+
+
+@dataclass
+class Outcome:
+    rows: list[dict]  # {name, status, detail} per adapter
+    committed: bool
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.committed else 1  # not committed = something was rejected
+
+
+@ray.remote(num_cpus=TASK_CPUS, num_returns=2)
+def _fetch(spec, base_config) -> tuple[Collected, dict[str, bytes]]:
+    collected = fetch_adapter(spec, base_config)
+    files, collected.files = collected.files, {}
+    return collected, files  # the files stay in Ray's object store until the upload tasks need them
+
+
+@ray.remote(num_cpus=TASK_CPUS)
+def _upload(registry_uri: str, files: dict[str, bytes]) -> int:
+    store = Registry(registry_uri).store
+    missing = {key: data for key, data in files.items() if not store.exists(key)}
+    for key, data in missing.items():
+        store.write_bytes(key, data)
+    return len(missing)
+
+
+def _task_env() -> dict:
+    """The driver's AWS settings (endpoint, credentials, retries) for the tasks: secrets only from the environment."""
+    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+
+
+def collect(manifest_path: str | Path, registry_uri: str, parallel: int = 8, on_fetched=None) -> Outcome:
+    """Run the collection. `on_fetched(collected)` is called as each adapter's check completes."""
+    manifest = load_manifest(manifest_path)
+    base_config, base = inspect_base(manifest)
+    registry = Registry(registry_uri)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    results, files = {}, {}
+    pending, queue = {}, list(manifest.adapters)
+    with tqdm(total=len(queue), desc="fetching and checking adapters", unit="adapter", disable=None) as bar:
+        while queue or pending:
+            while queue and len(pending) < parallel:
+                spec = queue.pop(0)
+                report, payload = _fetch.options(runtime_env=_task_env()).remote(spec, base_config)
+                pending[report] = (spec.name, payload)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            name, files[name] = pending.pop(done[0])
+            results[name] = ray.get(done[0])
+            bar.update(1)
+            if on_fetched is not None:
+                on_fetched(results[name])
+    ordered = [results[spec.name] for spec in manifest.adapters]
+    index, rows = plan_index(registry, base, ordered)
+    if index is None:
+        return Outcome(rows, committed=False)
+    changed = [row["name"] for row in rows if row["status"] in ("added", "new version")]
+    ray.get([_upload.options(runtime_env=_task_env()).remote(registry_uri, files[name]) for name in changed])
+    if index != registry.index:
+        registry.commit(index)
+    return Outcome(rows, committed=True)
+
+
+def print_summary(rows: list[dict]) -> None:
+    width = max([len(r["name"]) for r in rows] + [7])
+    print(f"{'adapter':<{width}}  {'status':<12} detail")
+    for row in rows:
+        print(f"{row['name']:<{width}}  {row['status']:<12} {row['detail']}")
+
+
+def print_registry(registry: Registry) -> None:
+    base = registry.base_model
+    print(f"registry {registry.uri}: base model {base['name'] if base else '(none yet)'}")
+    rows = [{"name": name, "status": f"v{e['version']} r={e['rank']}",
+             "detail": f"{e['sha256'][:12]} {','.join(e['target_modules'])} {e['description']}"}
+            for name, e in registry.index["adapters"].items()]
+    if rows:
+        print_summary(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", help="the adapter manifest (YAML)")
+    parser.add_argument("--registry", required=True, help="registry directory or s3://bucket/prefix")
+    parser.add_argument("--list", action="store_true", help="list what the registry holds and exit")
+    parser.add_argument("--parallel", type=int, default=8, help="adapters fetched at once")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.list:
+            print_registry(Registry(args.registry))
+            return 0
+        if not args.manifest:
+            parser.error("--manifest is required (or --list)")
+        outcome = collect(args.manifest, args.registry, parallel=max(1, args.parallel))
+    except (ManifestError, ValueError, StoreError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(outcome.rows)
+    if outcome.exit_code:
+        print("nothing was registered: fix the rejected adapters and run again", file=sys.stderr)
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
