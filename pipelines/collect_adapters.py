@@ -28,7 +28,7 @@ from meteora.manifest import ManifestError, load_manifest
 from meteora.store import StoreError
 
 log = logging.getLogger("collect_adapters")
-TASK_CPUS = 0.25  # fetching is I/O-bound: several tasks share a core
+TASK_CPUS = 0.5  # fetching is mostly I/O: two tasks share a core (each worker pays one torch import to start)
 
 
 @dataclass
