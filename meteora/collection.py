@@ -101,8 +101,10 @@ def plan_index(registry: Registry, base: dict, results: list[Collected]) -> tupl
             continue
         status, adapters[result.name] = _merge(adapters.get(result.name), result.entry, now)
         rows.append({"name": result.name, "status": status, "detail": result.entry["sha256"][:12]})
-    if any(row["status"] == "rejected" for row in rows):
-        return None, rows
+    if any(row["status"] == "rejected" for row in rows):  # nothing is committed: say what would have happened
+        return None, [row if row["status"] == "rejected" else
+                      {**row, "status": "not committed", "detail": f"would be {row['status']} ({row['detail']})"}
+                      for row in rows]
     return {**registry.index, "base_model": held or base, "adapters": adapters}, rows
 
 

@@ -175,6 +175,6 @@ def test_s3_endpoint_down_mid_run_leaves_the_registry_unchanged(world, populated
     before = snapshot(populated)
     outcome = collect(manifest, str(populated), parallel=1, on_fetched=lambda collected: server.stop())
     statuses = [r["status"] for r in outcome.rows]
-    assert statuses[0] == "added" and statuses[1:] == ["rejected", "rejected"]
+    assert statuses == ["not committed", "rejected", "rejected"] and "would be added" in outcome.rows[0]["detail"]
     assert "Could not connect to the endpoint" in outcome.rows[1]["detail"] and outcome.exit_code == 1
     assert snapshot(populated) == before
