@@ -19,7 +19,7 @@ from pathlib import Path
 from .adapters import CONFIG_FILE, WEIGHTS_FILE
 from .config import NAME_PATTERN
 from .manifest import SHA256
-from .store import LocalStore, open_store
+from .store import LocalStore, cache_dir, open_store
 
 INDEX_FILE = "registry.json"
 FORMAT_VERSION = 1
@@ -96,11 +96,6 @@ class Registry:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         return path
-
-
-def cache_dir() -> Path:
-    """Where objects of remote registries are cached: $METEORA_CACHE or ~/.cache/meteora."""
-    return Path(os.environ.get("METEORA_CACHE", Path.home() / ".cache" / "meteora"))
 
 
 def _sha256(data: bytes) -> str:

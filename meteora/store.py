@@ -43,6 +43,25 @@ def open_store(uri: str | Path, endpoint_url: str | None = None) -> "LocalStore 
     return LocalStore(Path(text.removeprefix("file://")))
 
 
+def cache_dir() -> Path:
+    """Where remote objects are cached: $METEORA_CACHE or ~/.cache/meteora."""
+    return Path(os.environ.get("METEORA_CACHE", Path.home() / ".cache" / "meteora"))
+
+
+def local_dir(uri: str) -> Path:
+    """A local directory with the objects under `uri`: the directory itself, or a mirror of an S3 prefix."""
+    store = open_store(uri)
+    if isinstance(store, LocalStore):
+        return store.root
+    target = cache_dir() / "mirror" / store.bucket / store.prefix
+    for key in store.list():
+        path = target / key
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store.download(key, path)
+    return target
+
+
 def split_uri(uri: str) -> tuple[str, str]:
     """'s3://b/p/x.json' -> ('s3://b/p', 'x.json'): the parent as a store URI and the last name as its key."""
     parent, _, name = str(uri).rstrip("/").rpartition("/")

@@ -1,0 +1,58 @@
+"""Evaluating models on task samples: batched greedy answers, per-task accuracy, composite-n problems.
+
+Works for any causal LM with generate(): the base model, a peft.PeftModel (one adapter, LoRA-B, merged), or
+a MeteoraModel (routed, or with forced experts).
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .metrics import METRICS
+from .tasks import composite
+from .text_data import prompt_batch
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 100) -> list[str]:
+    """Greedy answers, cut at the end token (batched, left-padded)."""
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompt_batch(tokenizer, prompts[start:start + batch_size])
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
+def task_accuracy(model, tokenizer, samples: list[dict], metric: str = "exact_match") -> float:
+    answers = generate_answers(model, tokenizer, [s["prompt"] for s in samples])
+    return sum(METRICS[metric](a, s["response"]) for a, s in zip(answers, samples)) / len(samples)
+
+
+def composite_problems(eval_sets: dict[str, list[dict]], n: int, count: int, seed: int = 0) -> list[tuple[list[str], dict]]:
+    """`count` composites of n problems from n different tasks: (task names in order, composite sample)."""
+    rng = random.Random(f"composite:{n}:{seed}")
+    problems = []
+    for _ in range(count):
+        tasks = rng.sample(sorted(eval_sets), n)
+        problems.append((tasks, composite([rng.choice(eval_sets[t]) for t in tasks])))
+    return problems
+
+
+def composite_scores(model, tokenizer, problems, metrics: dict[str, str], max_new_tokens: int = 96) -> dict:
+    """Each sub-answer (one per line, in order) scored with its task's metric.
+
+    Returns {"per_position": [mean score of sub-problem i], "summed": mean over composites of the summed
+    sub-scores (the paper's composite number, at most n)}.
+    """
+    answers = generate_answers(model, tokenizer, [sample["prompt"] for _, sample in problems], max_new_tokens)
+    n = len(problems[0][0])
+    totals, per_position = [], [0.0] * n
+    for (tasks, sample), answer in zip(problems, answers):
+        lines, references = answer.split("\n"), sample["response"].split("\n")
+        scores = [METRICS[metrics[t]](lines[i] if i < len(lines) else "", references[i]) for i, t in enumerate(tasks)]
+        totals.append(sum(scores))
+        per_position = [p + s for p, s in zip(per_position, scores)]
+    return {"per_position": [p / len(problems) for p in per_position], "summed": sum(totals) / len(problems)}

@@ -1,0 +1,38 @@
+"""Turning {"prompt", "response"} samples into token batches: right-padded for training, left-padded to generate.
+
+Training rows are <s> prompt response </s>, with labels -100 on <s>, the prompt and the padding, so the loss
+is on the response (and its end) only.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def training_batch(tokenizer, samples: list[dict]) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels [B, S] (right-padded) and prompt_lengths [B] (counting <s>)."""
+    rows, labels, prompt_lengths = [], [], []
+    for sample in samples:
+        prompt = [tokenizer.bos_token_id] + tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]
+        response = tokenizer(sample["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + response)
+        labels.append([-100] * len(prompt) + response)
+        prompt_lengths.append(len(prompt))
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])  # [B, S]
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
+        "labels": torch.tensor([label + [-100] * (width - len(label)) for label in labels]),
+        "prompt_lengths": torch.tensor(prompt_lengths),
+    }
+
+
+def prompt_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """<s> prompt, left-padded for batched generation: input_ids / attention_mask [B, S]."""
+    rows = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    return {
+        "input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+    }

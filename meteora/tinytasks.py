@@ -1,0 +1,207 @@
+"""Building the embedded benchmark: a tiny base model, one PEFT adapter per task, baselines, data, manifest.
+
+    base     a tiny Llama (char-level tokenizer saved beside it) trained only to echo its input, in single and
+             composite prompts: it knows the format, not the tasks
+    adapters one PEFT LoRA per task, trained on that task only; mixed ranks, one on attention modules only
+    lora-b   one LoRA trained on all tasks' data together, balanced (the paper's LoRA-B)
+    merged   the uniform average of all adapters, as one PEFT adapter (peft's add_weighted_adapter, "cat")
+    data     train / eval JSONL per task;  build_report.json: accuracies measured at build time
+    manifest.yaml  an AdapterManifest (DESIGN.md) over all of it, written last: it marks a complete build
+Everything goes to <out>/tinytasks-<key>/ where key hashes the build settings, so a second run with the same
+settings finds the manifest and returns at once.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import random
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .char_tokenizer import char_tokenizer
+from .evaluation import task_accuracy
+from .store import cache_dir, open_store
+from .tasks import ALL_TASKS, DEFAULT_TASKS, composite, prompt, split_samples
+from .text_data import training_batch
+
+log = logging.getLogger(__name__)
+BUILD_VERSION = 1  # bump when the recipe changes, so cached builds are not reused
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_MODULES = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
+ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character an answer may hold
+
+
+@dataclass(frozen=True)
+class TinyTasksConfig:
+    tasks: tuple[str, ...] = tuple(DEFAULT_TASKS)
+    ranks: tuple[int, ...] = (8, 4, 4, 16, 16, 4, 8, 8)  # per task, cycled
+    attention_only: tuple[str, ...] = ("length",)  # tasks whose adapter targets only q/k/v/o
+    hidden: int = 128
+    layers: int = 3
+    base_steps: int = 500
+    adapter_steps: int = 400
+    lora_b_steps: int = 600
+    lora_b_rank: int = 16
+    batch: int = 64
+    n_train: int = 2000
+    n_eval: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
+        if unknown or len(set(self.tasks)) != len(self.tasks) or len(self.tasks) < 2:
+            raise ValueError(f"tasks must be 2+ distinct names from {sorted(ALL_TASKS)}; got {list(self.tasks)}")
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps([BUILD_VERSION, asdict(self)], sort_keys=True).encode()).hexdigest()[:12]
+
+    def adapter_shape(self, index: int) -> tuple[int, list[str]]:
+        task = self.tasks[index]
+        return self.ranks[index % len(self.ranks)], ATTENTION if task in self.attention_only else ALL_MODULES
+
+
+def default_uri() -> str:
+    return str(cache_dir() / "tinytasks")
+
+
+def build(out_uri: str | None = None, config: TinyTasksConfig = TinyTasksConfig()) -> str:
+    """Build (or find) the benchmark under out_uri; returns the manifest's URI."""
+    out_uri = (out_uri or default_uri()).rstrip("/")
+    store, root = open_store(out_uri), f"tinytasks-{config.key()}"
+    manifest_uri = f"{out_uri}/{root}/manifest.yaml"
+    if store.exists(f"{root}/manifest.yaml"):
+        log.info("tinytasks: found a complete build at %s", manifest_uri)
+        return manifest_uri
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / root
+        _build_into(local, f"{out_uri}/{root}", config)
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "manifest.yaml")
+        for path in tqdm(files, desc="uploading", disable=None):
+            store.write_bytes(f"{root}/{path.relative_to(local).as_posix()}", path.read_bytes())
+        store.write_bytes(f"{root}/manifest.yaml", (local / "manifest.yaml").read_bytes())  # last: marks it complete
+    return manifest_uri
+
+
+def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
+    started = time.perf_counter()
+    tokenizer = char_tokenizer()
+    data = {task: split_samples(task, config.n_train, config.n_eval, config.seed) for task in config.tasks}
+    for task, (train, evaluation) in data.items():
+        for split, samples in (("train", train), ("eval", evaluation)):
+            path = out / "data" / task / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    base = _train_base(tokenizer, config)
+    base.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    for index, task in enumerate(tqdm(config.tasks, desc="training one adapter per task", disable=None)):
+        rank, targets = config.adapter_shape(index)
+        _train_lora(base, tokenizer, data[task][0], rank, targets, config.adapter_steps, config, seed=index).save_pretrained(out / "adapters" / task)
+    mixed = [s for task in config.tasks for s in data[task][0]]
+    _train_lora(base, tokenizer, mixed, config.lora_b_rank, ALL_MODULES, config.lora_b_steps, config, seed=99).save_pretrained(out / "baselines" / "lora-b")
+    _merge_adapters(base, out, config.tasks).save_pretrained(out / "baselines" / "merged")
+    report = {"config": asdict(config), "key": config.key(),
+              "accuracy": _measure(base, tokenizer, out, {t: ev for t, (_, ev) in data.items()}),
+              "build_seconds": round(time.perf_counter() - started, 1)}
+    (out / "build_report.json").write_text(json.dumps(report, indent=2))
+    (out / "manifest.yaml").write_text(yaml.safe_dump(_manifest(uri, config), sort_keys=False))
+
+
+def _train_base(tokenizer, config: TinyTasksConfig) -> LlamaForCausalLM:
+    """A tiny Llama that only learns to echo (single and composite prompts): the format, not the tasks."""
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden, intermediate_size=2 * config.hidden,
+        num_hidden_layers=config.layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True))
+    rng = random.Random(config.seed)
+
+    def echo() -> dict:
+        text = "".join(rng.choice(ECHO_ALPHABET) for _ in range(rng.randint(1, 8)))
+        return {"prompt": prompt("echo", text), "response": text}
+
+    single = [echo() for _ in range(4000)]
+    composites = [composite([echo() for _ in range(rng.randint(2, 5))]) for _ in range(2000)]
+    _train(model, tokenizer, [single, composites], config.base_steps, 3e-3, config.batch, config.seed, "training the base model")
+    return model.eval()
+
+
+def _train_lora(base, tokenizer, samples, rank: int, targets: list[str], steps: int, config: TinyTasksConfig, seed: int):
+    torch.manual_seed(config.seed + seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+    _train(model, tokenizer, [samples], steps, 5e-3, config.batch, config.seed + seed, None)
+    return model.eval()
+
+
+def _train(model, tokenizer, pools: list[list[dict]], steps: int, lr: float, batch: int, seed: int, desc: str | None) -> None:
+    """AdamW with a one-cycle schedule; step i draws its batch from pools[i % len(pools)] (similar lengths
+    batched together, so short samples are not padded to the longest)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    model.train()
+    for step in tqdm(range(steps), desc=desc, disable=None if desc else True, leave=False):
+        pool = pools[step % len(pools)]
+        encoded = training_batch(tokenizer, rng.sample(pool, min(batch, len(pool))))
+        loss = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], labels=encoded["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+def _merge_adapters(base, out: Path, tasks: tuple[str, ...]):
+    """The uniform average of the adapters' deltas as one adapter ("cat" keeps every rank, so it is exact).
+    peft keys adapters by name inside ModuleDicts, so they get neutral names (a task named "double" would
+    clash with nn.Module.double)."""
+    names = [f"expert_{i}" for i in range(len(tasks))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / tasks[0], adapter_name=names[0])
+        for name, task in zip(names[1:], tasks[1:]):
+            model.load_adapter(out / "adapters" / task, adapter_name=name)
+        model.add_weighted_adapter(names, [1.0 / len(tasks)] * len(tasks), "default", combination_type="cat")
+        for name in names:
+            model.delete_adapter(name)
+    model.set_adapter("default")  # peft saves the adapter named "default" at the top of the directory
+    return model
+
+
+def _measure(base, tokenizer, out: Path, eval_sets: dict[str, list[dict]]) -> dict:
+    """Exact match on every eval split: base, each adapter on every task (the matrix), LoRA-B, merged."""
+    result = {"base": {t: task_accuracy(base, tokenizer, s) for t, s in eval_sets.items()}, "adapters": {}}
+    for task in tqdm(eval_sets, desc="measuring", disable=None):
+        model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / task).eval()
+        result["adapters"][task] = {t: task_accuracy(model, tokenizer, s) for t, s in eval_sets.items()}
+    for name in ("lora-b", "merged"):
+        model = PeftModel.from_pretrained(copy.deepcopy(base), out / "baselines" / name).eval()
+        result[name] = {t: task_accuracy(model, tokenizer, s) for t, s in eval_sets.items()}
+    return result
+
+
+def _manifest(uri: str, config: TinyTasksConfig) -> dict:
+    return {
+        "apiVersion": "meteora/v1",
+        "kind": "AdapterManifest",
+        "base_model": {"name": f"tinytasks-base-{config.key()}", "uri": f"{uri}/base/"},
+        "adapters": [{"name": task, "uri": f"{uri}/adapters/{task}/", "description": f"tinytasks: {ALL_TASKS[task].instruction}",
+                      "data": {"train": f"{uri}/data/{task}/train.jsonl", "eval": f"{uri}/data/{task}/eval.jsonl"},
+                      "metric": "exact_match"} for task in config.tasks],
+    }

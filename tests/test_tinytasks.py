@@ -1,0 +1,103 @@
+"""The embedded benchmark on a tiny instance: tasks, build (cached), manifest into the registry, the harness."""
+import copy
+import json
+import time
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from meteora import MeteoraModel, Registry
+from meteora.harness import evaluate, load_benchmark
+from meteora.metrics import METRICS
+from meteora.store import local_dir, split_uri
+from meteora.tasks import ALL_TASKS, DEFAULT_TASKS, composite, split_samples
+from meteora.tinytasks import TinyTasksConfig, build
+from pipelines.collect_adapters import collect
+
+TINY = TinyTasksConfig(tasks=("reverse", "upper", "length"), ranks=(4, 8, 2), hidden=32, layers=1, base_steps=30,
+                       adapter_steps=15, lora_b_steps=15, batch=16, n_train=64, n_eval=8)
+
+
+def test_tasks_are_deterministic_disjoint_and_scorable():
+    assert len(ALL_TASKS) == 28 and len(DEFAULT_TASKS) == 8
+    train, evaluation = split_samples("sort", 50, 20, seed=3)
+    assert (train, evaluation) == split_samples("sort", 50, 20, seed=3)
+    assert not {s["prompt"] for s in train} & {s["prompt"] for s in evaluation}
+    assert all(s["response"] == "".join(sorted(s["prompt"].split(": ")[1].strip())) for s in train)
+    both = composite(evaluation[:2])
+    assert both["prompt"] == evaluation[0]["prompt"] + evaluation[1]["prompt"] and both["response"].count("\n") == 1
+    assert METRICS["exact_match"]("abc", "abc") == 1 and METRICS["rouge_l"]("a b c", "a c") == pytest.approx(0.8)
+    assert 0 < METRICS["bleu"]("the cat sat on the mat", "the cat sat on a mat") < 1
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tinytasks")
+    return out, build(str(out), TINY)
+
+
+def test_build_is_loadable_offline_and_cached(built):
+    out, manifest = built
+    root = out / f"tinytasks-{TINY.key()}"
+    tokenizer = AutoTokenizer.from_pretrained(root / "base")
+    model = AutoModelForCausalLM.from_pretrained(root / "base")
+    assert tokenizer.decode(tokenizer("reverse: abc\n")["input_ids"]) == "reverse: abc\n"
+    assert model.config.vocab_size == len(tokenizer)
+    configs = {t: json.loads((root / "adapters" / t / "adapter_config.json").read_text()) for t in TINY.tasks}
+    assert [c["r"] for c in configs.values()] == [4, 8, 2]
+    assert sorted(configs["length"]["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    report = json.loads((root / "build_report.json").read_text())
+    assert set(report["accuracy"]) == {"base", "adapters", "lora-b", "merged"}
+    start = time.perf_counter()
+    assert build(str(out), TINY) == manifest and time.perf_counter() - start < 2, "a second build is a cache hit"
+
+
+def test_generated_manifest_is_accepted_by_the_registry_pipeline(built, tmp_path, local_ray):
+    _, manifest = built
+    outcome = collect(manifest, str(tmp_path / "registry"))
+    assert outcome.committed and [r["status"] for r in outcome.rows] == ["added"] * 3
+    assert Registry(tmp_path / "registry").names == list(TINY.tasks)
+
+
+def test_merged_baseline_is_the_uniform_average_of_the_adapters(built):
+    out, _ = built
+    root = out / f"tinytasks-{TINY.key()}"
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    merged = PeftModel.from_pretrained(copy.deepcopy(base), root / "baselines" / "merged").eval()
+    fused = MeteoraModel.from_adapters(copy.deepcopy(base), {t: root / "adapters" / t for t in TINY.tasks})
+    ids = torch.randint(4, 40, (2, 12))
+    with torch.no_grad(), fused.force_experts(list(TINY.tasks)):
+        torch.testing.assert_close(fused(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path):
+    _, manifest = built
+    bench = load_benchmark(manifest, samples=6)
+    checkpoint = tmp_path / "ckpt"
+    MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=2).save_pretrained(checkpoint)
+    results = evaluate(bench, checkpoint, composite_sizes=(2, 3), composite_count=4, out_dir=tmp_path / "eval")
+    assert set(results["per_task"]) == {"base", "lora-b", "merged", "meteora top-1", "meteora top-2", "own adapter"}
+    assert all(0 <= v <= 1 for row in results["per_task"].values() for v in row.values())
+    assert set(results["composite"]["meteora top-2"]) == {"2", "3"}
+    assert all(0 <= r["3"]["summed"] <= 3 for r in results["composite"].values())
+    for file in ("results.json", "results.md", "accuracy.png", "routing.png"):
+        assert (tmp_path / "eval" / file).stat().st_size > 0
+    example = results["routing_example"]
+    assert len(example["expert_weights"]) == len(example["tokens"]) and len(example["expert_weights"][0]) == 3
+
+
+def test_build_into_s3_then_the_cache_hits(s3_endpoint, tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    boto3.client("s3").create_bucket(Bucket="tiny-build")
+    manifest = build("s3://tiny-build/bench", TINY)
+    assert manifest == f"s3://tiny-build/bench/tinytasks-{TINY.key()}/manifest.yaml"
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="tiny-build")["Contents"]]
+    assert any(k.endswith("adapters/upper/adapter_model.safetensors") for k in keys)
+    bench = load_benchmark(local_dir(split_uri(manifest)[0]) / "manifest.yaml", samples=2)  # reads the base and data from S3
+    assert list(bench.eval_sets) == list(TINY.tasks) and set(bench.baselines) == {"lora-b", "merged"}
+    start = time.perf_counter()
+    assert build("s3://tiny-build/bench", TINY) == manifest and time.perf_counter() - start < 2
