@@ -12,7 +12,6 @@ the first, cold run (workers starting and importing torch) is reported on its ow
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform

@@ -135,7 +135,7 @@ def main() -> None:
         "prefill_batch8x128": (prefill_tokens_per_s, prompts[8]),
     }
     samples = {v: {s: [] for s in scenarios} for v in variants}
-    for name, run in variants.items():  # warm-up
+    for run in variants.values():  # warm-up
         run(prefill_tokens_per_s, prompts[1])
     for repeat in range(args.repeats):
         for scenario, (fn, *fn_args) in scenarios.items():

@@ -1,5 +1,4 @@
 """save_pretrained -> from_pretrained reproduces the model; checkpoints are small and refuse a foreign base."""
-import copy
 import json
 
 import pytest

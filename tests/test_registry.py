@@ -1,7 +1,6 @@
 """Collecting adapters from a real S3 endpoint (moto server on loopback) into registries, with real local Ray."""
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import boto3

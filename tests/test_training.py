@@ -1,5 +1,4 @@
 """Gate-training building blocks: the loss, gates as the only trainable part, and routing that learns."""
-import copy
 
 import pytest
 import torch
