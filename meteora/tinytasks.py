@@ -1,8 +1,11 @@
 """Building the embedded benchmark: a tiny base model, one PEFT adapter per task, baselines, data, manifest.
 
-    base     a tiny Llama (char-level tokenizer saved beside it) trained only to echo its input, in single and
-             composite prompts: it knows the format, not the tasks
-    adapters one PEFT LoRA per task, trained on that task only; mixed ranks, one on attention modules only
+    base     a tiny Llama (char-level tokenizer saved beside it) trained to echo its input and to do a few held-out
+             "format" tasks (never benchmark tasks), in single and composite prompts: it knows the format and
+             learns to read the instruction early, so the task is visible to the gates; not the tasks themselves
+    adapters one PEFT LoRA per task, trained on that task only; mixed ranks, one on attention modules only; none
+             on the first layer, whose attention inputs at an answer token hold only that token (no gate can
+             tell the task there)
     lora-b   one LoRA trained on all tasks' data together, balanced (the paper's LoRA-B)
     merged   the uniform average of all adapters, as one PEFT adapter (peft's add_weighted_adapter, "cat")
     data     train / eval JSONL per task;  build_report.json: accuracies measured at build time
@@ -36,7 +39,7 @@ from .tasks import ALL_TASKS, DEFAULT_TASKS, composite, prompt, split_samples
 from .text_data import training_batch
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 1  # bump when the recipe changes, so cached builds are not reused
+BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_MODULES = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character an answer may hold
@@ -47,8 +50,10 @@ class TinyTasksConfig:
     tasks: tuple[str, ...] = tuple(DEFAULT_TASKS)
     ranks: tuple[int, ...] = (8, 4, 4, 16, 16, 4, 8, 8)  # per task, cycled
     attention_only: tuple[str, ...] = ("length",)  # tasks whose adapter targets only q/k/v/o
+    base_tasks: tuple[str, ...] = ("first", "last", "dropfirst", "repeat")  # format tasks the base learns besides echo
     hidden: int = 128
-    layers: int = 3
+    layers: int = 4
+    adapter_first_layer: int = 1  # adapters target layers adapter_first_layer .. layers - 1
     base_steps: int = 500
     adapter_steps: int = 400
     lora_b_steps: int = 600
@@ -59,9 +64,13 @@ class TinyTasksConfig:
     seed: int = 0
 
     def __post_init__(self):
-        unknown = [t for t in self.tasks if t not in ALL_TASKS]
+        unknown = [t for t in self.tasks + self.base_tasks if t not in ALL_TASKS]
         if unknown or len(set(self.tasks)) != len(self.tasks) or len(self.tasks) < 2:
             raise ValueError(f"tasks must be 2+ distinct names from {sorted(ALL_TASKS)}; got {list(self.tasks)}")
+        if not 0 <= self.adapter_first_layer < self.layers:
+            raise ValueError(f"adapter_first_layer must be in [0, {self.layers}), got {self.adapter_first_layer}")
+        if set(self.tasks) & set(self.base_tasks):
+            raise ValueError(f"the base model must not learn benchmark tasks: {sorted(set(self.tasks) & set(self.base_tasks))}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps([BUILD_VERSION, asdict(self)], sort_keys=True).encode()).hexdigest()[:12]
@@ -119,7 +128,7 @@ def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
 
 
 def _train_base(tokenizer, config: TinyTasksConfig) -> LlamaForCausalLM:
-    """A tiny Llama that only learns to echo (single and composite prompts): the format, not the tasks."""
+    """A tiny Llama that learns echo and the held-out format tasks (single and composite prompts)."""
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden, intermediate_size=2 * config.hidden,
@@ -132,8 +141,13 @@ def _train_base(tokenizer, config: TinyTasksConfig) -> LlamaForCausalLM:
         text = "".join(rng.choice(ECHO_ALPHABET) for _ in range(rng.randint(1, 8)))
         return {"prompt": prompt("echo", text), "response": text}
 
-    single = [echo() for _ in range(4000)]
-    composites = [composite([echo() for _ in range(rng.randint(2, 5))]) for _ in range(2000)]
+    def problem() -> dict:
+        if rng.random() < 0.5 or not config.base_tasks:
+            return echo()
+        return ALL_TASKS[rng.choice(config.base_tasks)].sample(rng)
+
+    single = [problem() for _ in range(4000)]
+    composites = [composite([problem() for _ in range(rng.randint(2, 5))]) for _ in range(2000)]
     _train(model, tokenizer, [single, composites], config.base_steps, 3e-3, config.batch, config.seed, "training the base model")
     return model.eval()
 
@@ -142,8 +156,10 @@ def _train_lora(base, tokenizer, samples, rank: int, targets: list[str], steps: 
     torch.manual_seed(config.seed + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        layers = list(range(config.adapter_first_layer, config.layers))
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+                                                                layers_to_transform=layers, lora_dropout=0.0,
+                                                                task_type="CAUSAL_LM"))
     _train(model, tokenizer, [samples], steps, 5e-3, config.batch, config.seed + seed, None)
     return model.eval()
 

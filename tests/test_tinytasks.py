@@ -17,8 +17,15 @@ from meteora.tasks import ALL_TASKS, DEFAULT_TASKS, composite, split_samples
 from meteora.tinytasks import TinyTasksConfig, build
 from pipelines.collect_adapters import collect
 
-TINY = TinyTasksConfig(tasks=("reverse", "upper", "length"), ranks=(4, 8, 2), hidden=32, layers=1, base_steps=30,
+TINY = TinyTasksConfig(tasks=("reverse", "upper", "length"), ranks=(4, 8, 2), hidden=32, layers=1, adapter_first_layer=0, base_steps=30,
                        adapter_steps=15, lora_b_steps=15, batch=16, n_train=64, n_eval=8)
+
+
+def test_bad_build_settings_are_refused():
+    with pytest.raises(ValueError, match="must not learn benchmark tasks"):
+        TinyTasksConfig(tasks=("reverse", "first"))
+    with pytest.raises(ValueError, match="tasks must be"):
+        TinyTasksConfig(tasks=("reverse", "nope"))
 
 
 def test_tasks_are_deterministic_disjoint_and_scorable():
