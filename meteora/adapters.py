@@ -151,6 +151,9 @@ def _parse_config(name: str, source: str, data: bytes) -> dict:
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"adapter '{name}': field 'r' in {CONFIG_FILE} must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"adapter '{name}': field 'lora_alpha' in {CONFIG_FILE} must be a number, got {alpha!r}")
     for field, reason in _UNSUPPORTED.items():
         if config.get(field):
             raise AdapterError(f"adapter '{name}': field '{field}' is set: {reason}")

@@ -6,10 +6,12 @@
                           "<layer>.scaling" [E]; experts' rows in expert order at their own ranks, no padding
     gates.safetensors     "<layer>.gate" [E, d_in]
 The base model is referenced by URI and fingerprint, never copied. Each file is written to a temporary name
-and renamed into place, the config last, so a reader never sees a half-written checkpoint.
+and renamed into place, the config last; the config records the sha256 of the two tensor files, so a reader
+that meets files of two different saves refuses them instead of pairing them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -34,7 +36,8 @@ def write_checkpoint(path: str | Path, config: dict, experts: dict[str, torch.Te
     path.mkdir(parents=True, exist_ok=True)
     _atomic(path / EXPERTS_FILE, lambda tmp: save_file(_contiguous(experts), tmp, metadata={"format": "pt"}))
     _atomic(path / GATES_FILE, lambda tmp: save_file(_contiguous(gates), tmp, metadata={"format": "pt"}))
-    text = json.dumps({"format_version": FORMAT_VERSION, **config}, indent=2)
+    files = {name: _sha256(path / name) for name in (EXPERTS_FILE, GATES_FILE)}  # ties the three files together
+    text = json.dumps({"format_version": FORMAT_VERSION, **config, "files": files}, indent=2)
     _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
@@ -48,6 +51,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object")
     if config.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{config_file}: format_version {config.get('format_version')!r} is not {FORMAT_VERSION}")
     for field, kind in REQUIRED.items():
@@ -56,6 +61,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
     missing = [field for field in REQUIRED_BASE if field not in config["base_model"]]
     if missing:
         raise CheckpointError(f"{config_file}: base_model lacks {missing}")
+    for name, digest in (config.get("files") or {}).items():
+        if name in (EXPERTS_FILE, GATES_FILE) and (path / name).is_file() and _sha256(path / name) != digest:
+            raise CheckpointError(f"{path / name} does not match the sha256 in {CONFIG_FILE}: "
+                                  "the files come from different saves (or were changed)")
     return config, _load(path / EXPERTS_FILE), _load(path / GATES_FILE)
 
 
@@ -66,6 +75,10 @@ def _load(file: Path) -> dict[str, torch.Tensor]:
         return load_file(file)
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint file {file} is unreadable (truncated or corrupt): {err}") from None
+
+
+def _sha256(file: Path) -> str:
+    return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -60,7 +60,9 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
         raise ValueError(f"sha256 of {WEIGHTS_FILE} is {sha}, the manifest says {spec.sha256}")
     adapter = adapter_from_bytes(spec.name, spec.uri, config_bytes, weights)
     adapter.validate_against(skeleton_from_config(base_config))
-    files = {adapter_key(sha, CONFIG_FILE): config_bytes, adapter_key(sha, WEIGHTS_FILE): weights}
+    config_sha = hashlib.sha256(config_bytes).hexdigest()
+    content_sha = hashlib.sha256(f"{config_sha}:{sha}".encode()).hexdigest()  # same weights, other alpha: another adapter
+    files = {adapter_key(content_sha, CONFIG_FILE): config_bytes, adapter_key(content_sha, WEIGHTS_FILE): weights}
     data = {}
     for split, uri in (spec.data or {}).items():
         parent, key = split_uri(uri)
@@ -68,7 +70,7 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
         check_jsonl(content, f"{split} data {uri}")
         data[split] = hashlib.sha256(content).hexdigest()
         files[data_key(data[split])] = content
-    entry = {"sha256": sha, "rank": adapter.rank, "alpha": adapter.alpha, "target_modules": adapter.target_modules,
+    entry = {"sha256": sha, "config_sha256": config_sha, "content_sha256": content_sha, "rank": adapter.rank, "alpha": adapter.alpha, "target_modules": adapter.target_modules,
              "description": spec.description, "data": data, "metric": spec.metric, "source_uri": spec.uri}
     return Collected(spec.name, entry=entry, files=files)
 
@@ -111,7 +113,7 @@ def plan_index(registry: Registry, base: dict, results: list[Collected]) -> tupl
 def _merge(old: dict | None, new: dict, now: str) -> tuple[str, dict]:
     if old is None:
         return "added", {**new, "registered_at": now, "version": 1}
-    same_content = old["sha256"] == new["sha256"] and old.get("data") == new["data"]
+    same_content = old["content_sha256"] == new["content_sha256"] and old.get("data") == new["data"]
     if same_content and all(old.get(k) == new[k] for k in ("description", "metric", "source_uri")):
         return "unchanged", old
     if same_content:

@@ -19,7 +19,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     """Greedy answers, cut at the end token (batched, left-padded)."""
     answers = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompt_batch(tokenizer, prompts[start:start + batch_size])
+        batch = {k: v.to(model.device) for k, v in prompt_batch(tokenizer, prompts[start:start + batch_size]).items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -45,6 +45,8 @@ def gate_batch(tokenizer, samples: list[tuple[dict, int]]) -> dict[str, torch.Te
 
 def gate_step(model: MeteoraModel, batch: dict[str, torch.Tensor], config: GateTrainingConfig) -> dict[str, float]:
     """Forward and backward of one batch (the caller steps the optimizer). Returns the losses and routing accuracy."""
+    device = model.gate_parameters()[0].device
+    batch = {key: value.to(device) for key, value in batch.items()}
     prompts = batch["prompt_lengths"] if config.exclude_prompt else None
     labels = lm_labels(batch["input_ids"], batch["attention_mask"], prompts)
     with model.capture_gate_logits() as gate_logits:
@@ -76,8 +78,9 @@ def train_gates(model: MeteoraModel, tokenizer, samples: list[tuple[dict, int]],
 @torch.no_grad()
 def response_routing_accuracy(model: MeteoraModel, tokenizer, samples: list[tuple[dict, int]]) -> float:
     """Routing accuracy on response tokens only (every gate's top-1 against the sample's task)."""
-    batch = gate_batch(tokenizer, samples)
-    position = torch.arange(batch["input_ids"].shape[1])
+    device = model.gate_parameters()[0].device
+    batch = {key: value.to(device) for key, value in gate_batch(tokenizer, samples).items()}
+    position = torch.arange(batch["input_ids"].shape[1], device=device)
     tasks = batch["token_tasks"].masked_fill(position < batch["prompt_lengths"].unsqueeze(1), -100)
     with model.capture_gate_logits() as gate_logits:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -104,6 +104,7 @@ class MeteoraModel(nn.Module):
                 "the base model given is a different model"
             )
         config = MeteoraConfig(top_k=meta["top_k"], temperature=meta["temperature"], backend=backend)
+        config.check_experts(len(meta["experts"]))
         stacks, gates = _stacks_from_checkpoint(checkpoint, base, expert_tensors, gate_tensors, len(meta["experts"]))
         return cls(base, stacks, meta["experts"], config, stored, gates=gates, training=meta.get("training"))
 
@@ -126,6 +127,10 @@ class MeteoraModel(nn.Module):
     @property
     def expert_names(self) -> list[str]:
         return [e["name"] for e in self.experts]
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.device
 
     @property
     def layer_names(self) -> list[str]:
@@ -233,7 +238,8 @@ def _stacks_from_checkpoint(checkpoint, base, expert_tensors, gate_tensors, n_ex
             raise CheckpointError(f"checkpoint {checkpoint}: {EXPERTS_FILE} lacks tensor {err} of layer '{name}'") from None
         gate = gate_tensors[f"{name}.gate"]
         expected = (linear.in_features, linear.out_features, n_experts, int(ranks.sum()))
-        if (A.shape[1], B_t.shape[1], gate.shape[0], A.shape[0]) != expected or gate.shape[1] != linear.in_features:
+        counts_ok = ranks.shape == scaling.shape == (n_experts,) and bool((ranks >= 0).all())
+        if (A.shape[1], B_t.shape[1], gate.shape[0], A.shape[0]) != expected or gate.shape[1] != linear.in_features or not counts_ok:
             raise CheckpointError(f"checkpoint {checkpoint}: tensors of layer '{name}' do not fit the base model")
         stacks[name] = ExpertStack.from_stacked(A.to(linear.weight.dtype), B_t.to(linear.weight.dtype), ranks, scaling)
         gates[name] = gate

@@ -1,9 +1,12 @@
 """The adapter registry: content-addressed adapters and task data under one index, in any object store.
 
     registry.json                     format_version, base_model {name, uri, fingerprint},
-                                      adapters {name: {sha256, rank, alpha, target_modules, description,
-                                      data {train, eval: sha256}, metric, source_uri, registered_at, version}}
-    adapters/<sha256>/adapter_config.json, adapter_model.safetensors
+                                      adapters {name: {sha256, config_sha256, content_sha256, rank, alpha,
+                                      target_modules, description, data {train, eval: sha256}, metric, source_uri,
+                                      registered_at, version}}
+    adapters/<content_sha256>/adapter_config.json, adapter_model.safetensors
+                                      (sha256 is the weights' hash, as in the manifest; the directory is keyed by
+                                      config and weights together, so two adapters differing only in alpha differ)
     data/<sha256>.jsonl
 
 Readers only follow the index, so objects written before a commit are invisible until the one atomic write
@@ -60,7 +63,7 @@ class Registry:
 
     def adapter_dirs(self, names: list[str] | None = None) -> dict[str, Path]:
         """{name: local PEFT adapter directory} in registry order (S3 objects are cached locally, hash-checked)."""
-        return {name: self._local_adapter(self.entry(name)["sha256"]) for name in (names or self.names)}
+        return {name: self._local_adapter(self.entry(name)) for name in (names or self.names)}
 
     def data_file(self, name: str, split: str) -> Path:
         sha = self.entry(name).get("data", {}).get(split)
@@ -77,20 +80,20 @@ class Registry:
         self.store.write_bytes(INDEX_FILE, raw)
         self._raw, self.index = raw, index
 
-    def _local_adapter(self, sha: str) -> Path:
-        weights = self._local(adapter_key(sha, WEIGHTS_FILE), sha)
-        self._local(adapter_key(sha, CONFIG_FILE), None)
+    def _local_adapter(self, entry: dict) -> Path:
+        weights = self._local(adapter_key(entry["content_sha256"], WEIGHTS_FILE), entry["sha256"])
+        self._local(adapter_key(entry["content_sha256"], CONFIG_FILE), entry["config_sha256"])
         return weights.parent
 
-    def _local(self, key: str, sha: str | None) -> Path:
+    def _local(self, key: str, sha: str) -> Path:
         """A local path holding the object `key` (itself for a local registry; a verified cached copy for S3)."""
         if isinstance(self.store, LocalStore):
             return self.store.root / key
         path = cache_dir() / key
-        if not (path.is_file() and (sha is None or _sha256(path.read_bytes()) == sha)):
+        if not (path.is_file() and _sha256(path.read_bytes()) == sha):
             path.parent.mkdir(parents=True, exist_ok=True)
             data = self.store.read_bytes(key)
-            if sha is not None and _sha256(data) != sha:
+            if _sha256(data) != sha:
                 raise RegistryError(f"registry {self.uri}: object {key} does not match its sha256")
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_bytes(data)
@@ -110,8 +113,12 @@ def _parse_index(raw: bytes, uri: str) -> dict:
         raise RegistryError(f"{where} is not valid JSON: {err}") from None
     if not isinstance(index, dict) or index.get("format_version") != FORMAT_VERSION:
         raise RegistryError(f"{where}: format_version must be {FORMAT_VERSION}")
-    for name, entry in index.get("adapters", {}).items():
-        shas = [entry.get("sha256")] + list((entry.get("data") or {}).values())
+    if not isinstance(index.get("adapters"), dict) or not isinstance(index.get("base_model"), (dict, type(None))):
+        raise RegistryError(f"{where}: 'adapters' must be a mapping and 'base_model' a mapping or null")
+    for name, entry in index["adapters"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("data", {}), dict):
+            raise RegistryError(f"{where}: entry {name!r} must be a mapping")
+        shas = [entry.get(k) for k in ("sha256", "config_sha256", "content_sha256")] + list(entry.get("data", {}).values())
         if not NAME_PATTERN.match(name) or not all(isinstance(s, str) and SHA256.match(s) for s in shas):
             raise RegistryError(f"{where}: entry {name!r} has an invalid name or sha256 (refusing to build paths from it)")
     return index

@@ -31,7 +31,7 @@ class Routing:
             m = self.forced.numel()
             ids = self.forced.to(x.device).expand(T, m)  # [T, m]
             return ids, torch.full((T, m), 1.0 / m, device=x.device)
-        logits = F.linear(x.float(), gate)  # [T, E] in fp32
+        logits = F.linear(x.float(), gate.float())  # [T, E] in fp32, whatever dtype the model was cast to
         if self.gate_logits is not None:
             self.gate_logits.append(logits)
         vals, ids = logits.topk(self.top_k, dim=-1)  # [T, k]

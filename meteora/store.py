@@ -55,6 +55,8 @@ def local_dir(uri: str) -> Path:
         return store.root
     target = cache_dir() / "mirror" / store.bucket / store.prefix
     for key in store.list():
+        if not key or key.endswith("/"):  # "folder" marker objects some S3 tools create
+            continue
         path = target / key
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)

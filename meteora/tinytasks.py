@@ -87,6 +87,8 @@ def default_uri() -> str:
 def build(out_uri: str | None = None, config: TinyTasksConfig = TinyTasksConfig()) -> str:
     """Build (or find) the benchmark under out_uri; returns the manifest's URI."""
     out_uri = (out_uri or default_uri()).rstrip("/")
+    if "://" not in out_uri:
+        out_uri = str(Path(out_uri).resolve())  # the manifest holds absolute locations
     store, root = open_store(out_uri), f"tinytasks-{config.key()}"
     manifest_uri = f"{out_uri}/{root}/manifest.yaml"
     if store.exists(f"{root}/manifest.yaml"):

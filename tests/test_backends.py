@@ -91,3 +91,13 @@ def test_backends_agree_in_generation_with_and_without_kv_cache(tmp_path, top_k)
     for key, out in runs.items():
         assert torch.equal(out.sequences, reference.sequences), key
         torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_cast_to_bf16_still_routes(tmp_path):
+    base = tiny_base()
+    model = MeteoraModel.from_adapters(base, {"a": make_adapter(base, tmp_path / "a", 4, seed=1),
+                                              "b": make_adapter(base, tmp_path / "b", 8, seed=2)}, top_k=2)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(random_ids()).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()

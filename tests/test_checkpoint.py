@@ -86,10 +86,22 @@ def _truncate(file):
 DAMAGE = {  # name -> (how to damage a checkpoint directory, what the error must say)
     "missing_config": (lambda c: (c / CONFIG_FILE).unlink(), "is missing"),
     "missing_gates": (lambda c: (c / GATES_FILE).unlink(), "is missing"),
-    "truncated_experts": (lambda c: _truncate(c / EXPERTS_FILE), "truncated or corrupt"),
+    "truncated_experts": (lambda c: _truncate(c / EXPERTS_FILE), "does not match the sha256"),
+    "truncated_unhashed": (lambda c: (_edit_config(c, lambda cfg: {k: v for k, v in cfg.items() if k != "files"}),
+                                      _truncate(c / EXPERTS_FILE)), "truncated or corrupt"),
     "wrong_version": (lambda c: _edit_config(c, lambda cfg: {**cfg, "format_version": 99}), "format_version 99"),
     "no_top_k": (lambda c: _edit_config(c, lambda cfg: {k: v for k, v in cfg.items() if k != "top_k"}), "'top_k'"),
 }
+
+
+def test_files_of_two_different_saves_are_refused(saved):
+    model, root = saved
+    with torch.no_grad():
+        model.gate_parameters()[0].add_(1.0)
+    model.save_pretrained(root / "other")
+    (root / "ckpt" / GATES_FILE).write_bytes((root / "other" / GATES_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="different saves"):
+        MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=3))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))

@@ -66,8 +66,8 @@ def test_collect_from_s3_register_more_later_and_load_a_model(world, tmp_path, c
     assert list(index["adapters"]) == list(RANKS)
     assert [index["adapters"][n]["rank"] for n in RANKS] == list(RANKS.values())
     assert index["base_model"]["fingerprint"].startswith("sha256:")
-    sha = index["adapters"]["reverse"]["sha256"]
-    assert (registry_dir / "adapters" / sha / "adapter_model.safetensors").read_bytes() == \
+    sha, directory = index["adapters"]["reverse"]["sha256"], index["adapters"]["reverse"]["content_sha256"]
+    assert (registry_dir / "adapters" / directory / "adapter_model.safetensors").read_bytes() == \
         (world["local"]["reverse"] / "adapter_model.safetensors").read_bytes()
     assert (registry_dir / "data" / f"{index['adapters']['reverse']['data']['eval']}.jsonl").is_file()
 
@@ -177,3 +177,21 @@ def test_s3_endpoint_down_mid_run_leaves_the_registry_unchanged(world, populated
     assert statuses == ["not committed", "rejected", "rejected"] and "would be added" in outcome.rows[0]["detail"]
     assert "Could not connect to the endpoint" in outcome.rows[1]["detail"] and outcome.exit_code == 1
     assert snapshot(populated) == before
+
+
+def test_same_weights_with_another_alpha_is_another_adapter(world, tmp_path):
+    files = {f.name: f.read_bytes() for f in world["local"]["reverse"].iterdir()}
+    config = json.loads(files["adapter_config.json"])
+    files["adapter_config.json"] = json.dumps({**config, "lora_alpha": 4 * config["lora_alpha"]}).encode()
+    for name, data in files.items():
+        world["s3"].put_object(Bucket="world", Key=f"adapters/reverse-alpha/{name}", Body=data)
+    registry_dir = tmp_path / "registry"
+    loud_spec = entry("loud", source="reverse-alpha") | {"data": entry("reverse")["data"]}
+    assert collect(write_manifest(tmp_path / "a.yaml", [entry("reverse"), loud_spec]), str(registry_dir)).committed
+    registry = Registry(registry_dir)
+    same, loud = registry.entry("reverse"), registry.entry("loud")
+    assert same["sha256"] == loud["sha256"] and same["content_sha256"] != loud["content_sha256"]
+    dirs = registry.adapter_dirs()
+    assert json.loads((dirs["loud"] / "adapter_config.json").read_text())["lora_alpha"] == 4 * config["lora_alpha"]
+    outcome = collect(write_manifest(tmp_path / "b.yaml", [loud_spec | {"name": "reverse"}]), str(registry_dir))
+    assert [r["status"] for r in outcome.rows] == ["new version"]  # only the alpha changed: still a new version

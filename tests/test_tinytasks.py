@@ -2,6 +2,7 @@
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,11 @@ def test_build_into_s3_then_the_cache_hits(s3_endpoint, tmp_path, monkeypatch):
     assert list(bench.eval_sets) == list(TINY.tasks) and set(bench.baselines) == {"lora-b", "merged"}
     start = time.perf_counter()
     assert build("s3://tiny-build/bench", TINY) == manifest and time.perf_counter() - start < 2
+
+
+def test_a_relative_output_directory_gives_a_working_manifest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = build("relative-out", TINY)
+    assert Path(manifest).is_absolute()
+    bench = load_benchmark(manifest, samples=2)
+    assert list(bench.eval_sets) == list(TINY.tasks)
