@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from .errors import AdapterError
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # expert names; they become paths in registries
 
@@ -24,13 +26,8 @@ class MeteoraConfig:
         if self.top_k > n_experts:
             raise ValueError(f"top_k={self.top_k} is larger than the number of experts ({n_experts})")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def check_expert_name(name: str) -> None:
-    from .errors import AdapterError
-
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise AdapterError(
             f"adapter name {name!r} is invalid: use 1-63 characters of a-z, 0-9, '_', '.', '-', "

@@ -11,7 +11,7 @@ import torch
 
 from .metrics import METRICS
 from .tasks import composite
-from .text_data import prompt_batch
+from .text_data import prompt_batch, to_device
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     """Greedy answers, cut at the end token (batched, left-padded)."""
     answers = []
     for start in range(0, len(prompts), batch_size):
-        batch = {k: v.to(model.device) for k, v in prompt_batch(tokenizer, prompts[start:start + batch_size]).items()}
+        batch = to_device(prompt_batch(tokenizer, prompts[start:start + batch_size]), model.device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -29,6 +29,12 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 def task_accuracy(model, tokenizer, samples: list[dict], metric: str = "exact_match") -> float:
     answers = generate_answers(model, tokenizer, [s["prompt"] for s in samples])
     return sum(METRICS[metric](a, s["response"]) for a, s in zip(answers, samples)) / len(samples)
+
+
+def accuracy_per_task(model, tokenizer, eval_sets: dict[str, list[dict]], metrics: dict[str, str] | None = None) -> dict[str, float]:
+    """{task: accuracy} over each task's samples, with its metric (exact match by default)."""
+    return {task: task_accuracy(model, tokenizer, samples, (metrics or {}).get(task, "exact_match"))
+            for task, samples in eval_sets.items()}
 
 
 def composite_problems(eval_sets: dict[str, list[dict]], n: int, count: int, seed: int = 0) -> list[tuple[list[str], dict]]:

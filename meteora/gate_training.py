@@ -13,7 +13,7 @@ import torch
 
 from .model import MeteoraModel
 from .registry import Registry
-from .text_data import training_batch
+from .text_data import to_device, training_batch
 from .training import lm_labels, meteora_loss, routing_accuracy, task_labels
 
 
@@ -45,8 +45,7 @@ def gate_batch(tokenizer, samples: list[tuple[dict, int]]) -> dict[str, torch.Te
 
 def gate_step(model: MeteoraModel, batch: dict[str, torch.Tensor], config: GateTrainingConfig) -> dict[str, float]:
     """Forward and backward of one batch (the caller steps the optimizer). Returns the losses and routing accuracy."""
-    device = model.gate_parameters()[0].device
-    batch = {key: value.to(device) for key, value in batch.items()}
+    batch = to_device(batch, model.device)
     prompts = batch["prompt_lengths"] if config.exclude_prompt else None
     labels = lm_labels(batch["input_ids"], batch["attention_mask"], prompts)
     with model.capture_gate_logits() as gate_logits:
@@ -78,9 +77,8 @@ def train_gates(model: MeteoraModel, tokenizer, samples: list[tuple[dict, int]],
 @torch.no_grad()
 def response_routing_accuracy(model: MeteoraModel, tokenizer, samples: list[tuple[dict, int]]) -> float:
     """Routing accuracy on response tokens only (every gate's top-1 against the sample's task)."""
-    device = model.gate_parameters()[0].device
-    batch = {key: value.to(device) for key, value in gate_batch(tokenizer, samples).items()}
-    position = torch.arange(batch["input_ids"].shape[1], device=device)
+    batch = to_device(gate_batch(tokenizer, samples), model.device)
+    position = torch.arange(batch["input_ids"].shape[1], device=model.device)
     tasks = batch["token_tasks"].masked_fill(position < batch["prompt_lengths"].unsqueeze(1), -100)
     with model.capture_gate_logits() as gate_logits:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .evaluation import composite_problems, composite_scores, task_accuracy
+from .evaluation import accuracy_per_task, composite_problems, composite_scores, task_accuracy
 from .manifest import load_manifest
 from .model import MeteoraModel
 from .report import markdown_table, plot_accuracy, plot_routing
@@ -70,7 +70,7 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composite_s
             model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base))
             model.configure(top_k=k)
             variants[f"meteora top-{k}"] = model
-    per_task = {name: _per_task(model, bench) for name, model in variants.items()}
+    per_task = {name: accuracy_per_task(model, bench.tokenizer, bench.eval_sets, bench.metrics) for name, model in variants.items()}
     per_task["own adapter"] = {}
     for task, samples in bench.eval_sets.items():
         with fused.force_experts([task]):
@@ -89,10 +89,6 @@ def _peft(base, path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
-
-
-def _per_task(model, bench: Benchmark) -> dict[str, float]:
-    return {task: task_accuracy(model, bench.tokenizer, s, bench.metrics[task]) for task, s in bench.eval_sets.items()}
 
 
 def _composite(model, bench: Benchmark, sizes, count: int, temperature: float | None) -> dict:

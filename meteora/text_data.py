@@ -28,6 +28,10 @@ def training_batch(tokenizer, samples: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def prompt_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
     """<s> prompt, left-padded for batched generation: input_ids / attention_mask [B, S]."""
     rows = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]

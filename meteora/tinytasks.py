@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .char_tokenizer import char_tokenizer
-from .evaluation import task_accuracy
+from .evaluation import accuracy_per_task
 from .store import cache_dir, open_store
 from .tasks import ALL_TASKS, DEFAULT_TASKS, composite, prompt, split_samples
 from .text_data import training_batch
@@ -204,13 +204,13 @@ def _merge_adapters(base, out: Path, tasks: tuple[str, ...]):
 
 def _measure(base, tokenizer, out: Path, eval_sets: dict[str, list[dict]]) -> dict:
     """Exact match on every eval split: base, each adapter on every task (the matrix), LoRA-B, merged."""
-    result = {"base": {t: task_accuracy(base, tokenizer, s) for t, s in eval_sets.items()}, "adapters": {}}
+    result = {"base": accuracy_per_task(base, tokenizer, eval_sets), "adapters": {}}
     for task in tqdm(eval_sets, desc="measuring", disable=None):
         model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / task).eval()
-        result["adapters"][task] = {t: task_accuracy(model, tokenizer, s) for t, s in eval_sets.items()}
+        result["adapters"][task] = accuracy_per_task(model, tokenizer, eval_sets)
     for name in ("lora-b", "merged"):
         model = PeftModel.from_pretrained(copy.deepcopy(base), out / "baselines" / name).eval()
-        result[name] = {t: task_accuracy(model, tokenizer, s) for t, s in eval_sets.items()}
+        result[name] = accuracy_per_task(model, tokenizer, eval_sets)
     return result
 
 
