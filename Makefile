@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CLUSTER_DIR ?= .ray-cluster
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -24,6 +25,13 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_mixture.py
+
+# A local Ray head for `ray job submit` (free ports, token auth); cluster-down stops only its processes.
+cluster-up: install
+	$(PY) pipelines/local_cluster.py up --dir $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) pipelines/local_cluster.py down --dir $(CLUSTER_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

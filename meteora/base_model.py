@@ -15,17 +15,20 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .store import local_dir
+
 PROBE_TENSORS = 8  # matrices sampled, evenly spaced in name order
 PROBE_VALUES = 16  # values sampled per matrix, evenly spaced in its flattened storage
 PROBE_RTOL = 1e-2  # bf16 keeps ~3 significant digits; two different models differ far more than this
 
 
 def load_base_model(uri: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a transformers causal LM from a local model directory (safetensors only, no remote code)."""
+    """Load a transformers causal LM from a model directory, local or s3:// (mirrored into the cache first;
+    safetensors only, no remote code)."""
     text = str(uri)
-    if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"base model URI {text!r}: only local directories (or file://) can be loaded here")
-    path = Path(text.removeprefix("file://"))
+    if "://" in text and not text.startswith(("file://", "s3://")):
+        raise ValueError(f"base model URI {text!r}: use a local directory, file:// or s3://")
+    path = local_dir(text) if text.startswith("s3://") else Path(text.removeprefix("file://"))
     if not (path / "config.json").is_file():
         raise ValueError(f"base model {str(path)!r} is not a model directory: config.json is missing")
     return AutoModelForCausalLM.from_pretrained(

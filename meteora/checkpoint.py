@@ -7,7 +7,8 @@
     gates.safetensors     "<layer>.gate" [E, d_in]
 The base model is referenced by URI and fingerprint, never copied. Each file is written to a temporary name
 and renamed into place, the config last; the config records the sha256 of the two tensor files, so a reader
-that meets files of two different saves refuses them instead of pairing them.
+that meets files of two different saves refuses them instead of pairing them. A checkpoint may live in any
+store (a local path or s3://): it is written locally and uploaded, config last, or downloaded to read.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .store import StoreError, open_store
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "meteora_config.json"
@@ -31,7 +33,18 @@ REQUIRED = {"base_model": dict, "experts": list, "top_k": int, "temperature": (i
 REQUIRED_BASE = ("name", "uri", "fingerprint", "probe")
 
 
+def is_remote(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
 def write_checkpoint(path: str | Path, config: dict, experts: dict[str, torch.Tensor], gates: dict[str, torch.Tensor]) -> None:
+    if is_remote(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(tmp, config, experts, gates)
+            store = open_store(path)
+            for name in (EXPERTS_FILE, GATES_FILE, CONFIG_FILE):  # the config last: it marks a complete checkpoint
+                store.write_bytes(name, (Path(tmp) / name).read_bytes())
+        return
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _atomic(path / EXPERTS_FILE, lambda tmp: save_file(_contiguous(experts), tmp, metadata={"format": "pt"}))
@@ -43,6 +56,10 @@ def write_checkpoint(path: str | Path, config: dict, experts: dict[str, torch.Te
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(config, expert tensors, gate tensors). Raises CheckpointError naming the file that is wrong."""
+    if is_remote(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            _download(path, Path(tmp))
+            return read_checkpoint(tmp)
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -66,6 +83,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
             raise CheckpointError(f"{path / name} does not match the sha256 in {CONFIG_FILE}: "
                                   "the files come from different saves (or were changed)")
     return config, _load(path / EXPERTS_FILE), _load(path / GATES_FILE)
+
+
+def _download(uri: str, target: Path) -> None:
+    store = open_store(uri)
+    try:
+        if not store.exists(CONFIG_FILE):
+            raise CheckpointError(f"{uri} is not a MeteoRA checkpoint: {CONFIG_FILE} is missing")
+        for name in (CONFIG_FILE, EXPERTS_FILE, GATES_FILE):
+            if store.exists(name):
+                store.download(name, target / name)
+    except StoreError as err:
+        raise CheckpointError(f"cannot read checkpoint {uri}: {err}") from None
 
 
 def _load(file: Path) -> dict[str, torch.Tensor]:

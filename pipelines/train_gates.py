@@ -1,0 +1,190 @@
+"""Train the MeteoRA gates over a registry's adapters with Ray Train, and write a MeteoRA checkpoint.
+
+    python pipelines/train_gates.py [--config configs/train_gates.yaml] [--init-from CHECKPOINT] [key=value ...]
+    ray job submit --address http://127.0.0.1:PORT --working-dir . -- python pipelines/train_gates.py
+
+1. validate the config, the registry and the warm start (nothing starts when one is wrong: exit 2)
+2. with no registry given: build the embedded tinytasks benchmark (cached) and collect it into a registry
+3. Ray Train TorchTrainer: `num_workers` data-parallel workers (pipelines/gate_worker.py) train the gates only,
+   checkpointing the gates + optimizer every `checkpoint_every` steps to `storage_path` (local or s3://);
+   a lost worker is replaced and the group resumes from the latest checkpoint (`max_failures` times)
+4. rank 0 writes the MeteoRA checkpoint to `output`; the summary is printed and kept in its config
+Running again with the same `name` and `storage_path` resumes the run (after a driver restart, say); a name
+that already holds a run over other experts is refused. Uses the cluster of RAY_ADDRESS (or the job's
+cluster under `ray job submit`), else starts a local Ray and stops it at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/train_gates.py` from anywhere
+
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+from pyarrow.fs import S3FileSystem  # noqa: E402
+from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
+
+from meteora import CheckpointError, Registry, RegistryError  # noqa: E402
+from meteora.checkpoint import read_checkpoint  # noqa: E402
+from meteora.store import StoreError, cache_dir, open_store  # noqa: E402
+from meteora.tinytasks import build  # noqa: E402
+from pipelines.collect_adapters import collect, print_summary  # noqa: E402
+from pipelines.gate_worker import train_loop_per_worker  # noqa: E402
+from pipelines.train_config import ConfigError, TrainGatesConfig, load_config  # noqa: E402
+
+log = logging.getLogger("train_gates")
+RUN_FILE = "meteora_run.json"  # beside Ray Train's files: which experts this run name trains
+# A local Ray without a dashboard (no fixed ports to collide with); Ray Train's placement-group cleaner then
+# warns every second that the state API is unavailable, so workers log errors only (progress lines are prints).
+LOCAL_RAY = {"include_dashboard": False, "logging_config": ray.LoggingConfig(log_level="ERROR")}
+PEER_TIMEOUT_S = 120  # a dead peer fails the step after this long instead of Ray's default 30 minutes
+
+
+def train(config: TrainGatesConfig) -> dict:
+    """Run the whole job on the connected Ray cluster; returns the training summary of the written checkpoint."""
+    registry = Registry(_absolute(config.registry) if config.registry else embedded_registry())
+    experts = _check_experts(registry, config.experts)
+    storage = _absolute(config.storage_path or str(cache_dir() / "ray_results"))
+    output = _absolute(config.output or f"{storage.rstrip('/')}/{config.name}/meteora")
+    _check_init_from(config, registry)
+    _claim_run(storage, config, [{"name": n, **registry.entry(n)} for n in experts])
+    job = {"config": config.model_dump(), "registry": registry.uri, "experts": experts, "output": output}
+    path, filesystem = _storage_location(storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=job,
+        scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=config.name, storage_path=path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            worker_runtime_env={"env_vars": {**_aws_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo", timeout_s=PEER_TIMEOUT_S),
+    )
+    log.info("training the gates of %d experts (%s) with %d workers; run '%s' in %s",
+             len(experts), ", ".join(experts), config.num_workers, config.name, storage)
+    trainer.fit()
+    summary = read_checkpoint(output)[0]["training"]
+    return {**summary, "output": output}
+
+
+def embedded_registry() -> str:
+    """The tinytasks benchmark (built if missing) collected into a registry in the cache; returns its URI."""
+    manifest = build()
+    registry = cache_dir() / "registries" / Path(manifest).parent.name
+    outcome = collect(manifest, str(registry))
+    if not outcome.committed:
+        print_summary(outcome.rows)
+        raise ConfigError(f"the embedded tinytasks manifest {manifest} could not be collected into {registry}")
+    return str(registry)
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def _check_experts(registry: Registry, names: list[str] | None) -> list[str]:
+    if not registry.names:
+        raise ConfigError(f"registry {registry.uri} holds no adapters: collect some first (pipelines/collect_adapters.py)")
+    names = names or registry.names
+    unknown = [n for n in names if n not in registry.names]
+    if unknown or len(set(names)) != len(names):
+        raise ConfigError(f"experts: {unknown or names} must be distinct adapters of registry {registry.uri} {registry.names}")
+    for name in names:
+        for split in ("train", "eval"):
+            if split not in (registry.entry(name).get("data") or {}):
+                raise ConfigError(f"registry {registry.uri}: adapter '{name}' has no {split} data to train its gate on")
+    return names
+
+
+def _check_init_from(config: TrainGatesConfig, registry: Registry) -> None:
+    if not config.init_from:
+        return
+    meta = read_checkpoint(config.init_from)[0]
+    if meta["base_model"]["fingerprint"] != registry.base_model["fingerprint"]:
+        raise CheckpointError(f"init_from {config.init_from}: it was trained on base model "
+                              f"'{meta['base_model']['name']}', the registry's is '{registry.base_model['name']}'")
+
+
+def _claim_run(storage: str, config: TrainGatesConfig, experts: list[dict]) -> None:
+    """Record which experts the run name trains; refuse to resume a run of other experts under the same name."""
+    store = open_store(f"{storage.rstrip('/')}/{config.name}")
+    claim = {"fingerprint": config.run_fingerprint(experts), "experts": [e["name"] for e in experts],
+             "init_from": config.init_from}
+    if store.exists(RUN_FILE):
+        held = json.loads(store.read_bytes(RUN_FILE))
+        if held.get("fingerprint") != claim["fingerprint"]:
+            raise ConfigError(f"run '{config.name}' in {storage} already trains experts {held.get('experts')} "
+                              f"(init_from {held.get('init_from')}): choose another name= to start a new run")
+        log.info("run '%s' exists in %s: resuming from its latest checkpoint", config.name, storage)
+        return
+    store.write_bytes(RUN_FILE, json.dumps(claim, indent=2).encode())
+
+
+def _storage_location(storage: str) -> tuple[str, S3FileSystem | None]:
+    """Ray Train's (storage_path, storage_filesystem): S3 with the endpoint and keys of the environment."""
+    if not storage.startswith("s3://"):
+        return storage, None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"), "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+               "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    return storage.removeprefix("s3://"), S3FileSystem(**{k: v for k, v in options.items() if v is not None})
+
+
+def _aws_env() -> dict[str, str]:
+    """The driver's AWS settings for the workers (secrets only ever come from the environment)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+def print_summary(summary: dict, wall_seconds: float) -> None:
+    final = summary.get("final") or {}
+    print(f"\ngates trained: {summary['steps']} steps x {summary['batch']} samples on {summary['num_workers']} worker(s)")
+    print(f"  final loss {final.get('loss', float('nan')):.4f} (lm {final.get('lm_loss', float('nan')):.4f}, "
+          f"gate {final.get('gate_loss', float('nan')):.4f}); routing accuracy on eval response tokens "
+          f"{final.get('eval_routing_accuracy', float('nan')):.3f}")
+    print(f"  training {summary['train_seconds']} s ({summary['samples_per_s']} samples/s), "
+          f"{len(summary['attempts'])} attempt(s), job {wall_seconds:.0f} s")
+    if summary.get("init_from"):
+        print(f"  started from {summary['init_from']}; new experts {summary['new_experts']}, old rows frozen: {summary['freeze_old']}")
+    print(f"  MeteoRA checkpoint: {summary['output']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default configs/train_gates.yaml)")
+    parser.add_argument("--init-from", default=None, help="MeteoRA checkpoint to start the gates from (= init_from=)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings over the config file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    try:
+        config = load_config(args.config, args.overrides + ([f"init_from={args.init_from}"] if args.init_from else []))
+        started = time.perf_counter()
+        if not ray.is_initialized():
+            ray.init(**(LOCAL_RAY if started_here else {}))
+        summary = train(config)
+    except (ConfigError, RegistryError, CheckpointError, StoreError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ray.train.TrainingFailedError as err:
+        print(f"error: training failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if started_here and ray.is_initialized():
+            ray.shutdown()
+    print_summary(summary, time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
