@@ -6,7 +6,7 @@
   4. save the checkpoint, and evaluate every variant per task and on composite problems, with plots
 
     python examples/demo.py [--out demo-output] [--gate-steps 300]
-About 7 minutes for the first build on 2 cores, then about 3 minutes per run.
+About 10 minutes for the first build on 2 cores, then about 3 minutes per run.
 """
 from __future__ import annotations
 

@@ -54,11 +54,32 @@ def composite_scores(model, tokenizer, problems, metrics: dict[str, str], max_ne
     sub-scores (the paper's composite number, at most n)}.
     """
     answers = generate_answers(model, tokenizer, [sample["prompt"] for _, sample in problems], max_new_tokens)
+    return _composite_summary(problems, [answer.split("\n") for answer in answers], metrics)
+
+
+def composite_oracle_scores(model, tokenizer, problems, metrics: dict[str, str]) -> dict:
+    """The composite oracle, scored like composite_scores: every sub-problem asked alone (its line of the
+    composite prompt) with its own task's expert forced. model: a MeteoraModel whose experts are named by task."""
+    asked: dict[str, list[tuple[int, int, str]]] = {}  # task -> (composite, position, prompt line)
+    for c, (tasks, sample) in enumerate(problems):
+        for i, (task, line) in enumerate(zip(tasks, sample["prompt"].splitlines(keepends=True))):
+            asked.setdefault(task, []).append((c, i, line))
+    lines = [[""] * len(tasks) for tasks, _ in problems]
+    for task, questions in asked.items():
+        with model.force_experts([task]):
+            answers = generate_answers(model, tokenizer, [line for _, _, line in questions])
+        for (c, i, _), answer in zip(questions, answers):
+            lines[c][i] = answer
+    return _composite_summary(problems, lines, metrics)
+
+
+def _composite_summary(problems, lines: list[list[str]], metrics: dict[str, str]) -> dict:
+    """Scores of the sub-answers lines[c][i] of composite c (see composite_scores)."""
     n = len(problems[0][0])
     totals, per_position = [], [0.0] * n
-    for (tasks, sample), answer in zip(problems, answers):
-        lines, references = answer.split("\n"), sample["response"].split("\n")
-        scores = [METRICS[metrics[t]](lines[i] if i < len(lines) else "", references[i]) for i, t in enumerate(tasks)]
+    for (tasks, sample), answer in zip(problems, lines):
+        references = sample["response"].split("\n")
+        scores = [METRICS[metrics[t]](answer[i] if i < len(answer) else "", references[i]) for i, t in enumerate(tasks)]
         totals.append(sum(scores))
         per_position = [p + s for p, s in zip(per_position, scores)]
     return {"per_position": [p / len(problems) for p in per_position], "summed": sum(totals) / len(problems)}

@@ -5,12 +5,15 @@ that shard by a generator seeded with (seed, s, r). A run resumed from the check
 exactly the batches an uninterrupted run would have drawn from step s + 1 on: no step repeated or skipped.
 With `new_experts` (incremental training), a fixed share of every batch comes from the new experts' samples,
 the rest from the old ones, so the new gate rows learn fast while the old tasks keep being seen.
+With `composite_fraction`, that share of the items are composites: 2..composite_max samples of different
+tasks asked in one prompt (gate_training.gate_batch labels their tokens per segment).
 """
 from __future__ import annotations
 
 import random
 
 Sample = tuple[dict, int]  # (sample, expert index)
+Item = Sample | list[Sample]  # one sample, or a composite of several
 
 
 def shuffled(samples: list[Sample], seed: int) -> list[Sample]:
@@ -25,16 +28,28 @@ def shard(samples: list[Sample], rank: int, world: int, seed: int) -> list[Sampl
     return shuffled(samples, seed)[rank::world]
 
 
-def step_samples(pool: list[Sample], step: int, rank: int, size: int, seed: int,
-                 new_experts: set[int] = frozenset(), new_fraction: float = 0.0) -> list[Sample]:
-    """The `size` samples rank `rank` trains on at `step` (without replacement while the pool allows)."""
+def step_samples(pool: list[Sample], step: int, rank: int, size: int, seed: int, new_experts: set[int] = frozenset(),
+                 new_fraction: float = 0.0, composite_fraction: float = 0.0, composite_max: int = 5) -> list[Item]:
+    """The `size` items rank `rank` trains on at `step` (without replacement while the pool allows)."""
     rng = random.Random(f"step:{seed}:{step}:{rank}")
     new = [s for s in pool if s[1] in new_experts]
-    if not new or new_fraction <= 0:
-        return _draw(rng, pool, size)
-    n_new = max(1, round(size * new_fraction))
-    old = [s for s in pool if s[1] not in new_experts] or new
-    return _draw(rng, new, n_new) + _draw(rng, old, size - n_new)
+    if new and new_fraction > 0:
+        n_new = max(1, round(size * new_fraction))
+        old = [s for s in pool if s[1] not in new_experts] or new
+        samples = _draw(rng, new, n_new) + _draw(rng, old, size - n_new)
+    else:
+        samples = _draw(rng, pool, size)
+    return [_composite_around(sample, pool, rng, composite_max) if rng.random() < composite_fraction else sample
+            for sample in samples]
+
+
+def _composite_around(sample: Sample, pool: list[Sample], rng: random.Random, composite_max: int) -> list[Sample]:
+    """`sample` at a random place among 1..composite_max - 1 samples of other tasks."""
+    others = [rng.choice(pool) for _ in range(rng.randint(1, composite_max - 1))]
+    others = [s for s in others if s[1] != sample[1]] or others[:0]
+    items = others + [sample]
+    rng.shuffle(items)
+    return items if len(items) > 1 else sample
 
 
 def _draw(rng: random.Random, pool: list[Sample], size: int) -> list[Sample]:

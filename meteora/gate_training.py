@@ -2,19 +2,25 @@
 
 Every expert's samples are labelled with that expert's index; a batch carries, besides the LM inputs, the
 task label of every token (-100 at padding) for CE_gate. The step is what a distributed worker runs too.
+
+A training item is a labelled sample (sample, expert index) or a composite: a list of labelled samples asked in
+one prompt and answered in order (tasks.composite). A composite's tokens are labelled per segment: a prompt
+token with its own problem's task, a response token (and the prompt's last token) with the task of the answer
+its next token belongs to, so CE_gate teaches the gates to switch experts in the middle of a generation.
 """
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 
 import torch
 
+from .gate_sampling import Item, Sample, step_samples
 from .model import MeteoraModel
 from .registry import Registry
+from .tasks import composite
 from .text_data import to_device, training_batch
-from .training import lm_labels, meteora_loss, routing_accuracy, task_labels
+from .training import IGNORE, lm_labels, meteora_loss, routing_accuracy
 
 
 @dataclass
@@ -24,10 +30,12 @@ class GateTrainingConfig:
     lr: float = 5e-3  # Adam on the gates only
     gate_weight: float = 50.0  # lambda in CE_LM + lambda * CE_gate (the paper's value)
     exclude_prompt: bool = True  # CE_LM on response tokens only
+    composite_fraction: float = 0.0  # share of items that are composites of 2..composite_max samples (0: the paper)
+    composite_max: int = 5
     seed: int = 0
 
 
-def registry_samples(registry: Registry, expert_names: list[str], split: str) -> list[tuple[dict, int]]:
+def registry_samples(registry: Registry, expert_names: list[str], split: str) -> list[Sample]:
     """(sample, expert index) for every sample of every expert's `split` data in the registry."""
     samples = []
     for index, name in enumerate(expert_names):
@@ -36,11 +44,28 @@ def registry_samples(registry: Registry, expert_names: list[str], split: str) ->
     return samples
 
 
-def gate_batch(tokenizer, samples: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
+def gate_batch(tokenizer, items: list[Item]) -> dict[str, torch.Tensor]:
     """training_batch(...) plus token_tasks [B, S]: each token's expert index, -100 at padding."""
-    batch = training_batch(tokenizer, [sample for sample, _ in samples])
-    batch["token_tasks"] = task_labels(torch.tensor([task for _, task in samples]), batch["attention_mask"])
+    parts = [item if isinstance(item, list) else [item] for item in items]
+    batch = training_batch(tokenizer, [composite([sample for sample, _ in part]) for part in parts])
+    labels = [_token_tasks(tokenizer, part) for part in parts]
+    if any(len(row) != n for row, n in zip(labels, batch["attention_mask"].sum(1).tolist())):
+        raise ValueError("composite labels need a tokenizer that splits at the problems' boundaries")
+    width = batch["input_ids"].shape[1]
+    batch["token_tasks"] = torch.tensor([row + [IGNORE] * (width - len(row)) for row in labels])  # [B, S]
     return batch
+
+
+def _token_tasks(tokenizer, part: list[Sample]) -> list[int]:
+    """The task label of every token of <s> prompts answers </s> (see the module docstring)."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    prompts = [task for sample, task in part for _ in range(count(sample["prompt"]))]
+    answers = [task for i, (sample, task) in enumerate(part)
+               for _ in range(count(sample["response"] + ("\n" if i < len(part) - 1 else "")))]
+    segment = [part[0][1]] + prompts + answers + [part[-1][1]]  # the segment each token is in, <s> and </s> included
+    return segment[:len(prompts)] + segment[len(prompts) + 1:] + segment[-1:]  # from the prompt's last token on: the next one's
 
 
 def gate_step(model: MeteoraModel, batch: dict[str, torch.Tensor], config: GateTrainingConfig) -> dict[str, float]:
@@ -56,16 +81,17 @@ def gate_step(model: MeteoraModel, batch: dict[str, torch.Tensor], config: GateT
             "routing_accuracy": routing_accuracy(gate_logits, batch["token_tasks"])}
 
 
-def train_gates(model: MeteoraModel, tokenizer, samples: list[tuple[dict, int]], config: GateTrainingConfig,
+def train_gates(model: MeteoraModel, tokenizer, samples: list[Sample], config: GateTrainingConfig,
                 on_step=None) -> list[dict[str, float]]:
     """Train the gates in this process; `on_step(step, metrics)` after every step. Returns every step's metrics."""
     optimizer = torch.optim.Adam(model.gate_parameters(), lr=config.lr)
-    rng = random.Random(config.seed)
     model.train()
     history = []
     for step in range(config.steps):
         optimizer.zero_grad()
-        metrics = gate_step(model, gate_batch(tokenizer, rng.sample(samples, config.batch)), config)
+        items = step_samples(samples, step, 0, config.batch, config.seed, composite_fraction=config.composite_fraction,
+                             composite_max=config.composite_max)
+        metrics = gate_step(model, gate_batch(tokenizer, items), config)
         optimizer.step()
         history.append(metrics)
         if on_step is not None:
@@ -75,11 +101,11 @@ def train_gates(model: MeteoraModel, tokenizer, samples: list[tuple[dict, int]],
 
 
 @torch.no_grad()
-def response_routing_accuracy(model: MeteoraModel, tokenizer, samples: list[tuple[dict, int]]) -> float:
-    """Routing accuracy on response tokens only (every gate's top-1 against the sample's task)."""
-    batch = to_device(gate_batch(tokenizer, samples), model.device)
+def response_routing_accuracy(model: MeteoraModel, tokenizer, items: list[Item]) -> float:
+    """Routing accuracy on response tokens only (every gate's top-1 against the token's task)."""
+    batch = to_device(gate_batch(tokenizer, items), model.device)
     position = torch.arange(batch["input_ids"].shape[1], device=model.device)
-    tasks = batch["token_tasks"].masked_fill(position < batch["prompt_lengths"].unsqueeze(1), -100)
+    tasks = batch["token_tasks"].masked_fill(position < batch["prompt_lengths"].unsqueeze(1), IGNORE)
     with model.capture_gate_logits() as gate_logits:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     return routing_accuracy(gate_logits, tasks)

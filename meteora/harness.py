@@ -1,7 +1,8 @@
 """The evaluation harness: every variant of a manifest's tasks, per task and on composite-n problems.
 
-    variants  base | own adapter (each task's expert forced: the oracle) | lora-b | merged (baselines beside
-              the manifest, when present) | meteora top-1 / top-2 (from a checkpoint, when given)
+    variants  base | own adapter (each task's expert forced: the oracle; on composites, every sub-problem asked
+              alone with its own expert) | lora-b | merged (baselines beside the manifest, when present) |
+              meteora top-1 / top-2 (from a checkpoint, when given)
     outputs   results.json, results.md, accuracy.png, routing.png (one composite generation: tokens x experts)
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .evaluation import accuracy_per_task, composite_problems, composite_scores, task_accuracy
+from .evaluation import accuracy_per_task, composite_oracle_scores, composite_problems, composite_scores, task_accuracy
 from .manifest import load_manifest
 from .model import MeteoraModel
 from .report import markdown_table, plot_accuracy, plot_routing
@@ -77,6 +78,8 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composite_s
             per_task["own adapter"][task] = task_accuracy(fused, bench.tokenizer, samples, bench.metrics[task])
     sizes = [n for n in composite_sizes if n <= len(bench.eval_sets)]
     composite = {name: _composite(model, bench, sizes, composite_count, composite_temperature) for name, model in variants.items()}
+    composite["own adapter"] = {str(n): composite_oracle_scores(fused, bench.tokenizer, composite_problems(bench.eval_sets, n, composite_count),
+                                                                bench.metrics) for n in sizes}
     router = variants.get("meteora top-2", fused)
     results = {"per_task": per_task, "composite": composite, "checkpoint": str(checkpoint) if checkpoint else None,
                "routing_example": _routing_example(router, bench, max(sizes, default=2))}

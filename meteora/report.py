@@ -20,11 +20,15 @@ def markdown_table(per_task: dict[str, dict[str, float]], composite: dict[str, d
     lines.append("| **mean** | " + " | ".join(f"{_mean(per_task[v]):.2f}" for v in variants) + " |")
     if composite:
         sizes = sorted({n for results in composite.values() for n in results}, key=int)
-        lines += ["", "| composite (summed sub-answer accuracy, max n) | " + " | ".join(f"n={n}" for n in sizes) + " |",
+        lines += ["", "| composite: summed sub-answer accuracy (max n) and per position | " + " | ".join(f"n={n}" for n in sizes) + " |",
                   "|---" * (len(sizes) + 1) + "|"]
         for variant, results in composite.items():
-            lines.append(f"| {variant} | " + " | ".join(f"{results[n]['summed']:.2f}" if n in results else "-" for n in sizes) + " |")
+            lines.append(f"| {variant} | " + " | ".join(_composite_cell(results[n]) if n in results else "-" for n in sizes) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _composite_cell(result: dict) -> str:
+    return f"{result['summed']:.2f} ({' / '.join(f'{p:.2f}' for p in result['per_position'])})"
 
 
 def plot_accuracy(per_task: dict[str, dict[str, float]], file: Path) -> None:

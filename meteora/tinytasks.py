@@ -1,11 +1,13 @@
 """Building the embedded benchmark: a tiny base model, one PEFT adapter per task, baselines, data, manifest.
 
-    base     a tiny Llama (char-level tokenizer saved beside it) trained to echo its input and to do a few held-out
+    base     a tiny Llama (char-level tokenizer saved beside it) trained to echo its input and to do 13 held-out
              "format" tasks (never benchmark tasks), in single and composite prompts: it knows the format and
-             learns to read the instruction early, so the task is visible to the gates; not the tasks themselves
-    adapters one PEFT LoRA per task, trained on that task only; mixed ranks, one on attention modules only; none
-             on the first layer, whose attention inputs at an answer token hold only that token (no gate can
-             tell the task there)
+             learns to carry the instruction to every answer token, so the task is visible to the gates; it
+             cannot do the benchmark's tasks
+    adapters one PEFT LoRA per task, trained on that task only, in single prompts and in composites of 2-3
+             problems of the same task (so it keeps the composite format); mixed ranks, one on attention modules
+             only; none on the first layer, whose attention inputs at an answer token hold only that token
+             (no gate can tell the task there)
     lora-b   one LoRA trained on all tasks' data together, balanced (the paper's LoRA-B)
     merged   the uniform average of all adapters, as one PEFT adapter (peft's add_weighted_adapter, "cat")
     data     train / eval JSONL per task;  build_report.json: accuracies measured at build time
@@ -39,7 +41,7 @@ from .tasks import ALL_TASKS, DEFAULT_TASKS, composite, prompt, split_samples
 from .text_data import training_batch
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
+BUILD_VERSION = 3  # bump when the recipe changes, so cached builds are not reused
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_MODULES = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character an answer may hold
@@ -50,11 +52,12 @@ class TinyTasksConfig:
     tasks: tuple[str, ...] = tuple(DEFAULT_TASKS)
     ranks: tuple[int, ...] = (8, 4, 4, 16, 16, 4, 8, 8)  # per task, cycled
     attention_only: tuple[str, ...] = ("length",)  # tasks whose adapter targets only q/k/v/o
-    base_tasks: tuple[str, ...] = ("first", "last", "dropfirst", "repeat")  # format tasks the base learns besides echo
+    base_tasks: tuple[str, ...] = ("first", "last", "firsttwo", "lasttwo", "dropfirst", "droplast", "repeat", "mirror",
+                                   "odds", "swapends", "digitsum", "maxdigit", "mindigit")  # format tasks the base learns besides echo
     hidden: int = 128
     layers: int = 4
     adapter_first_layer: int = 1  # adapters target layers adapter_first_layer .. layers - 1
-    base_steps: int = 500
+    base_steps: int = 800
     adapter_steps: int = 400
     lora_b_steps: int = 600
     lora_b_rank: int = 16
@@ -116,10 +119,11 @@ def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
     base = _train_base(tokenizer, config)
     base.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
+    pools = {task: _own_task_pools(data[task][0], random.Random(f"{config.seed}:{task}")) for task in config.tasks}
     for index, task in enumerate(tqdm(config.tasks, desc="training one adapter per task", disable=None)):
         rank, targets = config.adapter_shape(index)
-        _train_lora(base, tokenizer, data[task][0], rank, targets, config.adapter_steps, config, seed=index).save_pretrained(out / "adapters" / task)
-    mixed = [s for task in config.tasks for s in data[task][0]]
+        _train_lora(base, tokenizer, pools[task], rank, targets, config.adapter_steps, config, seed=index).save_pretrained(out / "adapters" / task)
+    mixed = [[s for task in config.tasks for s in pools[task][i]] for i in range(2)]  # the union of the adapters' data
     _train_lora(base, tokenizer, mixed, config.lora_b_rank, ALL_MODULES, config.lora_b_steps, config, seed=99).save_pretrained(out / "baselines" / "lora-b")
     _merge_adapters(base, out, config.tasks).save_pretrained(out / "baselines" / "merged")
     report = {"config": asdict(config), "key": config.key(),
@@ -144,7 +148,7 @@ def _train_base(tokenizer, config: TinyTasksConfig) -> LlamaForCausalLM:
         return {"prompt": prompt("echo", text), "response": text}
 
     def problem() -> dict:
-        if rng.random() < 0.5 or not config.base_tasks:
+        if rng.random() < 0.3 or not config.base_tasks:
             return echo()
         return ALL_TASKS[rng.choice(config.base_tasks)].sample(rng)
 
@@ -154,7 +158,13 @@ def _train_base(tokenizer, config: TinyTasksConfig) -> LlamaForCausalLM:
     return model.eval()
 
 
-def _train_lora(base, tokenizer, samples, rank: int, targets: list[str], steps: int, config: TinyTasksConfig, seed: int):
+def _own_task_pools(samples: list[dict], rng: random.Random) -> list[list[dict]]:
+    """One task's training pools: its single samples, and composites of 2-3 of them (same task), so the
+    adapter keeps the composite format the base knows."""
+    return [samples, [composite(rng.sample(samples, rng.randint(2, 3))) for _ in range(len(samples) // 2)]]
+
+
+def _train_lora(base, tokenizer, pools: list[list[dict]], rank: int, targets: list[str], steps: int, config: TinyTasksConfig, seed: int):
     torch.manual_seed(config.seed + seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -162,7 +172,7 @@ def _train_lora(base, tokenizer, samples, rank: int, targets: list[str], steps: 
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
                                                                 layers_to_transform=layers, lora_dropout=0.0,
                                                                 task_type="CAUSAL_LM"))
-    _train(model, tokenizer, [samples], steps, 5e-3, config.batch, config.seed + seed, None)
+    _train(model, tokenizer, pools, steps, 5e-3, config.batch, config.seed + seed, None)
     return model.eval()
 
 

@@ -57,8 +57,9 @@ def train_loop_per_worker(job: dict) -> None:
     while step < config.steps:
         step += 1
         started = time.perf_counter()
-        samples = step_samples(train, step, rank, config.batch // world, config.seed, new_indices, config.new_fraction)
-        batch = gate_batch(tokenizer, samples)
+        items = step_samples(train, step, rank, config.batch // world, config.seed, new_indices, config.new_fraction,
+                             config.composite_fraction, config.composite_max)
+        batch = gate_batch(tokenizer, items)
         optimizer.zero_grad()
         metrics = gate_step(model, batch, step_config)
         _average_gradients(model, world, mask)
@@ -67,7 +68,7 @@ def train_loop_per_worker(job: dict) -> None:
         optimizer.step()
         window.append({**metrics, "tokens": int(batch["attention_mask"].sum()), "seconds": time.perf_counter() - started})
         if step % config.checkpoint_every == 0 or step == config.steps:
-            record = _record(step, window, _routing_on(model, tokenizer, evaluation, world), world, config)
+            record = _record(step, window, _routing_on(model, tokenizer, evaluation, world), config)
             state["history"] = state.get("history", []) + [record]
             state["train_seconds"] = state.get("train_seconds", 0.0) + sum(w["seconds"] for w in window)
             _report(model, optimizer, step, state, record, rank)
@@ -129,7 +130,7 @@ def _routing_on(model: MeteoraModel, tokenizer, samples: list, world: int) -> fl
     return (total[0] / total[1]).item() if total[1] else float("nan")
 
 
-def _record(step: int, window: list[dict], eval_routing: float, world: int, config: TrainGatesConfig) -> dict:
+def _record(step: int, window: list[dict], eval_routing: float, config: TrainGatesConfig) -> dict:
     seconds = sum(w["seconds"] for w in window)
     mean = {key: sum(w[key] for w in window) / len(window) for key in ("loss", "lm_loss", "gate_loss", "routing_accuracy")}
     return {"step": step, **mean, "eval_routing_accuracy": eval_routing,

@@ -45,6 +45,8 @@ class TrainGatesConfig(BaseModel):
     lr: float = Field(5e-3, gt=0)  # Adam on the gates; cosine decay to lr / 10 after a 5% warm-up
     gate_weight: float = Field(50.0, ge=0)  # lambda in CE_LM + lambda * CE_gate
     exclude_prompt: bool = True  # CE_LM on response tokens only
+    composite_fraction: float = Field(0.0, ge=0.0, le=1.0)  # share of items that are composites (labelled per segment)
+    composite_max: int = Field(5, ge=2)  # problems in a composite: 2..composite_max
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 base weights on GPU, fp32 on CPU
     checkpoint_every: int = Field(50, ge=1)  # steps between checkpoints, metrics and progress lines
     keep_checkpoints: int = Field(2, ge=1)

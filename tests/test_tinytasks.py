@@ -10,7 +10,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meteora import MeteoraModel, Registry
-from meteora.gate_training import GateTrainingConfig, registry_samples, response_routing_accuracy, train_gates
+from meteora.char_tokenizer import char_tokenizer
+from meteora.gate_training import GateTrainingConfig, gate_batch, registry_samples, response_routing_accuracy, train_gates
 from meteora.harness import evaluate, load_benchmark
 from meteora.metrics import METRICS
 from meteora.store import local_dir, split_uri
@@ -39,6 +40,15 @@ def test_tasks_are_deterministic_disjoint_and_scorable():
     assert both["prompt"] == evaluation[0]["prompt"] + evaluation[1]["prompt"] and both["response"].count("\n") == 1
     assert METRICS["exact_match"]("abc", "abc") == 1 and METRICS["rouge_l"]("a b c", "a c") == pytest.approx(0.8)
     assert 0 < METRICS["bleu"]("the cat sat on the mat", "the cat sat on a mat") < 1
+
+
+def test_composite_tokens_are_labelled_per_segment():
+    first, second = ({"prompt": "reverse: ab\n", "response": "ba"}, 0), ({"prompt": "upper: c\n", "response": "C"}, 1)
+    batch = gate_batch(char_tokenizer(), [first, [first, second]])
+    #          <s> reverse: ab\n  upper: c  \n  b  a  \n C </s>
+    expected = [0] * 13 + [1] * 8 + [0] + [0, 0] + [1, 1, 1]  # the prompt's last \n and the answers' \n: the next answer's task
+    assert batch["token_tasks"][1].tolist() == expected
+    assert batch["token_tasks"][0].tolist() == [0] * 16 + [-100] * 11
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +121,7 @@ def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path):
     assert all(0 <= v <= 1 for row in results["per_task"].values() for v in row.values())
     assert set(results["composite"]["meteora top-2"]) == {"2", "3"}
     assert all(0 <= r["3"]["summed"] <= 3 for r in results["composite"].values())
+    assert len(results["composite"]["own adapter"]["3"]["per_position"]) == 3  # the oracle: sub-problems asked alone
     for file in ("results.json", "results.md", "accuracy.png", "routing.png"):
         assert (tmp_path / "eval" / file).stat().st_size > 0
     example = results["routing_example"]

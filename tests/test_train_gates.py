@@ -89,9 +89,10 @@ def test_bad_config_is_refused_before_anything_starts(registry, tmp_path, capsys
 def test_two_workers_train_with_checkpoints_on_s3(registry, tmp_path, s3_endpoint, monkeypatch):
     import boto3
 
-    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))  # the workers read the registry from S3
     boto3.client("s3").create_bucket(Bucket="train")
-    summary = train(load_config(None, settings(registry, tmp_path, "s3-run", storage_path="s3://train/runs",
+    assert collect(Path(registry).parent / "manifest.yaml", "s3://train/registry").committed
+    summary = train(load_config(None, settings("s3://train/registry", tmp_path, "s3-run", storage_path="s3://train/runs",
                                                 output="s3://train/models/tiny", steps=40)))
     losses = [record["loss"] for record in summary["history"]]
     assert history_steps(summary) == [10, 20, 30, 40] and summary["num_workers"] == 2
