@@ -9,7 +9,7 @@ One run, on a local Ray started here, every training through pipelines/train_gat
   scaling      `--scaling-steps` steps with 1 and with 2 workers: training samples/s (startup excluded)
 Writes benchmarks/results/train_gates/{results.json, results.md, accuracy.png, routing.png}.
 
-    python benchmarks/bench_train_gates.py [--steps 1000] [--composite-fraction 0.5] [--incremental 0.25]
+    python benchmarks/bench_train_gates.py [--steps 1000] [--composite-fraction 0] [--incremental 0.25]
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--composite-fraction", type=float, default=0.5)
+    parser.add_argument("--composite-fraction", type=float, default=0.0)
     parser.add_argument("--incremental", type=float, default=0.25, help="incremental steps as a share of --steps")
     parser.add_argument("--scaling-steps", type=int, default=100)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_gates"))
