@@ -71,6 +71,11 @@ class BaseFingerprint:
             probe.extend(float(f"{v:.6g}") for v in _evenly_spaced(flat, PROBE_VALUES).double().tolist())
         return cls(structure=structure_hash(model), probe=tuple(probe))
 
+    @classmethod
+    def from_info(cls, info: dict) -> "BaseFingerprint":
+        """The fingerprint as a checkpoint's (or a model's) base_model record stores it."""
+        return cls(structure=info["fingerprint"], probe=tuple(info["probe"]))
+
     def matches(self, other: "BaseFingerprint") -> bool:
         if self.structure != other.structure or len(self.probe) != len(other.probe):
             return False

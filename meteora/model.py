@@ -98,7 +98,7 @@ class MeteoraModel(nn.Module):
                 raise CheckpointError(f"checkpoint {checkpoint} records no base model URI: pass base_model=")
             base_model = stored["uri"]
         base, _ = _base(base_model, dtype)
-        if not BaseFingerprint.of(base).matches(BaseFingerprint(stored["fingerprint"], tuple(stored["probe"]))):
+        if not BaseFingerprint.of(base).matches(BaseFingerprint.from_info(stored)):
             raise CheckpointError(
                 f"checkpoint {checkpoint} was trained on base model '{stored['name']}' ({stored['fingerprint']}); "
                 "the base model given is a different model"

@@ -18,8 +18,8 @@ from .model import MeteoraModel
 def init_gates_from(model: MeteoraModel, checkpoint: str) -> list[str]:
     """Copy the trained gate rows of experts `checkpoint` shares with `model`; returns the names of the new experts."""
     meta, _, gates = read_checkpoint(checkpoint)
-    ours, stored = model.base_info, meta["base_model"]  # fingerprints taken before the layers were wrapped
-    if not BaseFingerprint(ours["fingerprint"], tuple(ours["probe"])).matches(BaseFingerprint(stored["fingerprint"], tuple(stored["probe"]))):
+    stored = meta["base_model"]  # model.base_info: the fingerprint taken before the layers were wrapped
+    if not BaseFingerprint.from_info(model.base_info).matches(BaseFingerprint.from_info(stored)):
         raise CheckpointError(f"--init-from {checkpoint}: it was trained on another base model ('{stored['name']}')")
     missing = [name for name in model.layer_names if f"{name}.gate" not in gates]
     if missing:
