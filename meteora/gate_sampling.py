@@ -32,8 +32,8 @@ def step_samples(pool: list[Sample], step: int, rank: int, size: int, seed: int,
                  new_fraction: float = 0.0, composite_fraction: float = 0.0, composite_max: int = 5) -> list[Item]:
     """The `size` items rank `rank` trains on at `step` (without replacement while the pool allows)."""
     rng = random.Random(f"step:{seed}:{step}:{rank}")
-    new = [s for s in pool if s[1] in new_experts]
-    if new and new_fraction > 0:
+    new = [s for s in pool if s[1] in new_experts] if new_experts and new_fraction > 0 else []
+    if new:
         n_new = max(1, round(size * new_fraction))
         old = [s for s in pool if s[1] not in new_experts] or new
         samples = _draw(rng, new, n_new) + _draw(rng, old, size - n_new)
@@ -46,8 +46,7 @@ def step_samples(pool: list[Sample], step: int, rank: int, size: int, seed: int,
 def _composite_around(sample: Sample, pool: list[Sample], rng: random.Random, composite_max: int) -> list[Sample]:
     """`sample` at a random place among 1..composite_max - 1 samples of other tasks."""
     others = [rng.choice(pool) for _ in range(rng.randint(1, composite_max - 1))]
-    others = [s for s in others if s[1] != sample[1]] or others[:0]
-    items = others + [sample]
+    items = [s for s in others if s[1] != sample[1]] + [sample]
     rng.shuffle(items)
     return items if len(items) > 1 else sample
 
