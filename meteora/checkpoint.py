@@ -58,8 +58,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
     """(config, expert tensors, gate tensors). Raises CheckpointError naming the file that is wrong."""
     if is_remote(path):
         with tempfile.TemporaryDirectory() as tmp:
-            _download(path, Path(tmp))
+            _download(path, Path(tmp), (CONFIG_FILE, EXPERTS_FILE, GATES_FILE))
             return read_checkpoint(tmp)
+    path = Path(path)
+    config = read_checkpoint_config(path)
+    for name, digest in (config.get("files") or {}).items():
+        if name in (EXPERTS_FILE, GATES_FILE) and (path / name).is_file() and _sha256(path / name) != digest:
+            raise CheckpointError(f"{path / name} does not match the sha256 in {CONFIG_FILE}: "
+                                  "the files come from different saves (or were changed)")
+    return config, _load(path / EXPERTS_FILE), _load(path / GATES_FILE)
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    """The checkpoint's config alone, checked (from a remote checkpoint only the config is downloaded)."""
+    if is_remote(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            _download(path, Path(tmp), (CONFIG_FILE,))
+            return read_checkpoint_config(tmp)
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
@@ -78,19 +93,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
     missing = [field for field in REQUIRED_BASE if field not in config["base_model"]]
     if missing:
         raise CheckpointError(f"{config_file}: base_model lacks {missing}")
-    for name, digest in (config.get("files") or {}).items():
-        if name in (EXPERTS_FILE, GATES_FILE) and (path / name).is_file() and _sha256(path / name) != digest:
-            raise CheckpointError(f"{path / name} does not match the sha256 in {CONFIG_FILE}: "
-                                  "the files come from different saves (or were changed)")
-    return config, _load(path / EXPERTS_FILE), _load(path / GATES_FILE)
+    return config
 
 
-def _download(uri: str, target: Path) -> None:
+def _download(uri: str, target: Path, names: tuple[str, ...]) -> None:
     store = open_store(uri)
     try:
         if not store.exists(CONFIG_FILE):
             raise CheckpointError(f"{uri} is not a MeteoRA checkpoint: {CONFIG_FILE} is missing")
-        for name in (CONFIG_FILE, EXPERTS_FILE, GATES_FILE):
+        for name in names:
             if store.exists(name):
                 store.download(name, target / name)
     except StoreError as err:

@@ -32,7 +32,7 @@ from pyarrow.fs import S3FileSystem  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 from meteora import CheckpointError, Registry, RegistryError  # noqa: E402
-from meteora.checkpoint import read_checkpoint  # noqa: E402
+from meteora.checkpoint import read_checkpoint, read_checkpoint_config  # noqa: E402
 from meteora.store import StoreError, cache_dir, open_store  # noqa: E402
 from meteora.tinytasks import build  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
@@ -71,7 +71,7 @@ def train(config: TrainGatesConfig) -> dict:
     log.info("training the gates of %d experts (%s) with %d workers; run '%s' in %s",
              len(experts), ", ".join(experts), config.num_workers, config.name, storage)
     trainer.fit()
-    summary = read_checkpoint(output)[0]["training"]
+    summary = read_checkpoint_config(output)["training"]
     return {**summary, "output": output}
 
 
@@ -107,7 +107,7 @@ def _check_experts(registry: Registry, names: list[str] | None) -> list[str]:
 def _check_init_from(config: TrainGatesConfig, registry: Registry) -> None:
     if not config.init_from:
         return
-    meta = read_checkpoint(config.init_from)[0]
+    meta = read_checkpoint(config.init_from)[0]  # whole and hash-checked: a bad one fails here, before the workers
     if meta["base_model"]["fingerprint"] != registry.base_model["fingerprint"]:
         raise CheckpointError(f"init_from {config.init_from}: it was trained on base model "
                               f"'{meta['base_model']['name']}', the registry's is '{registry.base_model['name']}'")
