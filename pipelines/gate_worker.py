@@ -121,7 +121,7 @@ def _average_gradients(model: MeteoraModel, world: int, mask: torch.Tensor | Non
 def _routing_on(model: MeteoraModel, tokenizer, samples: list, world: int) -> float:
     """Routing accuracy on the response tokens of every worker's eval shard, weighted by shard size."""
     model.eval()
-    total = torch.tensor([0.0, float(len(samples))])
+    total = torch.tensor([0.0, float(len(samples))], device=model.device)  # NCCL reduces device tensors only
     if samples:
         total[0] = response_routing_accuracy(model, tokenizer, samples) * len(samples)
     model.train()
