@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,15 +34,8 @@ from meteora.collection import fetch_adapter, inspect_base, plan_index
 ROOT = Path(__file__).parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the pipelines and the tests' tiny-model helpers
 from pipelines.collect_adapters import collect  # noqa: E402
+from pipelines.local_cluster import free_ports  # noqa: E402
 from tiny import ALL_MODULES, make_adapter  # noqa: E402
-
-
-def free_port() -> int:
-    for port in range(24000, 32000):
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise RuntimeError("no free port")
 
 
 def one_by_one(manifest_path: Path, registry_uri: str) -> None:
@@ -64,7 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/collect_loopback_s3.json")
     args = parser.parse_args()
-    port = free_port()
+    port = free_ports(1)[0]
     server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",

@@ -1,9 +1,9 @@
 import os
-import random
-import socket
 
 import pytest
 import torch
+
+from pipelines.local_cluster import free_ports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -13,14 +13,7 @@ if not torch.cuda.is_available():  # run the Triton kernels through the interpre
 
 def free_port() -> int:
     """A free loopback port below 32768 and outside Ray's worker range (10002-19999)."""
-    for port in random.sample(range(20000, 32000), 500):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port in 20000-32000")
+    return free_ports(1)[0]
 
 
 def start_s3_server():
