@@ -19,9 +19,10 @@ ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 VOCAB = 96
 
 
-def tiny_base(arch: str = "llama", attn: str = "eager", seed: int = 0, layers: int = 2, hidden: int = 64) -> torch.nn.Module:
+def tiny_base(arch: str = "llama", attn: str = "eager", seed: int = 0, layers: int = 2, hidden: int = 64,
+              vocab: int = VOCAB) -> torch.nn.Module:
     config_class, model_class = ARCHS[arch]
-    config = config_class(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=7 * hidden // 4, num_hidden_layers=layers,
+    config = config_class(vocab_size=vocab, hidden_size=hidden, intermediate_size=7 * hidden // 4, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           attn_implementation=attn, tie_word_embeddings=False)
     torch.manual_seed(seed)
