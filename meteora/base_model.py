@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .store import local_dir
 
@@ -25,15 +25,24 @@ PROBE_RTOL = 1e-2  # bf16 keeps ~3 significant digits; two different models diff
 def load_base_model(uri: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a transformers causal LM from a model directory, local or s3:// (mirrored into the cache first;
     safetensors only, no remote code)."""
+    return AutoModelForCausalLM.from_pretrained(
+        _model_dir(uri), dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
+    )
+
+
+def load_tokenizer(uri: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in the base model's directory, local or s3:// (no remote code)."""
+    return AutoTokenizer.from_pretrained(_model_dir(uri), trust_remote_code=False, local_files_only=True)
+
+
+def _model_dir(uri: str | Path) -> Path:
     text = str(uri)
     if "://" in text and not text.startswith(("file://", "s3://")):
         raise ValueError(f"base model URI {text!r}: use a local directory, file:// or s3://")
     path = local_dir(text) if text.startswith("s3://") else Path(text.removeprefix("file://"))
     if not (path / "config.json").is_file():
         raise ValueError(f"base model {str(path)!r} is not a model directory: config.json is missing")
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False, local_files_only=True
-    )
+    return path
 
 
 def structure_hash(model: nn.Module) -> str:

@@ -99,6 +99,10 @@ class GenerationEngine:
 
     # ---- called from the stepping thread -------------------------------------------------------------------
     @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
     def running(self) -> int:
         return sum(len(c.requests) for c in self._cohorts.values())
 

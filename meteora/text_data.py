@@ -32,9 +32,24 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """<s> prompt as token ids, the way training rows begin (no <s> for a tokenizer that has none)."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat messages [{role, content}] as the prompt for the assistant's reply: the tokenizer's chat template,
+    or, when it has none, the contents one per line (the plain prompt format the tiny models know)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return prompt_ids(tokenizer, "".join(m["content"] + "\n" for m in messages))
+
+
 def prompt_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
     """<s> prompt, left-padded for batched generation: input_ids / attention_mask [B, S]."""
-    rows = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(map(len, rows))
     return {
         "input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows]),
