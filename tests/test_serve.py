@@ -2,7 +2,6 @@
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -257,17 +256,3 @@ def test_a_replica_killed_under_load_fails_cleanly_and_the_deployment_recovers(s
              for _ in range(8)]
     assert all(reason in ("stop", "length") for reason in later)
     assert during.count("ok") > 0
-
-
-def test_the_serve_config_file_is_valid_for_ray():
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
-    import serve_app
-
-    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "serve.yaml").read_text())
-    ServeDeploySchema.model_validate(config)
-    for app in config["applications"]:
-        serve_app.ServeSettings.model_validate(app["args"])
-        assert app["import_path"] == "serve_app:app_builder"
-
