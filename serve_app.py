@@ -75,6 +75,7 @@ class GenerationRequest(BaseModel):
     user: str | None = None
     experts: list[str] | None = Field(None, min_length=1)  # extension: force these experts
     return_routing: bool = False  # extension: per generated token, the experts' weights
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens even past EOS
 
 
 class CompletionRequest(GenerationRequest):
@@ -164,7 +165,7 @@ class MeteoraService:
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_stop")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                              stop=tuple(stop), experts=experts)
+                              stop=tuple(stop), experts=experts, ignore_eos=body.ignore_eos)
 
     def admit(self, count: int) -> None:
         """Back-pressure: 429 when more than max_waiting requests would wait for a place in the batch."""
@@ -173,12 +174,13 @@ class MeteoraService:
             raise APIError(429, "too many requests are waiting on this replica; retry shortly", None, "server_busy",
                            "rate_limit_error")
 
-    def streams(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[tuple[int, TokenEvent]]:
+    def streams(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
         return _merged([self.engine.stream(p, params) for p in prompts])
 
 
-async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """(index, event) from several streams as they come; leaving early cancels them all."""
+async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
+    """Batches of (stream index, event) from several streams, each batch all that has arrived: a reader slower than
+    the engine (a busy proxy) gets fewer, larger chunks instead of a growing backlog. Leaving early cancels all."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[TokenEvent]) -> None:
@@ -190,15 +192,19 @@ async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[tup
         await queue.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    running = len(tasks)
     try:
-        for _ in range(len(tasks)):
-            while True:
-                index, item = await queue.get()
-                if item is None:
-                    break
+        while running:
+            arrived = [await queue.get()]
+            while not queue.empty():
+                arrived.append(queue.get_nowait())
+            for _, item in arrived:
                 if isinstance(item, Exception):
                     raise item
-                yield index, item
+            running -= sum(item is None for _, item in arrived)
+            batch = [(index, item) for index, item in arrived if item is not None]
+            if batch:
+                yield batch
     finally:
         for task in tasks:
             task.cancel()
@@ -287,8 +293,9 @@ async def _respond(service: MeteoraService, body: GenerationRequest, prompts: li
         return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     events: list[list[TokenEvent]] = [[] for _ in prompts]
     try:
-        async for index, event in service.streams(prompts, params):
-            events[index].append(event)
+        async for batch in service.streams(prompts, params):
+            for index, event in batch:
+                events[index].append(event)
     except RuntimeError as error:
         raise APIError(503, str(error), None, "generation_failed", "server_error") from None
     choices = [_choice(kind, i, evs, body.return_routing) for i, evs in enumerate(events)]
@@ -314,7 +321,8 @@ def _usage(prompts: list[list[int]], events: list[list[TokenEvent]]) -> dict:
 
 
 async def _sse_chunks(service, prompts, params, kind, header, routing: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format, one chunk per token (none for held-back text), then [DONE]."""
+    """Server-sent events in OpenAI's chunk format, then [DONE]: a chunk per choice for the tokens that arrived since
+    the last one (one token while the client keeps up), none while text is held back."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     counts = [0] * len(prompts)
 
@@ -325,16 +333,19 @@ async def _sse_chunks(service, prompts, params, kind, header, routing: bool, inc
         for i in range(len(prompts)):
             yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
     try:
-        async for index, event in service.streams(prompts, params):
-            counts[index] += 1
-            if not (event.text or event.finish_reason or routing):
-                continue
-            delta = {"content": event.text} if event.text else {}
-            choice = ({"index": index, "delta": delta, "finish_reason": event.finish_reason} if kind == "chat.completion"
-                      else {"index": index, "text": event.text, "finish_reason": event.finish_reason, "logprobs": None})
-            if routing:
-                choice["routing"] = _routing([event])
-            yield chunk(choice)
+        async for batch in service.streams(prompts, params):
+            for index in sorted({i for i, _ in batch}):
+                events = [event for i, event in batch if i == index]
+                counts[index] += len(events)
+                text, finish = "".join(e.text for e in events), events[-1].finish_reason
+                if not (text or finish or routing):
+                    continue
+                delta = {"content": text} if text else {}
+                choice = ({"index": index, "delta": delta, "finish_reason": finish} if kind == "chat.completion"
+                          else {"index": index, "text": text, "finish_reason": finish, "logprobs": None})
+                if routing:
+                    choice["routing"] = _routing(events)
+                yield chunk(choice)
     except RuntimeError as error:
         yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error', 'param': None, 'code': 'generation_failed'}})}\n\n"
     if include_usage:

@@ -34,6 +34,7 @@ class SamplingParams:
     seed: int | None = None  # None = a fresh random seed
     stop: tuple[str, ...] = ()  # the text ends before the first stop string, which is not returned
     experts: tuple[str, ...] = ()  # forced experts with equal weights; () = the gates route
+    ignore_eos: bool = False  # keep going after EOS until max_tokens (benchmarks: every request the same length)
 
     def __post_init__(self):
         if self.max_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
@@ -207,7 +208,7 @@ class GenerationEngine:
         request.tokens.append(token)
         text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
         cut = _first_stop(text, params.stop)
-        if token == self.tokenizer.eos_token_id or cut is not None:
+        if (token == self.tokenizer.eos_token_id and not params.ignore_eos) or cut is not None:
             request.finish_reason = "stop"
         elif len(request.tokens) >= params.max_tokens or len(request.prompt) + len(request.tokens) >= self.max_context:
             request.finish_reason = "length"

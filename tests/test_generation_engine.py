@@ -131,3 +131,14 @@ def test_generation_stops_at_the_context_window(fused):
         engine.submit("x", [5] * window, SamplingParams())
     with pytest.raises(ValueError, match="unknown experts"):
         engine.submit("y", [5], SamplingParams(experts=("nope",)))
+
+
+def test_generation_stops_at_eos_unless_told_to_ignore_it(fused):
+    first = GenerationEngine(fused, TOKENIZER).generate([ids(PROMPTS[0])], SamplingParams(max_tokens=1, temperature=0))[0][0]
+    tokenizer = copy.deepcopy(TOKENIZER)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first.token_id)  # the first greedy token now ends the text
+    engine = GenerationEngine(fused, tokenizer)
+    stopped = engine.generate([ids(PROMPTS[0])], SamplingParams(max_tokens=6, temperature=0))[0]
+    assert len(stopped) == 1 and stopped[0].finish_reason == "stop"
+    kept = engine.generate([ids(PROMPTS[0])], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert len(kept) == 6 and kept[-1].finish_reason == "length"
