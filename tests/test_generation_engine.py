@@ -1,10 +1,11 @@
 """Continuous batching gives every request exactly what transformers' generate gives it alone."""
+import asyncio
 import copy
 
 import pytest
 import torch
 
-from meteora import MeteoraModel
+from meteora import AsyncEngine, MeteoraModel
 from meteora.char_tokenizer import char_tokenizer
 from meteora.generation_engine import GenerationEngine, SamplingParams
 from tiny import ALL_MODULES, make_adapter, tiny_base
@@ -142,3 +143,31 @@ def test_generation_stops_at_eos_unless_told_to_ignore_it(fused):
     assert len(stopped) == 1 and stopped[0].finish_reason == "stop"
     kept = engine.generate([ids(PROMPTS[0])], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     assert len(kept) == 6 and kept[-1].finish_reason == "length"
+
+
+def test_async_streams_batch_together_and_a_consumer_that_leaves_cancels_its_request(fused):
+    steps = []
+    engine = AsyncEngine(GenerationEngine(fused, TOKENIZER), on_step=lambda events: steps.append([e.request_id for e in events]))
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def take(n: int) -> list:
+        events = []
+        async for event in engine.stream(ids(PROMPTS[0]), params):
+            events.append(event)
+            if len(events) == n:
+                break  # the consumer leaves (a client disconnect)
+        return events
+
+    async def scenario():
+        return await asyncio.gather(take(3), take(200))
+
+    try:
+        short, full = asyncio.run(scenario())
+        assert len(short) == 3 and len(full) == 200 and full[-1].finish_reason == "length"
+        assert max(len(ids_) for ids_ in steps) == 2  # the two requests shared decoding steps
+        left = short[0].request_id
+        assert sum(left in ids_ for ids_ in steps) < 20  # cancelled soon after it left, not decoded to 200 tokens
+        assert not engine.engine.has_work()
+    finally:
+        engine.close()
+    assert not engine.alive

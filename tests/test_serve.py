@@ -169,6 +169,22 @@ def test_a_missing_or_wrong_api_key_is_refused(served):
     assert httpx.get(f"{served.url}/healthz", timeout=30).status_code == 200  # health checks need no key
 
 
+def test_custom_metrics_reach_rays_prometheus_endpoint(served, client):
+    """Tokens generated, per-expert routing and batch sizes, next to Serve's own ray_serve_* metrics."""
+    import ray
+
+    client.completions.create(model="meteora:gamma", prompt="metrics\n", max_tokens=3)
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_meteora_tokens_generated", 'ray_meteora_expert_routing_total{', "ray_meteora_batch_size_bucket",
+              "ray_serve_num_http_requests")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline and not all(name in text for name in wanted):
+        time.sleep(2)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert all(name in text for name in wanted), [name for name in wanted if name not in text]
+    assert 'expert="gamma"' in text
+
+
 @pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
 def test_fuzzed_requests_from_the_openapi_spec_never_get_a_5xx(served, mode):
     """Schemathesis generates requests from the app's own OpenAPI spec (valid ones, and ones that break it)."""
