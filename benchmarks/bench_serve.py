@@ -8,7 +8,7 @@ streams a completion of exactly `--max-tokens` tokens (ignore_eos) over HTTP:
                medians): what routing different tasks in one batch costs
   1000         1,000 requests at concurrency 16: errors must be 0
 Per run: requests/s, generated tokens/s, time to first token and latency (p50 / p99).
-Writes benchmarks/results/serve/{results.json, results.md}.
+Writes benchmarks/results/serve/{results.json, results.md, throughput.png}.
 
     python benchmarks/bench_serve.py [--checkpoint C] [--max-tokens 32] [--requests 96]
 """
@@ -181,7 +181,30 @@ def report(runs: dict, args) -> None:
                    f"{r['ttft_p50_ms']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} |\n" for name, r in runs.items())
     (OUT / "results.md").write_text(f"`{command.strip()}` on {machine['processor']}, {machine['platform']}\n\n{header}{rows}\n"
                                     f"Summary: {json.dumps(summary)}\n")
+    plot(runs, OUT / "throughput.png")
     print(json.dumps(summary))
+
+
+def plot(runs: dict, path: Path) -> None:
+    """Tokens/s and p50 latency per run, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    left.barh(names, [runs[n]["tokens_per_s"] for n in names], color="tab:blue")
+    left.set_xlabel("generated tokens/s")
+    right.barh(names, [runs[n]["latency_p50_ms"] for n in names], color="tab:orange")
+    right.set_xlabel("latency p50 (ms)")
+    right.set_yticks([])
+    for axis in (left, right):
+        axis.invert_yaxis()
+    fig.suptitle("serve_app on one CPU replica: continuous batching vs one at a time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
