@@ -272,3 +272,28 @@ def test_a_replica_killed_under_load_fails_cleanly_and_the_deployment_recovers(s
              for _ in range(8)]
     assert all(reason in ("stop", "length") for reason in later)
     assert during.count("ok") > 0
+
+
+def test_the_app_loads_checkpoint_and_base_model_from_s3(tmp_path, s3_endpoint, monkeypatch):
+    """The service reads both from the object store (moto's S3 server on loopback); here without Serve."""
+    import boto3
+    from fastapi.testclient import TestClient
+
+    import serve_app
+    from meteora import open_store
+
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    checkpoint = tiny_checkpoint(tmp_path / "local")
+    boto3.client("s3").create_bucket(Bucket="serving")
+    store = open_store("s3://serving/models")
+    for path in [p for p in (tmp_path / "local").rglob("*") if p.is_file() and "adapters" not in p.parts]:
+        store.write_bytes(path.relative_to(tmp_path / "local").as_posix(), path.read_bytes())
+    settings = serve_app.ServeSettings(checkpoint="s3://serving/models/checkpoint", base_model="s3://serving/models/base")
+    service = serve_app.MeteoraService(settings)
+    try:
+        reply = TestClient(serve_app.create_app(service)).post(
+            "/v1/completions", json={"model": "meteora", "prompt": "reverse: abc\n", "max_tokens": 6, "temperature": 0})
+        local = MeteoraModel.from_pretrained(checkpoint)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == greedy(local, "reverse: abc\n", 6)
+    finally:
+        service.close()
