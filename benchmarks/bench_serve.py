@@ -7,6 +7,7 @@ streams a completion of exactly `--max-tokens` tokens (ignore_eos) over HTTP:
   8 tasks / one task  concurrency 16, non-streamed, the 8-task mix vs every prompt of one task (twice each,
                medians): what routing different tasks in one batch costs
   1000         1,000 requests at concurrency 16: errors must be 0
+  engine alone the batch-16 decoding without HTTP or Serve (GenerationEngine in this process), for scale
 Per run: requests/s, generated tokens/s, time to first token and latency (p50 / p99).
 Writes benchmarks/results/serve/{results.json, results.md, throughput.png}.
 
@@ -115,6 +116,26 @@ async def load(url: str, prompts: list[str], concurrency: int, total: int, max_t
             "wall_s": round(wall, 2)}
 
 
+def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
+    """The same work without HTTP: GenerationEngine in this process, 16 prompts at once, one torch thread."""
+    from meteora import GenerationEngine, MeteoraModel, SamplingParams, load_tokenizer
+    from meteora.text_data import prompt_ids
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = MeteoraModel.from_pretrained(checkpoint)
+    tokenizer = load_tokenizer(model.base_info["uri"])
+    engine, params = GenerationEngine(model, tokenizer, 16), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    batch = [prompt_ids(tokenizer, p) for p in prompts[:16]]
+    seconds = []
+    for _ in range(4):
+        started = time.perf_counter()
+        engine.generate(batch, params)
+        seconds.append(time.perf_counter() - started)
+    torch.set_num_threads(threads)
+    return {"concurrency": 16, "requests": 16, "tokens_per_s": round(16 * max_tokens / statistics.median(seconds[1:]), 1)}
+
+
 def deploy(checkpoint: str, max_batch_size: int) -> None:
     settings = {"checkpoint": checkpoint, "max_batch_size": max_batch_size, "max_waiting": 1024, "torch_threads": 1}
     serve.run(serve_app.MeteoraServer.options(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
@@ -138,7 +159,8 @@ def main() -> None:
         port = free_ports(1)[0]
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         url = f"http://127.0.0.1:{port}"
-        runs = {}
+        runs = {"engine alone, batch 16": engine_alone(checkpoint, mixed, args.max_tokens)}
+        print(f"{'engine alone, batch 16':>28}: {json.dumps(runs['engine alone, batch 16'])}", flush=True)
 
         def measure(name: str, prompts: list[str], concurrency: int, total: int, stream: bool = True) -> None:
             asyncio.run(load(url, prompts, concurrency, min(concurrency, 4), args.max_tokens, stream))  # warm-up
@@ -177,8 +199,9 @@ def report(runs: dict, args) -> None:
     (OUT / "results.json").write_text(json.dumps({"command": command.strip(), "machine": machine, "max_tokens": args.max_tokens,
                                                   "summary": summary, "runs": runs}, indent=2))
     header = "| run | concurrency | requests | errors | req/s | tokens/s | TTFT p50 ms | latency p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|\n"
-    rows = "".join(f"| {name} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['requests_per_s']} | {r['tokens_per_s']} | "
-                   f"{r['ttft_p50_ms']} | {r['latency_p50_ms']} | {r['latency_p99_ms']} |\n" for name, r in runs.items())
+    rows = "".join(f"| {name} | {r['concurrency']} | {r['requests']} | {r.get('errors', '')} | {r.get('requests_per_s', '')} | "
+                   f"{r['tokens_per_s']} | {r.get('ttft_p50_ms', '')} | {r.get('latency_p50_ms', '')} | {r.get('latency_p99_ms', '')} |\n"
+                   for name, r in runs.items())
     (OUT / "results.md").write_text(f"`{command.strip()}` on {machine['processor']}, {machine['platform']}\n\n{header}{rows}\n"
                                     f"Summary: {json.dumps(summary)}\n")
     plot(runs, OUT / "throughput.png")
@@ -192,7 +215,7 @@ def plot(runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(runs)
+    names = [name for name in runs if "latency_p50_ms" in runs[name]]  # the HTTP runs
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     left.barh(names, [runs[n]["tokens_per_s"] for n in names], color="tab:blue")
     left.set_xlabel("generated tokens/s")

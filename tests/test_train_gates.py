@@ -14,40 +14,17 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from meteora import MeteoraModel
-from meteora.char_tokenizer import char_tokenizer
-from meteora.tasks import split_samples
 from pipelines.collect_adapters import collect
 from pipelines.train_config import ConfigError, load_config
 from pipelines.train_gates import main, train
-from tiny import ALL_MODULES, make_adapter, tiny_base
+from tiny import write_world
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 ROOT = Path(__file__).parents[1]
 TASKS = {"reverse": 4, "upper": 8, "length": 2}  # expert -> rank
-
-
-def write_world(root: Path, tasks: dict[str, int]) -> Path:
-    """A tiny base (with a char tokenizer), one random adapter and task data per task, and their manifest."""
-    base = tiny_base(layers=2, hidden=32)
-    base.save_pretrained(root / "base")
-    char_tokenizer().save_pretrained(root / "base")
-    entries = []
-    for index, (task, rank) in enumerate(tasks.items()):
-        make_adapter(base, root / "adapters" / task, rank, 2 * rank, ALL_MODULES, seed=index)
-        train_set, eval_set = split_samples(task, 64, 16, seed=index)
-        for split, samples in (("train", train_set), ("eval", eval_set)):
-            (root / "data" / task).mkdir(parents=True, exist_ok=True)
-            (root / "data" / task / f"{split}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
-        entries.append({"name": task, "uri": str(root / "adapters" / task),
-                        "data": {s: str(root / "data" / task / f"{s}.jsonl") for s in ("train", "eval")}})
-    manifest = {"apiVersion": "meteora/v1", "kind": "AdapterManifest",
-                "base_model": {"name": "tiny", "uri": str(root / "base")}, "adapters": entries}
-    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return root / "manifest.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
+
+from meteora.char_tokenizer import char_tokenizer
+from meteora.tasks import split_samples
 
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -50,7 +55,6 @@ def tiny_checkpoint(root: Path, top_k: int = 2) -> Path:
     """A MeteoRA checkpoint over a tiny base saved with the char tokenizer and three random adapters
     (alpha, beta, gamma): what the serving tests load. Returns the checkpoint directory."""
     from meteora import MeteoraModel
-    from meteora.char_tokenizer import char_tokenizer
 
     tokenizer = char_tokenizer()
     base = tiny_base(vocab=len(tokenizer))
@@ -60,3 +64,23 @@ def tiny_checkpoint(root: Path, top_k: int = 2) -> Path:
                 for i, (name, r, t) in enumerate([("alpha", 4, ALL_MODULES), ("beta", 8, ALL_MODULES), ("gamma", 8, ["q_proj"])])}
     MeteoraModel.from_adapters(root / "base", adapters, top_k=top_k).save_pretrained(root / "checkpoint")
     return root / "checkpoint"
+
+
+def write_world(root: Path, tasks: dict[str, int]) -> Path:
+    """A tiny base (with a char tokenizer), one random adapter and task data per task, and their manifest."""
+    base = tiny_base(layers=2, hidden=32)
+    base.save_pretrained(root / "base")
+    char_tokenizer().save_pretrained(root / "base")
+    entries = []
+    for index, (task, rank) in enumerate(tasks.items()):
+        make_adapter(base, root / "adapters" / task, rank, 2 * rank, ALL_MODULES, seed=index)
+        train_set, eval_set = split_samples(task, 64, 16, seed=index)
+        for split, samples in (("train", train_set), ("eval", eval_set)):
+            (root / "data" / task).mkdir(parents=True, exist_ok=True)
+            (root / "data" / task / f"{split}.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+        entries.append({"name": task, "uri": str(root / "adapters" / task),
+                        "data": {s: str(root / "data" / task / f"{s}.jsonl") for s in ("train", "eval")}})
+    manifest = {"apiVersion": "meteora/v1", "kind": "AdapterManifest",
+                "base_model": {"name": "tiny", "uri": str(root / "base")}, "adapters": entries}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    return root / "manifest.yaml"
