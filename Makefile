@@ -1,5 +1,5 @@
 # make test: fresh machine -> .venv -> install -> whole test suite (what CI runs)
-# make demo: fresh machine -> .venv -> install -> the main job, end to end on a tiny model
+# make demo: fresh machine -> .venv -> install -> assets -> object store -> workflow -> endpoint -> more adapters
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest
 
+# S3=1: the object store is a loopback S3 server the demo starts and stops
 demo: install
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(if $(S3),--s3)
 
 bench: install
 	$(PY) benchmarks/bench_mixture.py

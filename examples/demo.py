@@ -1,75 +1,206 @@
-"""`make demo`: the MeteoRA workflow end to end on the embedded tinytasks benchmark, on a CPU.
+"""`make demo`: the whole system on this machine, from adapters in an object store to an autoscaled endpoint.
 
-  1. build tinytasks (a tiny base model, one PEFT adapter per task, baselines, data, manifest; cached)
-  2. collect the manifest's adapters into a local registry (Ray tasks; pipelines/collect_adapters.py)
-  3. fuse the registry's adapters into one MeteoraModel and train its gates (base and adapters frozen)
-  4. save the checkpoint, and evaluate every variant per task and on composite problems, with plots
+  1. assets     build the tinytasks benchmark (tiny base, one PEFT adapter per task, baselines, data; cached)
+  2. publish    copy them into the embedded object store (a local directory; --s3: a loopback S3 server started
+                here) with two manifests: demo.yaml (6 tasks) and more.yaml (the same + 2 more tasks)
+  3. cluster    a local Ray head (pipelines/local_cluster.py: free ports, its own process group)
+  4. workflow   pipelines/workflow.py on demo.yaml: collect -> train the gates (2 Ray Train workers) -> evaluate
+                -> deploy on Ray Serve; the table per task and on composites, and the plots
+  5. ask        a composite prompt through the OpenAI-compatible endpoint, its answer routed token by token
+  6. grow       the workflow on more.yaml: the 2 new adapters registered, the gates trained incrementally, the
+                application redeployed in place while a client keeps sending requests (failures counted)
+  7. shut down  Serve, the Ray head's process group, the S3 server: everything started here, nothing else
 
-    python examples/demo.py [--out demo-output] [--gate-steps 300]
-About 10 minutes for the first build on 2 cores, then about 3 minutes per run.
+    python examples/demo.py [--out demo-output] [--s3] [--steps 600] [--eval-samples 30] [--composites 16]
+About 10 minutes for the first asset build on 2 cores, then a few minutes per run.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
+import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
-from tqdm import tqdm
-from transformers import AutoTokenizer
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # the local cluster uses token auth; read when ray is imported
+import httpx  # noqa: E402
+import ray  # noqa: E402
+import yaml  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parents[1]))  # the pipelines
-from meteora import MeteoraModel, Registry  # noqa: E402
-from meteora.gate_training import GateTrainingConfig, registry_samples, response_routing_accuracy, train_gates  # noqa: E402
-from meteora.harness import evaluate, load_benchmark  # noqa: E402
+from meteora.evaluation import composite_problems  # noqa: E402
 from meteora.report import markdown_table  # noqa: E402
+from meteora.store import open_store  # noqa: E402
+from meteora.tasks import DEFAULT_TASKS  # noqa: E402
 from meteora.tinytasks import build  # noqa: E402
-from pipelines.collect_adapters import collect, print_summary  # noqa: E402
+from pipelines import local_cluster  # noqa: E402
+from pipelines.train_gates import LOCAL_RAY  # noqa: E402
+from pipelines.workflow import StageFailed, load_config, run  # noqa: E402
 
-log = logging.getLogger("demo")
+FIRST_TASKS = DEFAULT_TASKS[:6]  # demo.yaml; more.yaml adds the last two
 
 
-def main() -> None:
+def step(number: int, title: str) -> float:
+    print(f"\n=== {number}. {title}", flush=True)
+    return time.perf_counter()
+
+
+def done(started: float, result: str) -> None:
+    print(f"--> {result} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def publish(build_manifest: Path, store_uri: str) -> tuple[str, str]:
+    """Copy the built assets into the object store; write demo.yaml (6 tasks) and more.yaml (8) there."""
+    store, source = open_store(store_uri), build_manifest.parent
+    files = [p for p in source.rglob("*") if p.is_file() and p.suffix != ".yaml" and p.name != "build_report.json"]
+    for path in files:
+        store.write_bytes(path.relative_to(source).as_posix(), path.read_bytes())
+    manifest = yaml.safe_load(build_manifest.read_text())
+
+    def moved(uri: str) -> str:  # every URI of the build's manifest lies under the build's directory
+        return store_uri.rstrip("/") + uri.removeprefix(str(source))
+
+    manifest["base_model"]["uri"] = moved(manifest["base_model"]["uri"])
+    for adapter in manifest["adapters"]:
+        adapter["uri"] = moved(adapter["uri"])
+        adapter["data"] = {split: moved(uri) for split, uri in adapter["data"].items()}
+    uris = []
+    for name, tasks in (("demo.yaml", FIRST_TASKS), ("more.yaml", DEFAULT_TASKS)):
+        subset = {**manifest, "adapters": [a for a in manifest["adapters"] if a["name"] in tasks]}
+        store.write_bytes(name, yaml.safe_dump(subset, sort_keys=False).encode())
+        uris.append(f"{store_uri.rstrip('/')}/{name}")
+    return uris[0], uris[1]
+
+
+def start_s3() -> tuple[object, dict]:
+    from moto.server import ThreadedMotoServer
+
+    port = local_cluster.free_ports(1)[0]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="meteora-demo")
+    return server, env
+
+
+def show_evaluation(outputs: dict) -> dict:
+    results = json.loads((Path(outputs["evaluate"]["out_dir"]) / "results.json").read_text())
+    print(markdown_table(results["per_task"], results["composite"]))
+    print(f"plots: {outputs['evaluate']['out_dir']}/accuracy.png, routing.png")
+    return results
+
+
+def ask_composite(url: str, manifest_uri: str) -> None:
+    """One composite prompt (3 tasks) through the OpenAI-compatible endpoint, with its routing per token."""
+    from openai import OpenAI
+
+    from meteora.harness import load_benchmark
+    from meteora.store import local_dir, split_uri
+
+    parent, name = split_uri(manifest_uri)
+    bench = load_benchmark(local_dir(parent) / name if "://" in manifest_uri else manifest_uri, samples=8)
+    tasks, sample = composite_problems(bench.eval_sets, 3, 1, seed=3)[0]
+    client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("METEORA_API_KEY", "none"))
+    out = client.completions.create(model="meteora", prompt=sample["prompt"], max_tokens=48, temperature=0,
+                                    extra_body={"return_routing": True})
+    choice = out.choices[0]
+    print(f"prompt ({', '.join(tasks)}):\n{sample['prompt']}answer:\n{choice.text}\nexpected:\n{sample['response']}")
+    print("routing per generated token (heaviest expert, mean weight over the adapted layers):")
+    print("  " + "  ".join(f"{step['token']!r}:{next(iter(step['experts']), '-')}" for step in choice.routing))
+
+
+def keep_asking(url: str, stop: threading.Event, outcomes: list) -> None:
+    """A client sending completions back to back (during the redeploy)."""
+    while not stop.is_set():
+        try:
+            r = httpx.post(f"{url}/v1/completions", timeout=60,
+                           json={"model": "meteora", "prompt": "reverse: abcd\n", "max_tokens": 8, "temperature": 0})
+            outcomes.append(r.status_code == 200)
+        except httpx.HTTPError:
+            outcomes.append(False)
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output")
-    parser.add_argument("--gate-steps", type=int, default=300)
-    parser.add_argument("--composite-temperature", type=float, default=None)
+    parser.add_argument("--s3", action="store_true", help="the object store is a loopback S3 server (moto) started here")
+    parser.add_argument("--steps", type=int, default=600, help="gate-training steps (the increment trains 30%% of them)")
+    parser.add_argument("--eval-samples", type=int, default=30, help="eval samples per task")
+    parser.add_argument("--composites", type=int, default=16, help="composite prompts per size (3 and 5)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.out)
+    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)  # each demo starts from nothing but the cached assets
+    out.mkdir(parents=True)
+    began, s3, cluster_dir = time.perf_counter(), None, out / "ray-cluster"
+    try:
+        started = step(1, "assets: the tinytasks benchmark (cached after the first build)")
+        built = Path(build())
+        done(started, f"{built.parent}")
 
-    manifest = Path(build())
-    log.info("1. tinytasks: %s", manifest)
-    outcome = collect(manifest, str(out / "registry"))
-    print_summary(outcome.rows)
-    registry = Registry(out / "registry")
-    log.info("2. registry %s holds %s", registry.uri, registry.names)
+        started = step(2, "publish the assets and two manifests to the object store")
+        if args.s3:
+            s3, _ = start_s3()
+        store_uri = "s3://meteora-demo/store" if args.s3 else str(out / "store")
+        demo_manifest, more_manifest = publish(built, store_uri)
+        done(started, f"{demo_manifest} ({len(FIRST_TASKS)} adapters), {more_manifest} ({len(DEFAULT_TASKS)})")
 
-    base_uri = registry.base_model["uri"]
-    model = MeteoraModel.from_adapters(base_uri, registry, top_k=2)
-    tokenizer = AutoTokenizer.from_pretrained(base_uri)
-    config = GateTrainingConfig(steps=args.gate_steps)
-    with tqdm(total=config.steps, desc="3. training the gates", disable=None) as bar:
-        def progress(step, metrics):
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", routing=f"{metrics['routing_accuracy']:.2f}")
+        started = step(3, "a local Ray cluster")
+        cluster = local_cluster.up(cluster_dir, num_cpus=2)
+        ray.init(address=cluster["gcs_address"], logging_config=LOCAL_RAY["logging_config"])  # progress lines only
+        port = local_cluster.free_ports(1)[0]
+        url = f"http://127.0.0.1:{port}"
+        config = load_config(None, [f"registry={store_uri}/registry", f"work_dir={out}", f"train.steps={args.steps}",
+                                    "train.cpus_per_worker=0.5", f"evaluate.samples={args.eval_samples}", f"evaluate.composite_count={args.composites}",
+                                    f"deploy.http_port={port}", "deploy.deployment={ray_actor_options: {num_cpus: 0.5}, "
+                                    "num_replicas: 1, max_surge_percent: 100, logging_config: {log_level: WARNING}}"])
+        done(started, f"Ray at {cluster['gcs_address']}; Serve will listen on {url}")
 
-        history = train_gates(model, tokenizer, registry_samples(registry, model.expert_names, "train"), config, progress)
-    routing = response_routing_accuracy(model, tokenizer, registry_samples(registry, model.expert_names, "eval"))
-    model.training_summary = {"steps": config.steps, "batch": config.batch, "lr": config.lr,
-                              "final_loss": history[-1]["loss"], "eval_response_routing_accuracy": routing}
-    model.save_pretrained(out / "checkpoint")
-    log.info("   routing accuracy on eval response tokens: %.3f; checkpoint: %s", routing, out / "checkpoint")
+        started = step(4, f"workflow on {demo_manifest}")
+        first = run(demo_manifest, config, can_deploy=True)
+        show_evaluation(first)
+        done(started, f"{len(FIRST_TASKS)} adapters fused, trained, evaluated and serving at {url}")
 
-    bench = load_benchmark(manifest)
-    results = evaluate(bench, out / "checkpoint", composite_sizes=(3, 5), composite_count=40,
-                       composite_temperature=args.composite_temperature, out_dir=out / "eval")
-    log.info("4. evaluation (exact match on the eval split):\n%s", markdown_table(results["per_task"], results["composite"]))
-    (out / "demo_results.json").write_text(json.dumps({"routing_accuracy_eval_response": routing,
-                                                       "gate_training": history[-1], **results}, indent=2))
-    log.info("results: %s, plots: %s", out / "demo_results.json", out / "eval")
+        started = step(5, "a composite prompt through the OpenAI-compatible endpoint")
+        ask_composite(url, demo_manifest)
+        done(started, "answered")
+
+        started = step(6, f"register 2 more adapters: workflow on {more_manifest}, redeploying in place under load")
+        stop, outcomes = threading.Event(), []
+        client = threading.Thread(target=keep_asking, args=(url, stop, outcomes))
+        client.start()
+        try:
+            second = run(more_manifest, config, can_deploy=True)
+        finally:
+            stop.set()
+            client.join()
+        results = show_evaluation(second)
+        print(f"incremental training: {second['train']['train_seconds']} s (the first: {first['train']['train_seconds']} s)")
+        failed = outcomes.count(False)
+        summary = {"seconds": round(time.perf_counter() - began), "redeploy_requests": len(outcomes),
+                   "redeploy_failed": failed, "first": first, "second": second, "results": results}
+        (out / "demo_results.json").write_text(json.dumps(summary, indent=2, default=str))
+        done(started, f"redeploy in place: {len(outcomes)} requests during the update, {failed} failed")
+    except StageFailed as error:
+        print(f"\ndemo failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        started = step(7, "shut down everything this demo started")
+        ray.shutdown()
+        stopped = local_cluster.down(cluster_dir)  # Serve, its replicas and every Ray process of this cluster
+        if s3 is not None:
+            s3.stop()
+        done(started, f"Ray cluster {'stopped' if stopped else 'was not running'}" + (", S3 server stopped" if s3 else ""))
+    print(f"\ndemo finished in {time.perf_counter() - began:.0f} s; results in {out}/demo_results.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

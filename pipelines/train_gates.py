@@ -65,7 +65,7 @@ def train(config: TrainGatesConfig) -> dict:
             name=config.name, storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": _worker_env()}),
+            worker_runtime_env={"env_vars": worker_env()}),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo", timeout_s=PEER_TIMEOUT_S),
     )
     log.info("training the gates of %d experts (%s) with %d workers; run '%s' in %s",
@@ -141,7 +141,7 @@ def _storage_location(storage: str) -> tuple[str, S3FileSystem | None]:
     return storage.removeprefix("s3://"), S3FileSystem(**{k: v for k, v in options.items() if v is not None})
 
 
-def _worker_env() -> dict[str, str]:
+def worker_env() -> dict[str, str]:
     """The driver's AWS settings and cache for the workers (secrets only ever come from the environment);
     progress lines printed as they are (not also logged by Ray Train's print patch)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "METEORA_CACHE"}

@@ -39,7 +39,7 @@ from meteora.manifest import ManifestError, load_manifest  # noqa: E402
 from meteora.store import StoreError, open_store, split_uri  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
 from pipelines.train_config import ConfigError, TrainGatesConfig  # noqa: E402
-from pipelines.train_gates import LOCAL_RAY, print_training_summary, train  # noqa: E402
+from pipelines.train_gates import LOCAL_RAY, print_training_summary, train, worker_env  # noqa: E402
 
 log = logging.getLogger("workflow")
 DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "workflow.yaml"
@@ -69,7 +69,8 @@ class DeploySettings(BaseModel):
 class WorkflowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     registry: str  # where the manifest's adapters are registered (local dir or s3://)
-    work_dir: str  # local: the state file, Ray Train runs, checkpoints, evaluations
+    work_dir: str  # local: the state file and the evaluations
+    artifacts: str | None = None  # Ray Train runs and checkpoints (s3:// on a multi-node cluster); None: work_dir
     train: dict = {}  # pipelines/train_gates settings (configs/train_gates.yaml keys) but the ones the workflow sets
     incremental_steps: float = Field(0.3, gt=0, le=1)  # share of train.steps when only adapters were added
     evaluate: EvaluateSettings = EvaluateSettings()
@@ -179,8 +180,9 @@ def _collect(manifest_uri: str, config: WorkflowConfig):
 
 def _train(config, work: Path, registry: Registry, experts, entries, key: str, previous: dict | None):
     settings = config.train_config()
-    values = {"registry": registry.uri, "experts": experts, "name": f"gates-{key[:12]}", "storage_path": str(work / "runs"),
-              "output": str(work / "checkpoints" / f"gates-{key[:12]}")}
+    artifacts = (config.artifacts or str(work)).rstrip("/")
+    values = {"registry": registry.uri, "experts": experts, "name": f"gates-{key[:12]}", "storage_path": f"{artifacts}/runs",
+              "output": f"{artifacts}/checkpoints/gates-{key[:12]}"}
     old = [tuple(e) for e in (previous or {}).get("outputs", {}).get("experts", [])]
     if old and set(old) < set(entries) and previous["outputs"]["base"] == registry.base_model["fingerprint"]:
         steps = max(1, math.ceil(config.incremental_steps * settings.steps))
@@ -208,8 +210,9 @@ def _evaluate_task(manifest_uri: str, checkpoint: str, settings: dict, out_dir: 
 
 
 def _evaluate(manifest_uri: str, checkpoint: str, config: WorkflowConfig, work: Path):
-    out_dir = work / "eval" / Path(checkpoint).name
-    results = ray.get(_evaluate_task.remote(manifest_uri, checkpoint, config.evaluate.model_dump(), str(out_dir)))
+    out_dir = work / "eval" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    task = _evaluate_task.options(runtime_env={"env_vars": worker_env()})  # the object store's endpoint and keys
+    results = ray.get(task.remote(manifest_uri, checkpoint, config.evaluate.model_dump(), str(out_dir)))
     means = {variant: round(sum(scores.values()) / len(scores), 3) for variant, scores in results["per_task"].items()}
     return {"out_dir": str(out_dir), "mean_accuracy": means}, f"mean accuracy {means}; tables and plots in {out_dir}"
 
