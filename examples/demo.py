@@ -183,6 +183,7 @@ def main() -> int:
             client.join()
         results = show_evaluation(second)
         print(f"incremental training: {second['train']['train_seconds']} s (the first: {first['train']['train_seconds']} s)")
+        (out / "checkpoint").symlink_to(second["train"]["checkpoint"])  # what `serve run configs/serve.yaml` serves
         failed = outcomes.count(False)
         summary = {"seconds": round(time.perf_counter() - began), "redeploy_requests": len(outcomes),
                    "redeploy_failed": failed, "first": first, "second": second, "results": results}

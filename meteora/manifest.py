@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from .config import NAME_PATTERN
+from .store import StoreError, open_store, split_uri
 
 API_VERSION, KIND = "meteora/v1", "AdapterManifest"
 METRICS = ("exact_match", "contains", "bleu", "rouge_l")
@@ -53,18 +54,24 @@ class Manifest:
 
 
 def load_manifest(path: str | Path) -> Manifest:
-    path = Path(path)
+    """Read and check a manifest: a local path, file:// or s3:// URI."""
+    text = str(path)
     try:
-        document = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ManifestError(f"{path}: cannot be read: {err.strerror or err}") from None
+        if text.startswith("s3://"):
+            root, name = split_uri(text)
+            document = yaml.safe_load(open_store(root).read_bytes(name))
+        else:
+            path = Path(text.removeprefix("file://"))
+            root, document = str(path.parent), yaml.safe_load(path.read_text())
+    except (OSError, StoreError) as err:
+        raise ManifestError(f"{text}: cannot be read: {getattr(err, 'strerror', None) or err}") from None
     except yaml.YAMLError as err:
-        raise ManifestError(f"{path}: not valid YAML: {err}") from None
-    return parse_manifest(document, path)
+        raise ManifestError(f"{text}: not valid YAML: {err}") from None
+    return parse_manifest(document, text, root)
 
 
-def parse_manifest(document, path: Path) -> Manifest:
-    where = str(path)
+def parse_manifest(document, where: str, root: str) -> Manifest:
+    """Check a manifest's document; relative URIs in it are taken from `root` (its directory or prefix)."""
     _mapping(document, where, required=("apiVersion", "kind", "base_model", "adapters"))
     if document["apiVersion"] != API_VERSION or document["kind"] != KIND:
         raise ManifestError(f"{where}: apiVersion/kind must be {API_VERSION}/{KIND}, got "
@@ -73,15 +80,15 @@ def parse_manifest(document, path: Path) -> Manifest:
     adapters = document["adapters"]
     if not isinstance(adapters, list) or not adapters:
         raise ManifestError(f"{where}: field 'adapters' must be a non-empty list")
-    specs = tuple(_adapter(entry, f"{where}: adapters[{i}]", path.parent) for i, entry in enumerate(adapters))
+    specs = tuple(_adapter(entry, f"{where}: adapters[{i}]", root) for i, entry in enumerate(adapters))
     names = [spec.name for spec in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ManifestError(f"{where}: duplicate adapter names {duplicates}")
-    return Manifest(where, _string(base, "name", f"{where}: base_model"), _resolve(_string(base, "uri", f"{where}: base_model"), path.parent), specs)
+    return Manifest(where, _string(base, "name", f"{where}: base_model"), _resolve(_string(base, "uri", f"{where}: base_model"), root), specs)
 
 
-def _adapter(entry, where: str, root: Path) -> AdapterSpec:
+def _adapter(entry, where: str, root: str) -> AdapterSpec:
     optional = ("description", "sha256", "data", "metric")
     if isinstance(entry, dict) and isinstance(entry.get("name"), str):
         where = f"{where} ('{entry['name']}')"
@@ -124,7 +131,7 @@ def _string(mapping: dict, key: str, where: str) -> str:
     return value
 
 
-def _resolve(uri: str, root: Path) -> str:
+def _resolve(uri: str, root: str) -> str:
     if "://" in uri or Path(uri).is_absolute():
         return uri
-    return str(root / uri)
+    return f"{root.rstrip('/')}/{uri}" if "://" in root else str(Path(root) / uri)

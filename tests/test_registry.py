@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from meteora import MeteoraModel, Registry
+from meteora.manifest import ManifestError, load_manifest
 from pipelines.collect_adapters import collect, main
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
@@ -195,3 +196,16 @@ def test_same_weights_with_another_alpha_is_another_adapter(world, tmp_path):
     assert json.loads((dirs["loud"] / "adapter_config.json").read_text())["lora_alpha"] == 4 * config["lora_alpha"]
     outcome = collect(write_manifest(tmp_path / "b.yaml", [loud_spec | {"name": "reverse"}]), str(registry_dir))
     assert [r["status"] for r in outcome.rows] == ["new version"]  # only the alpha changed: still a new version
+
+
+def test_a_manifest_in_s3_with_relative_uris_is_collected(world, tmp_path):
+    """Relative URIs in a manifest read from s3:// are taken from the manifest's own prefix."""
+    document = {"apiVersion": "meteora/v1", "kind": "AdapterManifest", "base_model": {"name": "tiny-base", "uri": "base/"},
+                "adapters": [{"name": "sort", "uri": "adapters/sort/",
+                              "data": {"train": "data/sort/train.jsonl", "eval": "data/sort/eval.jsonl"}}]}
+    world["s3"].put_object(Bucket="world", Key="manifests-relative.yaml", Body=yaml.safe_dump(document).encode())
+    manifest = load_manifest("s3://world/manifests-relative.yaml")
+    assert manifest.base_uri == "s3://world/base/" and manifest.adapters[0].data["eval"] == "s3://world/data/sort/eval.jsonl"
+    assert collect("s3://world/manifests-relative.yaml", str(tmp_path / "registry")).committed
+    with pytest.raises(ManifestError, match="cannot be read"):
+        load_manifest("s3://world/missing.yaml")
