@@ -128,6 +128,17 @@ def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path):
     assert len(example["expert_weights"]) == len(example["tokens"]) and len(example["expert_weights"][0]) == 3
 
 
+def test_the_evaluate_command_writes_tables_and_plots(built, tmp_path, capsys):
+    from pipelines.evaluate import main
+
+    _, manifest = built
+    assert main(["--manifest", manifest, "--samples", "2", "--composite", "2", "--composite-count", "2",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "| **mean** |" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "eval").iterdir()} >= {"results.json", "results.md", "accuracy.png", "routing.png"}
+    assert main(["--manifest", manifest, "--tasks", "nope"]) == 2
+
+
 def test_build_into_s3_then_the_cache_hits(s3_endpoint, tmp_path, monkeypatch):
     import boto3
 

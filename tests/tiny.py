@@ -51,9 +51,9 @@ def random_ids(batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def tiny_checkpoint(root: Path, top_k: int = 2) -> Path:
-    """A MeteoRA checkpoint over a tiny base saved with the char tokenizer and three random adapters
-    (alpha, beta, gamma): what the serving tests load. Returns the checkpoint directory."""
+def tiny_checkpoint(root: Path, top_k: int = 2, names: tuple[str, str, str] = ("alpha", "beta", "gamma")) -> Path:
+    """A MeteoRA checkpoint over a tiny base saved with the char tokenizer and three random adapters (named
+    `names`; ranks 4, 8, 8; the third on q_proj only): what the serving tests load. Returns its directory."""
     from meteora import MeteoraModel
 
     tokenizer = char_tokenizer()
@@ -61,7 +61,7 @@ def tiny_checkpoint(root: Path, top_k: int = 2) -> Path:
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     adapters = {name: make_adapter(base, root / "adapters" / name, r, 2 * r, t, seed=i)
-                for i, (name, r, t) in enumerate([("alpha", 4, ALL_MODULES), ("beta", 8, ALL_MODULES), ("gamma", 8, ["q_proj"])])}
+                for i, (name, r, t) in enumerate(zip(names, (4, 8, 8), (ALL_MODULES, ALL_MODULES, ["q_proj"])))}
     MeteoraModel.from_adapters(root / "base", adapters, top_k=top_k).save_pretrained(root / "checkpoint")
     return root / "checkpoint"
 
