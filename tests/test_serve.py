@@ -297,3 +297,20 @@ def test_the_app_loads_checkpoint_and_base_model_from_s3(tmp_path, s3_endpoint, 
         assert reply.status_code == 200 and reply.json()["choices"][0]["text"] == greedy(local, "reverse: abc\n", 6)
     finally:
         service.close()
+
+
+def test_back_pressure_answers_429_when_too_many_requests_wait(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import serve_app
+    from meteora import SamplingParams
+
+    settings = serve_app.ServeSettings(checkpoint=str(tiny_checkpoint(tmp_path)), max_batch_size=1, max_waiting=1)
+    service = serve_app.MeteoraService(settings)
+    try:
+        for i in range(2):  # two requests queued behind a batch of one (the engine thread is not woken for them)
+            service.engine.engine.submit(f"queued-{i}", [1, 5, 6], SamplingParams(max_tokens=2))
+        reply = TestClient(serve_app.create_app(service)).post("/v1/completions", json={"model": "meteora", "prompt": "x"})
+        assert reply.status_code == 429 and reply.json()["error"]["code"] == "server_busy"
+    finally:
+        service.close()
