@@ -19,12 +19,11 @@ from tiny import write_world
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 
-def workflow_config(tmp_path, port: int):
-    return load_config(None, [
-        f"registry={tmp_path / 'registry'}", f"work_dir={tmp_path / 'work'}", "train.steps=20", "train.batch=8",
-        "train.checkpoint_every=10", "train.eval_samples=16", "train.lr=0.02", "train.cpus_per_worker=0.5",
-        "evaluate.composite=[2]", "evaluate.composite_count=4", "evaluate.samples=4", f"deploy.http_port={port}",
-        "deploy.app_name=workflow-test", "deploy.settings={max_tokens_limit: 16}"])
+def workflow_settings(tmp_path, port: int) -> list[str]:
+    return [f"registry={tmp_path / 'registry'}", f"work_dir={tmp_path / 'work'}", "train.steps=20", "train.batch=8",
+            "train.checkpoint_every=10", "train.eval_samples=16", "train.lr=0.02", "train.cpus_per_worker=0.5",
+            "evaluate.composite=[2]", "evaluate.composite_count=4", "evaluate.samples=4", f"deploy.http_port={port}",
+            "deploy.app_name=workflow-test", "deploy.settings={max_tokens_limit: 16}"]
 
 
 def stages_said(output: str) -> dict[str, str]:
@@ -50,7 +49,8 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
     world = tmp_path / "world"
     manifest = write_world(world, {"reverse": 4, "upper": 8})
     port = free_ports(1)[0]
-    config = workflow_config(tmp_path, port)
+    settings = workflow_settings(tmp_path, port)
+    config = load_config(None, settings)
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "runs").write_text("not a directory")  # the training's storage: the train stage fails
     with pytest.raises(StageFailed) as failed:
@@ -72,9 +72,9 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert httpx.post(f"{url}/v1/completions", json={"model": "meteora", "prompt": "reverse: ab\n", "max_tokens": 3},
                           timeout=60).status_code == 200
 
-        again = run(str(manifest), config, can_deploy=True)
-        assert set(stages_said(capsys.readouterr().out).values()) == {"skipped"}
-        assert again["train"]["checkpoint"] == first["train"]["checkpoint"]
+        assert main(["--manifest", str(manifest), *settings]) == 0  # the command line, with the same inputs
+        output = capsys.readouterr().out
+        assert set(stages_said(output).values()) == {"skipped"} and first["train"]["checkpoint"] in output
 
         bigger = write_world(tmp_path / "world2", {"length": 2})  # a third adapter, on the same base
         grown = yaml.safe_load(manifest.read_text())
