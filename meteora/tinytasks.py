@@ -3,11 +3,15 @@
     base     a tiny Llama (char-level tokenizer saved beside it) trained to echo its input and to do 13 held-out
              "format" tasks (never benchmark tasks), in single and composite prompts: it knows the format and
              learns to carry the instruction to every answer token, so the task is visible to the gates; it
-             cannot do the benchmark's tasks
+             cannot do the benchmark's tasks. An auxiliary loss makes this explicit, as in a real LLM whose early
+             residual stream holds the instruction: a linear head on the input of every layer that adapters
+             target predicts the first characters of the current problem's instruction at every token after the
+             instruction word (prompt and answer); the heads are discarded, the base stays a plain Llama
     adapters one PEFT LoRA per task, trained on that task only, in single prompts and in composites of 2-3
              problems of the same task (so it keeps the composite format); mixed ranks, one on attention modules
-             only; none on the first layer, whose attention inputs at an answer token hold only that token
-             (no gate can tell the task there)
+             only; none on the first two layers: a gate sees its Linear's input, and a one-layer residual stream
+             cannot tell which problem of a composite is being answered (at layer 1's q/k/v no gate could tell
+             the task), a two-layer one can
     lora-b   one LoRA trained on all tasks' data together, balanced (the paper's LoRA-B)
     merged   the uniform average of all adapters, as one PEFT adapter (peft's add_weighted_adapter, "cat")
     data     train / eval JSONL per task;  build_report.json: accuracies measured at build time
@@ -41,7 +45,7 @@ from .tasks import ALL_TASKS, DEFAULT_TASKS, composite, prompt, split_samples
 from .text_data import training_batch
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 3  # bump when the recipe changes, so cached builds are not reused
+BUILD_VERSION = 4  # bump when the recipe changes, so cached builds are not reused
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_MODULES = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character an answer may hold
@@ -50,14 +54,16 @@ ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character 
 @dataclass(frozen=True)
 class TinyTasksConfig:
     tasks: tuple[str, ...] = tuple(DEFAULT_TASKS)
-    ranks: tuple[int, ...] = (8, 4, 4, 16, 16, 4, 8, 8)  # per task, cycled
+    ranks: tuple[int, ...] = (8, 8, 4, 16, 16, 4, 8, 8)  # per task, cycled
     attention_only: tuple[str, ...] = ("length",)  # tasks whose adapter targets only q/k/v/o
     base_tasks: tuple[str, ...] = ("first", "last", "firsttwo", "lasttwo", "dropfirst", "droplast", "repeat", "mirror",
                                    "odds", "swapends", "digitsum", "maxdigit", "mindigit")  # format tasks the base learns besides echo
     hidden: int = 128
-    layers: int = 4
-    adapter_first_layer: int = 1  # adapters target layers adapter_first_layer .. layers - 1
+    layers: int = 5
+    adapter_first_layer: int = 2  # adapters target layers adapter_first_layer .. layers - 1
     base_steps: int = 800
+    instruction_loss: float = 1.0  # weight of the base's auxiliary loss (0: none): predict the current instruction
+    instruction_chars: int = 3  # ... its first characters, from the input of every adapted layer
     adapter_steps: int = 400
     lora_b_steps: int = 600
     lora_b_rank: int = 16
@@ -154,8 +160,55 @@ def _train_base(tokenizer, config: TinyTasksConfig) -> LlamaForCausalLM:
 
     single = [problem() for _ in range(4000)]
     composites = [composite([problem() for _ in range(rng.randint(2, 5))]) for _ in range(2000)]
-    _train(model, tokenizer, [single, composites], config.base_steps, 3e-3, config.batch, config.seed, "training the base model")
+    aux = None
+    if config.instruction_loss > 0:
+        aux = _InstructionHeads(tokenizer, config.hidden, range(config.adapter_first_layer, config.layers), config.instruction_chars,
+                                config.instruction_loss)
+    _train(model, tokenizer, [single, composites], config.base_steps, 3e-3, config.batch, config.seed, "training the base model", aux)
     return model.eval()
+
+
+class _InstructionHeads(torch.nn.Module):
+    """The base's auxiliary loss: at every token from the end of an instruction word on, a linear head on
+    hidden_states[l] (rms-normalized, as the layer's Linears see it) predicts the first `chars` characters of the
+    instruction of the problem that token's next token belongs to (the segment labels of gate training)."""
+
+    def __init__(self, tokenizer, hidden: int, layers, chars: int, weight: float):
+        super().__init__()
+        self.tokenizer, self.layers, self.chars, self.weight = tokenizer, list(layers), chars, weight
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, chars * len(tokenizer)) for _ in self.layers)
+
+    def targets(self, samples: list[dict], width: int) -> torch.Tensor:
+        """[B, S, chars] character ids, -100 where there is nothing to predict."""
+        rows = []
+        for sample in samples:
+            lines = sample["prompt"].splitlines(keepends=True)
+            answers = sample["response"].split("\n")
+            codes = [self._code(line.split(":")[0]) for line in lines]
+            none = [-100] * self.chars
+            row = [none]  # <s>
+            for code, line in zip(codes, lines):
+                word = len(line.split(":")[0])
+                row += [none] * word + [code] * (len(line) - word)
+            row[-1] = codes[0]  # the prompt's last token: its next token is the first answer's
+            owner = [i for i, answer in enumerate(answers) for _ in range(len(answer) + (i < len(answers) - 1))]
+            row += [codes[i] for i in owner[1:]] + [codes[-1] if owner else none]  # response tokens: the next token's answer
+            row += [none]  # </s>
+            rows.append(row + [none] * (width - len(row)))
+        return torch.tensor(rows)
+
+    def _code(self, word: str) -> list[int]:
+        ids = self.tokenizer(word[:self.chars], add_special_tokens=False)["input_ids"]
+        return ids + [-100] * (self.chars - len(ids))
+
+    def loss(self, hidden_states, samples: list[dict]) -> torch.Tensor:
+        targets = self.targets(samples, hidden_states[0].shape[1]).flatten()  # [B * S * chars]
+        losses = []
+        for layer, head in zip(self.layers, self.heads):
+            h = torch.nn.functional.rms_norm(hidden_states[layer], (hidden_states[layer].shape[-1],))
+            logits = head(h).view(-1, len(self.tokenizer))  # [B * S * chars, V]
+            losses.append(torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100))
+        return self.weight * torch.stack(losses).mean()
 
 
 def _own_task_pools(samples: list[dict], rng: random.Random) -> list[list[dict]]:
@@ -176,18 +229,22 @@ def _train_lora(base, tokenizer, pools: list[list[dict]], rank: int, targets: li
     return model.eval()
 
 
-def _train(model, tokenizer, pools: list[list[dict]], steps: int, lr: float, batch: int, seed: int, desc: str | None) -> None:
+def _train(model, tokenizer, pools: list[list[dict]], steps: int, lr: float, batch: int, seed: int, desc: str | None,
+           aux: "_InstructionHeads | None" = None) -> None:
     """AdamW with a one-cycle schedule; step i draws its batch from pools[i % len(pools)] (similar lengths
-    batched together, so short samples are not padded to the longest)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    batched together, so short samples are not padded to the longest); `aux` adds its loss (and trains its heads)."""
+    params = [p for p in model.parameters() if p.requires_grad] + (list(aux.parameters()) if aux is not None else [])
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
     model.train()
     for step in tqdm(range(steps), desc=desc, disable=None if desc else True, leave=False):
         pool = pools[step % len(pools)]
-        encoded = training_batch(tokenizer, rng.sample(pool, min(batch, len(pool))))
-        loss = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], labels=encoded["labels"]).loss
+        samples = rng.sample(pool, min(batch, len(pool)))
+        encoded = training_batch(tokenizer, samples)
+        out = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], labels=encoded["labels"],
+                    output_hidden_states=aux is not None)
+        loss = out.loss if aux is None else out.loss + aux.loss(out.hidden_states, samples)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -121,12 +121,15 @@ def run(manifest_uri: str, config: WorkflowConfig, can_deploy: bool) -> dict:
     registry = Registry(config.registry)
     expert_entries = [(name, registry.entry(name)["sha256"]) for name in experts]
     train_key = digest(expert_entries, registry.base_model["fingerprint"], config.train, config.incremental_steps)
+    recorded = state.unchanged("train", train_key)
+    if recorded and not open_store(recorded["checkpoint"]).exists("meteora_config.json"):
+        state.records.pop("train")  # recorded, but its checkpoint is gone: train again
     outputs["train"] = _stage(state, "train", train_key, lambda: _train(config, work, registry, experts, expert_entries,
                                                                        train_key, state.records.get("train")))
     checkpoint = outputs["train"]["checkpoint"]
     content = _checkpoint_digest(checkpoint)
     if config.evaluate.enabled:
-        outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), manifest_bytes.hex()),
+        outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), hashlib.sha256(manifest_bytes).hexdigest()),
                                      lambda: _evaluate(manifest_uri, checkpoint, config, work))
     if config.deploy.enabled and can_deploy:
         deploy_key = digest(content, config.deploy.model_dump())
