@@ -11,8 +11,8 @@
                 application redeployed in place while a client keeps sending requests (failures counted)
   7. shut down  Serve, the Ray head's process group, the S3 server: everything started here, nothing else
 
-    python examples/demo.py [--out demo-output] [--s3] [--steps 600] [--eval-samples 30] [--composites 16]
-About 10 minutes for the first asset build on 2 cores, then a few minutes per run.
+    python examples/demo.py [--out demo-output] [--s3] [--steps 1000] [--eval-samples 30] [--composites 16]
+About 12 minutes for the first asset build on 2 cores, then about 4 minutes per run.
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo-output")
     parser.add_argument("--s3", action="store_true", help="the object store is a loopback S3 server (moto) started here")
-    parser.add_argument("--steps", type=int, default=600, help="gate-training steps (the increment trains 30%% of them)")
+    parser.add_argument("--steps", type=int, default=1000, help="gate-training steps (the increment trains 30%% of them)")
     parser.add_argument("--eval-samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("--composites", type=int, default=16, help="composite prompts per size (3 and 5)")
     args = parser.parse_args()
