@@ -16,6 +16,7 @@ cluster under `ray job submit`), else starts a local Ray and stops it at the end
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -148,6 +149,20 @@ def worker_env() -> dict[str, str]:
     return {**env, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+@contextlib.contextmanager
+def ray_connection():
+    """The Ray a driver runs on: the one already initialized, RAY_ADDRESS's (or the job's under `ray job submit`),
+    else a local Ray started here and shut down on leaving. Yields whether it was started here."""
+    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        ray.init(**(LOCAL_RAY if started_here else {}))
+    try:
+        yield started_here
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def print_training_summary(summary: dict, wall_seconds: float) -> None:
     final = summary.get("final") or {}
     print(f"\ngates trained: {summary['steps']} steps x {summary['batch']} samples on {summary['num_workers']} worker(s)")
@@ -168,22 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value settings over the config file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     try:
         config = load_config(args.config, args.overrides + ([f"init_from={args.init_from}"] if args.init_from else []))
         started = time.perf_counter()
-        if not ray.is_initialized():
-            ray.init(**(LOCAL_RAY if started_here else {}))
-        summary = train(config)
+        with ray_connection():
+            summary = train(config)
     except (ConfigError, RegistryError, CheckpointError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ray.train.TrainingFailedError as err:
         print(f"error: training failed: {err}", file=sys.stderr)
         return 1
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
     print_training_summary(summary, time.perf_counter() - started)
     return 0
 

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from meteora.manifest import ManifestError, load_manifest  # noqa: E402
 from meteora.store import StoreError, open_store, split_uri  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
 from pipelines.train_config import ConfigError, TrainGatesConfig  # noqa: E402
-from pipelines.train_gates import LOCAL_RAY, print_training_summary, train, worker_env  # noqa: E402
+from pipelines.train_gates import print_training_summary, ray_connection, train, worker_env  # noqa: E402
 
 log = logging.getLogger("workflow")
 DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "workflow.yaml"
@@ -282,23 +281,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value settings over the config file (dotted: train.steps=600)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     try:
         config = load_config(args.config, args.overrides)
         manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
         load_manifest(manifest)  # a bad manifest fails before Ray starts
-        if not ray.is_initialized():
-            ray.init(**(LOCAL_RAY if started_here else {}))
-        outputs = run(manifest, config, can_deploy=not started_here)
+        with ray_connection() as started_here:
+            outputs = run(manifest, config, can_deploy=not started_here)
     except (ConfigError, ManifestError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StageFailed as err:
         print(f"error: {err}\n(the stages before it are recorded; run again to resume at '{err.stage}')", file=sys.stderr)
         return 1
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
     print(json.dumps({stage: {k: v for k, v in out.items() if k != "experts"} for stage, out in outputs.items()}, indent=2))
     return 0
 
