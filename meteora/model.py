@@ -169,6 +169,20 @@ class MeteoraModel(nn.Module):
             self.routing.forced = previous
 
     @contextlib.contextmanager
+    def route_tokens(self, expert_ids: torch.Tensor):
+        """Teacher routing, for analysis: inside the block a forward of inputs [B, S] sends token (b, s) to expert
+        expert_ids[b, s] alone, at every adapted layer (perfect routing when the ids are the tokens' tasks)."""
+        in_range = expert_ids.numel() == 0 or 0 <= int(expert_ids.min()) <= int(expert_ids.max()) < len(self.expert_names)
+        if expert_ids.dim() != 2 or not in_range:
+            raise ValueError(f"route_tokens needs [B, S] expert ids in [0, {len(self.expert_names)}), "
+                             f"got shape {tuple(expert_ids.shape)}")
+        self.routing.token_experts = expert_ids.reshape(-1).long()
+        try:
+            yield self
+        finally:
+            self.routing.token_experts = None
+
+    @contextlib.contextmanager
     def capture_gate_logits(self):
         """Inside the block every routed layer appends its gate logits [T, E] to the yielded list (for the gate loss)."""
         self.routing.gate_logits = []

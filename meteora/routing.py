@@ -3,7 +3,8 @@
     logits = G x                       # [T, E]  one gate per adapted layer
     vals, ids = topk(logits, k)        # [T, k]
     weights = softmax(vals / temperature)
-Forcing bypasses the gates: every token uses the forced experts with equal weights.
+Forcing bypasses the gates: every token uses the forced experts with equal weights; teacher routing
+(token_experts) sends each token of one forward to a given expert with weight 1.
 """
 from __future__ import annotations
 
@@ -21,12 +22,17 @@ class Routing:
     temperature: float
     backend: str
     forced: torch.Tensor | None = None  # [m] expert ids, or None to route with the gates
+    token_experts: torch.Tensor | None = None  # [T] one expert id per token of the next forwards (teacher routing)
     gate_logits: list[torch.Tensor] | None = None  # when a list, every layer appends its [T, E] logits (training)
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # layer -> [(ids, weights)] per call
 
     def route(self, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, d_in], gate [E, d_in] -> ids [T, k] int64, weights [T, k] fp32."""
         T = x.shape[0]
+        if self.token_experts is not None:
+            if self.token_experts.numel() != T:
+                raise ValueError(f"teacher routing has {self.token_experts.numel()} expert ids for {T} tokens")
+            return self.token_experts.to(x.device).view(T, 1), torch.ones(T, 1, device=x.device)
         if self.forced is not None:
             m = self.forced.numel()
             ids = self.forced.to(x.device).expand(T, m)  # [T, m]

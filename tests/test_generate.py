@@ -55,6 +55,23 @@ def test_forced_experts_show_in_the_trace(fused):
     assert fused.routing.forced is None, "forcing ends with the block"
 
 
+@torch.no_grad()
+def test_teacher_routing_sends_each_token_to_its_expert(fused):
+    inputs = random_ids(batch=2, length=6, seed=3)
+    experts = torch.tensor([[0, 0, 0, 0, 0, 0], [2, 2, 1, 1, 0, 0]])
+    fused.routing.records = {}
+    with fused.route_tokens(experts):
+        routed = fused(inputs).logits
+    records, fused.routing.records = fused.routing.records, None
+    assert all(torch.equal(records[layer][0][0][..., 0], experts) for layer in fused.layer_names)
+    with fused.force_experts(["alpha"]):
+        assert torch.allclose(routed[0], fused(inputs[:1]).logits[0], atol=1e-6), "a row sent to alpha alone = alpha forced"
+    assert fused.routing.token_experts is None, "teacher routing ends with the block"
+    for bad in (torch.tensor([0, 1]), torch.tensor([[0, 3]])):
+        with pytest.raises(ValueError, match="route_tokens"), fused.route_tokens(bad):
+            pass
+
+
 def test_sampling_with_routing_and_beam_search_refused(fused):
     torch.manual_seed(0)
     out = fused.generate(random_ids(batch=2, length=3), max_new_tokens=4, do_sample=True, return_routing=True, pad_token_id=0)

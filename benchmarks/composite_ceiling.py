@@ -1,0 +1,89 @@
+"""How much of a composite's loss is routing, and how much the adapters: one checkpoint, two routings.
+
+On composite-n problems of a manifest's eval data (and on single problems), every sub-answer is scored by
+teacher forcing: it counts as right when the model's greedy next token is the reference at each of its
+positions (its answer and the line end), given the reference before it. For a single problem this equals greedy
+generation's exact match; for a composite it scores each sub-answer as if the earlier ones were right.
+  gates      the checkpoint's routing (top-k as configured)
+  teacher    every token sent to its own problem's expert alone (MeteoraModel.route_tokens with the tokens' task
+             labels): perfect routing, the most any gate could reach with these adapters on this base
+Writes benchmarks/results/composite_ceiling.json.
+
+    python benchmarks/composite_ceiling.py --checkpoint CKPT [--manifest M] [--count 40]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+from meteora import MeteoraModel  # noqa: E402
+from meteora.evaluation import composite_problems  # noqa: E402
+from meteora.gate_training import gate_batch  # noqa: E402
+from meteora.harness import load_benchmark  # noqa: E402
+from meteora.tinytasks import build  # noqa: E402
+
+
+@torch.no_grad()
+def sub_answers_right(model: MeteoraModel, tokenizer, items: list[list[tuple[dict, int]]], teacher: bool) -> list[list[bool]]:
+    """Per item, per sub-problem: is every teacher-forced prediction of its answer and line end right?"""
+    batch = gate_batch(tokenizer, items)
+    routing = model.route_tokens(batch["token_tasks"].clamp(min=0)) if teacher else contextlib.nullcontext()
+    with routing:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    right = logits.argmax(-1)[:, :-1] == batch["input_ids"][:, 1:]  # [B, S-1]: position i predicts token i+1
+    result = []
+    for row, item in enumerate(items):
+        start, scores = int(batch["prompt_lengths"][row]) - 1, []
+        for sample, _ in item:  # each answer plus the newline or </s> after it
+            length = len(tokenizer(sample["response"], add_special_tokens=False)["input_ids"]) + 1
+            scores.append(bool(right[row, start:start + length].all()))
+            start += length
+        result.append(scores)
+    return result
+
+
+def labelled(bench, tasks: list[str], problems) -> list[list[tuple[dict, int]]]:
+    """composite_problems' (task names, composite sample) as gate_batch items: one labelled sample per line."""
+    items = []
+    for names, sample in problems:
+        lines, answers = sample["prompt"].splitlines(keepends=True), sample["response"].split("\n")
+        items.append([({"prompt": p, "response": a}, tasks.index(t)) for t, p, a in zip(names, lines, answers)])
+    return items
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--manifest", default=None, help="default: the embedded tinytasks build")
+    parser.add_argument("--count", type=int, default=40, help="composites per size")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "composite_ceiling.json"))
+    args = parser.parse_args()
+    bench = load_benchmark(args.manifest or build())
+    model = MeteoraModel.from_pretrained(args.checkpoint, base_model=copy.deepcopy(bench.base)).eval()
+    tasks = model.expert_names
+    sets = {"single": [[(s, tasks.index(t))] for t in tasks for s in bench.eval_sets[t]]}
+    sets.update({f"composite-{n}": labelled(bench, tasks, composite_problems(bench.eval_sets, n, args.count)) for n in (3, 5)})
+    report = {"command": "python " + " ".join(sys.argv), "checkpoint": args.checkpoint,
+              "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
+    for name, items in sets.items():
+        for routing in ("gates", "teacher"):
+            scores = sub_answers_right(model, bench.tokenizer, items, routing == "teacher")
+            per_position = [sum(s[i] for s in scores) / len(scores) for i in range(len(scores[0]))]
+            rounded = [round(p, 3) for p in per_position]
+            report.setdefault(name, {})[routing] = {"summed": round(sum(per_position), 3), "per_position": rounded}
+            print(f"{name:12s} {routing:8s} summed {sum(per_position):.2f}  per position {rounded}", flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
