@@ -8,7 +8,8 @@
              target predicts the first characters of the current problem's instruction at every token after the
              instruction word (prompt and answer); the heads are discarded, the base stays a plain Llama
     adapters one PEFT LoRA per task, trained on that task only, in single prompts and in composites of 2-3
-             problems of the same task (so it keeps the composite format); mixed ranks, one on attention modules
+             problems (of its task, or one of its among format problems the base does, so it keeps the composite
+             format and answers its own line wherever it stands); mixed ranks, one on attention modules
              only; none on the first two layers: a gate sees its Linear's input, and a one-layer residual stream
              cannot tell which problem of a composite is being answered (at layer 1's q/k/v no gate could tell
              the task), a two-layer one can
@@ -45,7 +46,7 @@ from .tasks import ALL_TASKS, DEFAULT_TASKS, composite, prompt, split_samples
 from .text_data import training_batch
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 4  # bump when the recipe changes, so cached builds are not reused
+BUILD_VERSION = 5  # bump when the recipe changes, so cached builds are not reused
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_MODULES = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character an answer may hold
@@ -125,7 +126,8 @@ def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
     base = _train_base(tokenizer, config)
     base.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
-    pools = {task: _own_task_pools(data[task][0], random.Random(f"{config.seed}:{task}")) for task in config.tasks}
+    pools = {task: _own_task_pools(data[task][0], random.Random(f"{config.seed}:{task}"), config.base_tasks)
+             for task in config.tasks}
     for index, task in enumerate(tqdm(config.tasks, desc="training one adapter per task", disable=None)):
         rank, targets = config.adapter_shape(index)
         _train_lora(base, tokenizer, pools[task], rank, targets, config.adapter_steps, config, seed=index).save_pretrained(out / "adapters" / task)
@@ -211,10 +213,17 @@ class _InstructionHeads(torch.nn.Module):
         return self.weight * torch.stack(losses).mean()
 
 
-def _own_task_pools(samples: list[dict], rng: random.Random) -> list[list[dict]]:
-    """One task's training pools: its single samples, and composites of 2-3 of them (same task), so the
-    adapter keeps the composite format the base knows."""
-    return [samples, [composite(rng.sample(samples, rng.randint(2, 3))) for _ in range(len(samples) // 2)]]
+def _own_task_pools(samples: list[dict], rng: random.Random, base_tasks: tuple[str, ...]) -> list[list[dict]]:
+    """One task's training pools: its single samples, and composites of 2-3 problems, so the adapter keeps the
+    composite format the base knows: half of them all of its task, half of one of its problems among format
+    problems the base already does, so it answers its own line wherever it stands beside other tasks' lines."""
+    def mixed() -> dict:
+        problems = [rng.choice(samples)] + [ALL_TASKS[rng.choice(base_tasks)].sample(rng) for _ in range(rng.randint(1, 2))]
+        rng.shuffle(problems)
+        return composite(problems)
+
+    same = [composite(rng.sample(samples, rng.randint(2, 3))) for _ in range(len(samples) // 4)]
+    return [samples, same + [mixed() for _ in range(len(samples) // 4)]]
 
 
 def _train_lora(base, tokenizer, pools: list[list[dict]], rank: int, targets: list[str], steps: int, config: TinyTasksConfig, seed: int):
