@@ -52,7 +52,7 @@ def sub_answers_right(model: MeteoraModel, tokenizer, items: list[list[tuple[dic
     return result
 
 
-def labelled(bench, tasks: list[str], problems) -> list[list[tuple[dict, int]]]:
+def labelled(tasks: list[str], problems) -> list[list[tuple[dict, int]]]:
     """composite_problems' (task names, composite sample) as gate_batch items: one labelled sample per line."""
     items = []
     for names, sample in problems:
@@ -72,7 +72,7 @@ def main() -> None:
     model = MeteoraModel.from_pretrained(args.checkpoint, base_model=copy.deepcopy(bench.base)).eval()
     tasks = model.expert_names
     sets = {"single": [[(s, tasks.index(t))] for t in tasks for s in bench.eval_sets[t]]}
-    sets.update({f"composite-{n}": labelled(bench, tasks, composite_problems(bench.eval_sets, n, args.count)) for n in (3, 5)})
+    sets.update({f"composite-{n}": labelled(tasks, composite_problems(bench.eval_sets, n, args.count)) for n in (3, 5)})
     report = {"command": "python " + " ".join(sys.argv), "checkpoint": args.checkpoint,
               "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
     for name, items in sets.items():

@@ -110,9 +110,11 @@ def test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients(
             snippet = readme_block("python", "from openai import OpenAI").replace("localhost:8000", f"127.0.0.1:{port}")
             exec(snippet, {"os": os})  # noqa: S102 - the README's own example, against this server
         finally:
-            runner.send_signal(signal.SIGINT)  # serve run tears its application down on Ctrl-C (replicas drain
-            try:  # for up to graceful_shutdown_timeout_s, 30 s); the test's point is what it served, so a slow
-                runner.wait(timeout=120)  # teardown on a loaded machine is cut short rather than failed
+            # serve run tears its application down on Ctrl-C, replicas draining for up to graceful_shutdown_timeout_s
+            # (30 s); the test's point is what it served, so a slow teardown on a loaded machine is cut short
+            runner.send_signal(signal.SIGINT)
+            try:
+                runner.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 runner.kill()
                 runner.wait()
