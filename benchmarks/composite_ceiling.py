@@ -7,6 +7,9 @@ generation's exact match; for a composite it scores each sub-answer as if the ea
   gates      the checkpoint's routing (top-k as configured)
   teacher    every token sent to its own problem's expert alone (MeteoraModel.route_tokens with the tokens' task
              labels): perfect routing, the most any gate could reach with these adapters on this base
+  base       the base model alone on single and composite problems of the format tasks it was trained on (the
+             tinytasks build's base_tasks): how well the base itself keeps the composite format, which every
+             adapter builds on
 Writes benchmarks/results/composite_ceiling.json.
 
     python benchmarks/composite_ceiling.py --checkpoint CKPT [--manifest M] [--count 40]
@@ -19,6 +22,7 @@ import copy
 import json
 import os
 import platform
+import random
 import sys
 from pathlib import Path
 
@@ -30,11 +34,12 @@ from meteora import MeteoraModel  # noqa: E402
 from meteora.evaluation import composite_problems  # noqa: E402
 from meteora.gate_training import gate_batch  # noqa: E402
 from meteora.harness import load_benchmark  # noqa: E402
-from meteora.tinytasks import build  # noqa: E402
+from meteora.tasks import ALL_TASKS  # noqa: E402
+from meteora.tinytasks import TinyTasksConfig, build  # noqa: E402
 
 
 @torch.no_grad()
-def sub_answers_right(model: MeteoraModel, tokenizer, items: list[list[tuple[dict, int]]], teacher: bool) -> list[list[bool]]:
+def sub_answers_right(model, tokenizer, items: list[list[tuple[dict, int]]], teacher: bool) -> list[list[bool]]:
     """Per item, per sub-problem: is every teacher-forced prediction of its answer and line end right?"""
     batch = gate_batch(tokenizer, items)
     routing = model.route_tokens(batch["token_tasks"].clamp(min=0)) if teacher else contextlib.nullcontext()
@@ -61,6 +66,17 @@ def labelled(tasks: list[str], problems) -> list[list[tuple[dict, int]]]:
     return items
 
 
+def format_problems(count: int, n: int, seed: int = 0) -> list[list[tuple[dict, int]]]:
+    """`count` composites of n problems of the tinytasks base's own format tasks (n = 1: single problems)."""
+    rng, names = random.Random(f"format:{n}:{seed}"), TinyTasksConfig().base_tasks
+    return [[(ALL_TASKS[rng.choice(names)].sample(rng), 0) for _ in range(n)] for _ in range(count)]
+
+
+def summary(scores: list[list[bool]]) -> dict:
+    per_position = [sum(s[i] for s in scores) / len(scores) for i in range(len(scores[0]))]
+    return {"summed": round(sum(per_position), 3), "per_position": [round(p, 3) for p in per_position]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -77,11 +93,12 @@ def main() -> None:
               "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
     for name, items in sets.items():
         for routing in ("gates", "teacher"):
-            scores = sub_answers_right(model, bench.tokenizer, items, routing == "teacher")
-            per_position = [sum(s[i] for s in scores) / len(scores) for i in range(len(scores[0]))]
-            rounded = [round(p, 3) for p in per_position]
-            report.setdefault(name, {})[routing] = {"summed": round(sum(per_position), 3), "per_position": rounded}
-            print(f"{name:12s} {routing:8s} summed {sum(per_position):.2f}  per position {rounded}", flush=True)
+            report.setdefault(name, {})[routing] = summary(sub_answers_right(model, bench.tokenizer, items, routing == "teacher"))
+            print(f"{name:12s} {routing:8s} {report[name][routing]}", flush=True)
+    for name, n in (("single", 1), ("composite-3", 3), ("composite-5", 5)):
+        items = format_problems(args.count * 3, n)
+        report[name]["base on its format tasks"] = summary(sub_answers_right(bench.base, bench.tokenizer, items, teacher=False))
+        print(f"{name:12s} base on its format tasks {report[name]['base on its format tasks']}", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
 
