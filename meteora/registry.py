@@ -10,7 +10,7 @@
     data/<sha256>.jsonl
 
 Readers only follow the index, so objects written before a commit are invisible until the one atomic write
-of registry.json. Names and hashes read from an index are checked before they become paths.
+of registry.json, a compare-and-swap against the index this run read. Names and hashes read from an index are checked before they become paths.
 """
 from __future__ import annotations
 
@@ -72,12 +72,11 @@ class Registry:
         return self._local(data_key(sha), sha)
 
     def commit(self, index: dict) -> None:
-        """Write a new index in one atomic write, unless someone else changed it since this registry was read."""
-        current = self.store.read_bytes(INDEX_FILE) if self.store.exists(INDEX_FILE) else None
-        if current != self._raw:
-            raise RegistryError(f"registry {self.uri} changed while this run was collecting; run it again")
+        """Write a new index in one atomic compare-and-swap: refused if anyone changed it since this registry was
+        read, so of two collections committing at once one wins and the other is told to run again."""
         raw = json.dumps(index, indent=2, sort_keys=False).encode() + b"\n"
-        self.store.write_bytes(INDEX_FILE, raw)
+        if not self.store.write_if_unchanged(INDEX_FILE, raw, self._raw):
+            raise RegistryError(f"registry {self.uri} changed while this run was collecting; run it again")
         self._raw, self.index = raw, index
 
     def _local_adapter(self, entry: dict) -> Path:

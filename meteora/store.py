@@ -5,13 +5,15 @@
 
 Keys are "/"-separated paths below the store's root, checked so that none escapes it. Writes that others read
 are atomic: a temporary file renamed into place locally, a single PUT (or one completed multipart upload) on
-S3. S3 uses boto3's usual credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+S3. `write_if_unchanged` is a compare-and-swap for small objects several writers share (the registry index): a
+lock on the directory locally, a conditional PUT (If-Match / If-None-Match) on S3. S3 uses boto3's usual credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
 (boto3 reads them) or the `endpoint_url` argument; retries with exponential backoff are botocore's
 "standard" mode (AWS_MAX_ATTEMPTS overrides the attempts); files above 64 MiB go up and down in parts.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import shutil
@@ -106,6 +108,24 @@ class LocalStore:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+    def write_if_unchanged(self, key: str, data: bytes, expected: bytes | None) -> bool:
+        """Write `data` only if `key` still holds `expected` (None: absent); False, and nothing written, if not.
+        Writers hold a lock on the key's directory from the comparison to the rename, so two cannot both win."""
+        target = self._path(key)
+        if expected is None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        elif not target.parent.is_dir():
+            return False
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            if (target.read_bytes() if target.is_file() else None) != expected:
+                return False
+            self.write_bytes(key, data)
+            return True
+        finally:
+            os.close(directory)  # releases the lock
+
     def download(self, key: str, path: Path) -> None:
         try:
             shutil.copyfile(self._path(key), path)
@@ -154,6 +174,25 @@ class S3Store:
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors("write", key):  # one PUT, or one multipart upload completed at the end: atomic either way
             self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=TRANSFER)
+
+    def write_if_unchanged(self, key: str, data: bytes, expected: bytes | None) -> bool:
+        """Write `data` only if `key` still holds `expected` (None: absent); False, and nothing written, if not.
+        The PUT is conditional on the ETag that was read (or on no object), so S3 refuses it if anyone wrote since."""
+        bucket, name = self.bucket, self._key(key)
+        with self._errors("write", key):
+            try:
+                if expected is None:
+                    self.client.put_object(Bucket=bucket, Key=name, Body=data, IfNoneMatch="*")
+                    return True
+                current = self.client.get_object(Bucket=bucket, Key=name)
+                if current["Body"].read() != expected:
+                    return False
+                self.client.put_object(Bucket=bucket, Key=name, Body=data, IfMatch=current["ETag"])
+                return True
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    return False
+                raise
 
     def download(self, key: str, path: Path) -> None:
         with self._errors("read", key):

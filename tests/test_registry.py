@@ -1,6 +1,7 @@
 """Collecting adapters from a real S3 endpoint (moto server on loopback) into registries, with real local Ray."""
 import copy
 import json
+import threading
 from pathlib import Path
 
 import boto3
@@ -10,6 +11,8 @@ import yaml
 
 from meteora import MeteoraModel, Registry
 from meteora.manifest import ManifestError, load_manifest
+from meteora.registry import RegistryError
+from meteora.store import open_store
 from pipelines.collect_adapters import collect, main
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
@@ -209,3 +212,44 @@ def test_a_manifest_in_s3_with_relative_uris_is_collected(world, tmp_path):
     assert collect("s3://world/manifests-relative.yaml", str(tmp_path / "registry")).committed
     with pytest.raises(ManifestError, match="cannot be read"):
         load_manifest("s3://world/missing.yaml")
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, world, tmp_path):
+    return str(tmp_path / "store") if request.param == "local" else f"s3://world/{tmp_path.name}"
+
+
+def test_write_if_unchanged_swaps_only_what_was_read(store_uri):
+    store = open_store(store_uri)
+    assert store.write_if_unchanged("index.json", b"1", None)
+    assert not store.write_if_unchanged("index.json", b"2", None)  # it exists now
+    assert not store.write_if_unchanged("index.json", b"2", b"0")  # a stale read
+    assert store.read_bytes("index.json") == b"1"
+    assert store.write_if_unchanged("index.json", b"2", b"1") and store.read_bytes("index.json") == b"2"
+    assert not store.write_if_unchanged("gone/index.json", b"3", b"2") and not store.exists("gone/index.json")
+
+
+def test_racing_commits_lose_no_update(store_uri):
+    """Writers race on one index, each re-reading and retrying when told it changed: every commit that reported
+    success is in the final index (a check-then-write would let one silently overwrite another)."""
+    names, opening = [f"writer-{i}" for i in range(6)], threading.Lock()
+    fake = {key: "0" * 64 for key in ("sha256", "config_sha256", "content_sha256")}
+    errors = []
+
+    def writer(name):
+        for _ in range(60):
+            with opening:  # boto3 clients are not safe to create concurrently; the commits below still race
+                registry = Registry(store_uri)
+            try:
+                registry.commit({**registry.index, "adapters": {**registry.index["adapters"], name: dict(fake)}})
+                return
+            except RegistryError as err:
+                assert "changed while this run was collecting" in str(err)
+        errors.append(f"{name} never committed")
+
+    threads = [threading.Thread(target=writer, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and sorted(Registry(store_uri).names) == names
