@@ -10,7 +10,8 @@
     data/<sha256>.jsonl
 
 Readers only follow the index, so objects written before a commit are invisible until the one atomic write
-of registry.json, a compare-and-swap against the index this run read. Names and hashes read from an index are checked before they become paths.
+of registry.json, a compare-and-swap against the index this run read. Names and hashes read from an index are
+checked before they become paths.
 """
 from __future__ import annotations
 

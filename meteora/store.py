@@ -6,9 +6,10 @@
 Keys are "/"-separated paths below the store's root, checked so that none escapes it. Writes that others read
 are atomic: a temporary file renamed into place locally, a single PUT (or one completed multipart upload) on
 S3. `write_if_unchanged` is a compare-and-swap for small objects several writers share (the registry index): a
-lock on the directory locally, a conditional PUT (If-Match / If-None-Match) on S3. S3 uses boto3's usual credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
-(boto3 reads them) or the `endpoint_url` argument; retries with exponential backoff are botocore's
-"standard" mode (AWS_MAX_ATTEMPTS overrides the attempts); files above 64 MiB go up and down in parts.
+lock on the directory locally, a conditional PUT (If-Match / If-None-Match) on S3. S3 uses boto3's usual
+credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (boto3 reads them) or the
+`endpoint_url` argument; retries with exponential backoff are botocore's "standard" mode (AWS_MAX_ATTEMPTS
+overrides the attempts); files above 64 MiB go up and down in parts.
 """
 from __future__ import annotations
 
