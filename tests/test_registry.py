@@ -244,7 +244,9 @@ def test_racing_commits_lose_no_update(store_uri):
                 registry.commit({**registry.index, "adapters": {**registry.index["adapters"], name: dict(fake)}})
                 return
             except RegistryError as err:
-                assert "changed while this run was collecting" in str(err)
+                if "changed while this run was collecting" not in str(err):  # an assert here would die with its thread
+                    errors.append(f"{name}: {err}")
+                    return
         errors.append(f"{name} never committed")
 
     threads = [threading.Thread(target=writer, args=(name,)) for name in names]
