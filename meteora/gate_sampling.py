@@ -3,8 +3,8 @@
 Every worker holds a disjoint shard of the task-labelled samples; the batch of step s on rank r is drawn from
 that shard by a generator seeded with (seed, s, r). A run resumed from the checkpoint of step s therefore draws
 exactly the batches an uninterrupted run would have drawn from step s + 1 on: no step repeated or skipped.
-With `new_experts` (incremental training), a fixed share of every batch comes from the new experts' samples,
-the rest from the old ones, so the new gate rows learn fast while the old tasks keep being seen.
+With `new_experts` (incremental training), a fixed share of every batch comes from the new experts' samples
+(new_share), the rest from the old ones, so the new gate rows learn while the old tasks keep being seen.
 With `composite_fraction`, that share of the items are composites: 2..composite_max samples of different
 tasks asked in one prompt (gate_training.gate_batch labels their tokens per segment).
 """
@@ -41,6 +41,12 @@ def step_samples(pool: list[Sample], step: int, rank: int, size: int, seed: int,
         samples = _draw(rng, pool, size)
     return [_composite_around(sample, pool, rng, composite_max) if rng.random() < composite_fraction else sample
             for sample in samples]
+
+
+def new_share(new_fraction: float | None, new_experts: int, experts: int) -> float:
+    """The share of every incremental batch drawn from the new experts' samples: `new_fraction`, or by default
+    (None) the new experts' share of all experts, so every expert's data is drawn about equally often."""
+    return new_experts / experts if new_fraction is None else new_fraction
 
 
 def _composite_around(sample: Sample, pool: list[Sample], rng: random.Random, composite_max: int) -> list[Sample]:

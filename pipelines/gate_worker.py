@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from meteora import MeteoraModel, Registry
-from meteora.gate_sampling import shard, shuffled, step_samples
+from meteora.gate_sampling import new_share, shard, shuffled, step_samples
 from meteora.gate_training import GateTrainingConfig, gate_batch, gate_step, registry_samples, response_routing_accuracy
 from meteora.store import local_dir
 from meteora.train_state import load_train_state, save_train_state
@@ -50,6 +50,7 @@ def train_loop_per_worker(job: dict) -> None:
     evaluation = shuffled(registry_samples(registry, model.expert_names, "eval"), config.seed)[:config.eval_samples]
     evaluation = evaluation[rank::world]
     new_indices = {model.expert_names.index(name) for name in new_experts}
+    new_fraction = new_share(config.new_fraction, len(new_indices), len(model.expert_names))
     mask = old_rows_mask(model, new_experts) if config.freeze_old else None
     step_config = GateTrainingConfig(gate_weight=config.gate_weight, exclude_prompt=config.exclude_prompt)
     window: list[dict] = []
@@ -57,7 +58,7 @@ def train_loop_per_worker(job: dict) -> None:
     while step < config.steps:
         step += 1
         started = time.perf_counter()
-        items = step_samples(train, step, rank, config.batch // world, config.seed, new_indices, config.new_fraction,
+        items = step_samples(train, step, rank, config.batch // world, config.seed, new_indices, new_fraction,
                              config.composite_fraction, config.composite_max)
         batch = gate_batch(tokenizer, items)
         optimizer.zero_grad()

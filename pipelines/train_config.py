@@ -29,7 +29,8 @@ class TrainGatesConfig(BaseModel):
     output: str | None = None  # MeteoRA checkpoint URI; None: <storage_path>/<name>/meteora
     init_from: str | None = None  # a MeteoRA checkpoint whose gate rows start the experts it shares
     freeze_old: bool = False  # with init_from: train only the new experts' gate rows
-    new_fraction: float = Field(0.5, ge=0.0, le=1.0)  # with init_from: share of each batch from new experts
+    new_fraction: float | None = Field(None, ge=0.0, le=1.0)  # with init_from: share of each batch from new experts;
+    #                                                              None: their share of all experts (every expert equally)
 
     name: str = "meteora-gates"  # run name: a run with the same name and storage_path resumes
     storage_path: str | None = None  # Ray Train checkpoints: local dir or s3://; None: <cache>/ray_results

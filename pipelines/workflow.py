@@ -7,7 +7,7 @@ stage     its inputs (hashed)                                 what it runs
 collect   the manifest's bytes, the registry and its index    pipelines/collect_adapters.collect (Ray tasks)
 train     the manifest's experts (name, sha256) in order,     pipelines/train_gates.train (Ray Train); incremental when
           the base model, the training settings               the experts only grew since the last training: --init-from
-                                                              its checkpoint, old rows frozen, incremental_steps of the steps
+                                                              its checkpoint (old rows start trained), incremental_steps of the steps
 evaluate  the checkpoint's content, the evaluation settings   meteora.harness.evaluate in a Ray task: tables and plots
 deploy    the checkpoint's content, the serving settings      serve.run: a running application is updated in place (new
                                                               replicas start before old ones drain), or started
@@ -188,9 +188,9 @@ def _train(config, work: Path, registry: Registry, experts, entries, key: str, p
     old = [tuple(e) for e in (previous or {}).get("outputs", {}).get("experts", [])]
     if old and set(old) < set(entries) and previous["outputs"]["base"] == registry.base_model["fingerprint"]:
         steps = max(1, math.ceil(config.incremental_steps * settings.steps))
-        values.update(init_from=previous["outputs"]["checkpoint"], freeze_old=True, steps=steps)
+        values.update(init_from=previous["outputs"]["checkpoint"], steps=steps)
         print(f"[train] incremental: {len(entries) - len(old)} new adapter(s); starting from {values['init_from']}, "
-              f"old gate rows frozen, {steps} steps", flush=True)
+              f"{steps} steps", flush=True)
     started = time.perf_counter()
     summary = train(config.train_config(**values))
     print_training_summary(summary, time.perf_counter() - started)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meteora import CheckpointError, MeteoraModel
-from meteora.gate_sampling import shard, step_samples
+from meteora.gate_sampling import new_share, shard, step_samples
 from meteora.train_state import load_train_state, save_train_state
 from meteora.warm_start import init_gates_from, old_rows_mask
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
@@ -59,6 +59,8 @@ def test_step_batches_depend_on_seed_step_and_rank_only():
     assert step_samples(shards[0], 7, 0, 8, seed=0) != step_samples(shards[0], 8, 0, 8, seed=0)
     mixed = step_samples(shards[0], 3, 0, 8, seed=0, new_experts={3}, new_fraction=0.5)
     assert sum(task == 3 for _, task in mixed) == 4
+    balanced = step_samples(shards[0], 3, 0, 8, seed=0, new_experts={3}, new_fraction=new_share(None, 1, 4))
+    assert sum(task == 3 for _, task in balanced) == 2  # by default a new expert is drawn as often as an old one
 
 
 def test_warm_start_keeps_trained_rows_of_shared_experts(adapters, tmp_path):
