@@ -8,8 +8,8 @@ generation's exact match; for a composite it scores each sub-answer as if the ea
   teacher    every token sent to its own problem's expert alone (MeteoraModel.route_tokens with the tokens' task
              labels): perfect routing, the most any gate could reach with these adapters on this base
   base       the base model alone on single and composite problems of the format tasks it was trained on (the
-             tinytasks build's base_tasks): how well the base itself keeps the composite format, which every
-             adapter builds on
+             tinytasks build's base_tasks, from its build_report.json; skipped for other manifests): how well the
+             base itself keeps the composite format, which every adapter builds on
 Writes benchmarks/results/composite_ceiling.json.
 
     python benchmarks/composite_ceiling.py --checkpoint CKPT [--manifest M] [--count 40]
@@ -35,7 +35,8 @@ from meteora.evaluation import composite_problems  # noqa: E402
 from meteora.gate_training import gate_batch  # noqa: E402
 from meteora.harness import load_benchmark  # noqa: E402
 from meteora.tasks import ALL_TASKS  # noqa: E402
-from meteora.tinytasks import TinyTasksConfig, build  # noqa: E402
+from meteora.store import open_store, split_uri  # noqa: E402
+from meteora.tinytasks import build  # noqa: E402
 
 
 @torch.no_grad()
@@ -66,9 +67,19 @@ def labelled(tasks: list[str], problems) -> list[list[tuple[dict, int]]]:
     return items
 
 
-def format_problems(count: int, n: int, seed: int = 0) -> list[list[tuple[dict, int]]]:
-    """`count` composites of n problems of the tinytasks base's own format tasks (n = 1: single problems)."""
-    rng, names = random.Random(f"format:{n}:{seed}"), TinyTasksConfig().base_tasks
+def base_tasks(manifest_uri: str) -> list[str]:
+    """The format tasks the tinytasks build beside the manifest trained its base on (its build_report.json);
+    none for a manifest that is not a tinytasks build."""
+    parent, _ = split_uri(manifest_uri)
+    store = open_store(parent)
+    if not store.exists("build_report.json"):
+        return []
+    return json.loads(store.read_bytes("build_report.json"))["config"]["base_tasks"]
+
+
+def format_problems(names: list[str], count: int, n: int, seed: int = 0) -> list[list[tuple[dict, int]]]:
+    """`count` composites of n problems of the format tasks `names` (n = 1: single problems)."""
+    rng = random.Random(f"format:{n}:{seed}")
     return [[(ALL_TASKS[rng.choice(names)].sample(rng), 0) for _ in range(n)] for _ in range(count)]
 
 
@@ -84,7 +95,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=40, help="composites per size")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "composite_ceiling.json"))
     args = parser.parse_args()
-    bench = load_benchmark(args.manifest or build())
+    manifest = args.manifest or build()
+    bench = load_benchmark(manifest)
     model = MeteoraModel.from_pretrained(args.checkpoint, base_model=copy.deepcopy(bench.base)).eval()
     tasks = model.expert_names
     sets = {"single": [[(s, tasks.index(t))] for t in tasks for s in bench.eval_sets[t]]}
@@ -95,8 +107,9 @@ def main() -> None:
         for routing in ("gates", "teacher"):
             report.setdefault(name, {})[routing] = summary(sub_answers_right(model, bench.tokenizer, items, routing == "teacher"))
             print(f"{name:12s} {routing:8s} {report[name][routing]}", flush=True)
-    for name, n in (("single", 1), ("composite-3", 3), ("composite-5", 5)):
-        items = format_problems(args.count * 3, n)
+    names = base_tasks(manifest)
+    for name, n in (("single", 1), ("composite-3", 3), ("composite-5", 5)) if names else ():
+        items = format_problems(names, args.count * 3, n)
         report[name]["base on its format tasks"] = summary(sub_answers_right(bench.base, bench.tokenizer, items, teacher=False))
         print(f"{name:12s} base on its format tasks {report[name]['base on its format tasks']}", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
