@@ -74,7 +74,7 @@ def base_tasks(manifest_uri: str) -> list[str]:
     store = open_store(parent)
     if not store.exists("build_report.json"):
         return []
-    return json.loads(store.read_bytes("build_report.json"))["config"]["base_tasks"]
+    return json.loads(store.read_bytes("build_report.json")).get("config", {}).get("base_tasks", [])
 
 
 def format_problems(names: list[str], count: int, n: int, seed: int = 0) -> list[list[tuple[dict, int]]]:

@@ -170,6 +170,7 @@ def _write_meteora_checkpoint(model, config: TrainGatesConfig, job: dict, state:
         "num_workers": config.num_workers, "lr": config.lr, "gate_weight": config.gate_weight,
         "exclude_prompt": config.exclude_prompt, "seed": config.seed,
         "init_from": config.init_from, "new_experts": new_experts, "freeze_old": config.freeze_old,
+        "new_fraction": new_share(config.new_fraction, len(new_experts), len(model.expert_names)),
         "train_seconds": round(train_seconds, 2),
         "samples_per_s": round(config.steps * config.batch / train_seconds, 2) if train_seconds else None,
         "attempts": state.get("attempts", []), "final": history[-1] if history else None, "history": history,

@@ -172,7 +172,8 @@ def print_training_summary(summary: dict, wall_seconds: float) -> None:
     print(f"  training {summary['train_seconds']} s ({summary['samples_per_s']} samples/s), "
           f"{len(summary['attempts'])} attempt(s), job {wall_seconds:.0f} s")
     if summary.get("init_from"):
-        print(f"  started from {summary['init_from']}; new experts {summary['new_experts']}, old rows frozen: {summary['freeze_old']}")
+        print(f"  started from {summary['init_from']}; new experts {summary['new_experts']} ({summary['new_fraction']:.2f} of "
+              f"every batch), old rows frozen: {summary['freeze_old']}")
     print(f"  MeteoRA checkpoint: {summary['output']}")
 
 

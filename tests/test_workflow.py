@@ -92,7 +92,10 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert stages_said(capsys.readouterr().out) == {"collect": "running", "train": "running", "evaluate": "running",
                                                         "deploy": "running"}
         assert third["train"]["incremental"]
-        assert MeteoraModel.from_pretrained(third["train"]["checkpoint"]).expert_names == ["reverse", "upper", "length"]
+        grown_model = MeteoraModel.from_pretrained(third["train"]["checkpoint"])
+        assert grown_model.expert_names == ["reverse", "upper", "length"]
+        training = grown_model.training_summary  # every row trained, the new expert's data a third of each batch
+        assert training["freeze_old"] is False and training["new_fraction"] == pytest.approx(1 / 3)
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
         assert [m["id"] for m in models][-1] == "meteora:length"  # the redeployed application serves the new model
         assert answers and all(status == 200 for status in answers), answers  # none failed during the update
