@@ -171,10 +171,11 @@ class MeteoraModel(nn.Module):
     @contextlib.contextmanager
     def route_tokens(self, expert_ids: torch.Tensor):
         """Teacher routing, for analysis: inside the block a forward of inputs [B, S] sends token (b, s) to expert
-        expert_ids[b, s] alone, at every adapted layer (perfect routing when the ids are the tokens' tasks)."""
-        in_range = expert_ids.numel() == 0 or 0 <= int(expert_ids.min()) <= int(expert_ids.max()) < len(self.expert_names)
+        expert_ids[b, s] alone, at every adapted layer (perfect routing when the ids are the tokens' tasks);
+        a token whose id is -1 is routed by the gates as usual."""
+        in_range = expert_ids.numel() == 0 or -1 <= int(expert_ids.min()) <= int(expert_ids.max()) < len(self.expert_names)
         if expert_ids.dim() != 2 or not in_range:
-            raise ValueError(f"route_tokens needs [B, S] expert ids in [0, {len(self.expert_names)}), "
+            raise ValueError(f"route_tokens needs [B, S] expert ids in [-1, {len(self.expert_names)}) (-1: the gates), "
                              f"got shape {tuple(expert_ids.shape)}")
         self.routing.token_experts = expert_ids.reshape(-1).long()
         try:

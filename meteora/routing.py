@@ -4,7 +4,7 @@
     vals, ids = topk(logits, k)        # [T, k]
     weights = softmax(vals / temperature)
 Forcing bypasses the gates: every token uses the forced experts with equal weights; teacher routing
-(token_experts) sends each token of one forward to a given expert with weight 1.
+(token_experts) sends each token of one forward to a given expert with weight 1, or leaves it to the gates (-1).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Routing:
     temperature: float
     backend: str
     forced: torch.Tensor | None = None  # [m] expert ids, or None to route with the gates
-    token_experts: torch.Tensor | None = None  # [T] one expert id per token of the next forwards (teacher routing)
+    token_experts: torch.Tensor | None = None  # [T] expert id per token of the next forwards, -1: the gates (teacher routing)
     gate_logits: list[torch.Tensor] | None = None  # when a list, every layer appends its [T, E] logits (training)
     records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # layer -> [(ids, weights)] per call
 
@@ -30,13 +30,14 @@ class Routing:
         """x [T, d_in], gate [E, d_in] -> ids [T, k] int64, weights [T, k] fp32."""
         T = x.shape[0]
         if self.token_experts is not None:
-            if self.token_experts.numel() != T:
-                raise ValueError(f"teacher routing has {self.token_experts.numel()} expert ids for {T} tokens")
-            return self.token_experts.to(x.device).view(T, 1), torch.ones(T, 1, device=x.device)
+            return self._teacher_route(x, gate)
         if self.forced is not None:
             m = self.forced.numel()
             ids = self.forced.to(x.device).expand(T, m)  # [T, m]
             return ids, torch.full((T, m), 1.0 / m, device=x.device)
+        return self._gate_route(x, gate)
+
+    def _gate_route(self, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), gate.float())  # [T, E] in fp32, whatever dtype the model was cast to
         if self.gate_logits is not None:
             self.gate_logits.append(logits)
@@ -44,6 +45,19 @@ class Routing:
         if self.temperature != 1.0:
             vals = vals / self.temperature
         return ids, torch.softmax(vals, dim=-1)
+
+    def _teacher_route(self, x: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_experts' expert at weight 1 where it is >= 0; the gates' top-k elsewhere."""
+        T, teacher = x.shape[0], self.token_experts.to(x.device)
+        if teacher.numel() != T:
+            raise ValueError(f"teacher routing has {teacher.numel()} expert ids for {T} tokens")
+        taught = (teacher >= 0).view(T, 1)
+        if bool(taught.all()):
+            return teacher.view(T, 1), torch.ones(T, 1, device=x.device)
+        ids, weights = self._gate_route(x, gate)  # [T, k]
+        sole = torch.zeros_like(weights)
+        sole[:, 0] = 1.0  # a taught token: its expert in the first slot at weight 1, the other slots at weight 0
+        return torch.where(taught, teacher.view(T, 1), ids), torch.where(taught, sole, weights)
 
     def record(self, layer: str, ids: torch.Tensor, weights: torch.Tensor, shape: torch.Size) -> None:
         """Keep ids and weights [*shape, k] of one call when a trace is being recorded."""

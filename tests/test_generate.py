@@ -67,9 +67,28 @@ def test_teacher_routing_sends_each_token_to_its_expert(fused):
     with fused.force_experts(["alpha"]):
         assert torch.allclose(routed[0], fused(inputs[:1]).logits[0], atol=1e-6), "a row sent to alpha alone = alpha forced"
     assert fused.routing.token_experts is None, "teacher routing ends with the block"
-    for bad in (torch.tensor([0, 1]), torch.tensor([[0, 3]])):
+    for bad in (torch.tensor([0, 1]), torch.tensor([[0, 3]]), torch.tensor([[0, -2]])):
         with pytest.raises(ValueError, match="route_tokens"), fused.route_tokens(bad):
             pass
+
+
+@torch.no_grad()
+def test_teacher_routing_leaves_tokens_marked_minus_one_to_the_gates(fused):
+    inputs = random_ids(batch=2, length=6, seed=4)
+    experts = torch.tensor([[-1, -1, -1, -1, -1, -1], [2, 2, -1, -1, 0, -1]])
+    fused.routing.records = {}
+    gated = fused(inputs).logits
+    with fused.route_tokens(experts):
+        mixed = fused(inputs).logits
+    records, fused.routing.records = fused.routing.records, None
+    torch.testing.assert_close(mixed[0], gated[0], rtol=0, atol=1e-6)  # a row left to the gates is routed as usual
+    assert not torch.allclose(mixed[1], gated[1], atol=1e-3), "the taught tokens changed the row"
+    taught = experts[1] >= 0
+    for layer in fused.layer_names:
+        (gate_ids, _), (ids, weights) = records[layer]
+        assert torch.equal(ids[1, taught, 0], experts[1, taught]) and (weights[1, taught] == torch.tensor([1.0, 0.0])).all()
+    first = fused.layer_names[0]  # its input does not depend on any routing yet: the gates pick as in the plain pass
+    assert torch.equal(records[first][1][0][1, ~taught], records[first][0][0][1, ~taught])
 
 
 def test_sampling_with_routing_and_beam_search_refused(fused):
