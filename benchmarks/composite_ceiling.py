@@ -7,6 +7,8 @@ generation's exact match; for a composite it scores each sub-answer as if the ea
   gates      the checkpoint's routing (top-k as configured)
   teacher    every token sent to its own problem's expert alone (MeteoraModel.route_tokens with the tokens' task
              labels): perfect routing, the most any gate could reach with these adapters on this base
+  line starts  teacher routing on the first two tokens of every problem (<s> and the instruction's first
+             character for the first one), the gates elsewhere: what is lost where no causal gate can tell the task
   base       the base model alone on single and composite problems of the format tasks it was trained on (the
              tinytasks build's base_tasks, from its build_report.json; skipped for other manifests): how well the
              base itself keeps the composite format, which every adapter builds on
@@ -39,11 +41,16 @@ from meteora.store import open_store, split_uri  # noqa: E402
 from meteora.tinytasks import build  # noqa: E402
 
 
+ROUTINGS = ("gates", "teacher", "line starts")
+LINE_START_TOKENS = 2
+
+
 @torch.no_grad()
-def sub_answers_right(model, tokenizer, items: list[list[tuple[dict, int]]], teacher: bool) -> list[list[bool]]:
+def sub_answers_right(model, tokenizer, items: list[list[tuple[dict, int]]], routing: str = "gates") -> list[list[bool]]:
     """Per item, per sub-problem: is every teacher-forced prediction of its answer and line end right?"""
     batch = gate_batch(tokenizer, items)
-    routing = model.route_tokens(batch["token_tasks"].clamp(min=0)) if teacher else contextlib.nullcontext()
+    experts = {"teacher": batch["token_tasks"].clamp(min=0), "line starts": line_start_experts(tokenizer, items, batch)}
+    routing = model.route_tokens(experts[routing]) if routing in experts else contextlib.nullcontext()
     with routing:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     right = logits.argmax(-1)[:, :-1] == batch["input_ids"][:, 1:]  # [B, S-1]: position i predicts token i+1
@@ -56,6 +63,18 @@ def sub_answers_right(model, tokenizer, items: list[list[tuple[dict, int]]], tea
             start += length
         result.append(scores)
     return result
+
+
+def line_start_experts(tokenizer, items: list[list[tuple[dict, int]]], batch) -> torch.Tensor:
+    """[B, S] expert ids for route_tokens: each problem's task on its first LINE_START_TOKENS tokens, -1 (the gates)
+    elsewhere."""
+    experts = torch.full_like(batch["input_ids"], -1)
+    for row, item in enumerate(items):
+        start = 0
+        for j, (sample, task) in enumerate(item):
+            experts[row, start:start + LINE_START_TOKENS] = task
+            start += len(tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]) + (j == 0)  # <s> first
+    return experts
 
 
 def labelled(tasks: list[str], problems) -> list[list[tuple[dict, int]]]:
@@ -104,13 +123,17 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "checkpoint": args.checkpoint,
               "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
     for name, items in sets.items():
-        for routing in ("gates", "teacher"):
-            report.setdefault(name, {})[routing] = summary(sub_answers_right(model, bench.tokenizer, items, routing == "teacher"))
+        for routing in ROUTINGS:
+            scores = sub_answers_right(model, bench.tokenizer, items, routing)
+            report.setdefault(name, {})[routing] = summary(scores)
+            if name == "single":
+                report[name][routing]["per_task"] = {
+                    task: summary([s for s, item in zip(scores, items) if item[0][1] == e])["summed"] for e, task in enumerate(tasks)}
             print(f"{name:12s} {routing:8s} {report[name][routing]}", flush=True)
     names = base_tasks(manifest)
     for name, n in (("single", 1), ("composite-3", 3), ("composite-5", 5)) if names else ():
         items = format_problems(names, args.count * 3, n)
-        report[name]["base on its format tasks"] = summary(sub_answers_right(bench.base, bench.tokenizer, items, teacher=False))
+        report[name]["base on its format tasks"] = summary(sub_answers_right(bench.base, bench.tokenizer, items))
         print(f"{name:12s} base on its format tasks {report[name]['base on its format tasks']}", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
 
