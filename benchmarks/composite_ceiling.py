@@ -48,10 +48,16 @@ LINE_START_TOKENS = 2
 @torch.no_grad()
 def sub_answers_right(model, tokenizer, items: list[list[tuple[dict, int]]], routing: str = "gates") -> list[list[bool]]:
     """Per item, per sub-problem: is every teacher-forced prediction of its answer and line end right?"""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     batch = gate_batch(tokenizer, items)
-    experts = {"teacher": batch["token_tasks"].clamp(min=0), "line starts": line_start_experts(tokenizer, items, batch)}
-    routing = model.route_tokens(experts[routing]) if routing in experts else contextlib.nullcontext()
-    with routing:
+    if routing == "teacher":
+        context = model.route_tokens(batch["token_tasks"].clamp(min=0))
+    elif routing == "line starts":
+        context = model.route_tokens(line_start_experts(tokenizer, items, batch))
+    else:
+        context = contextlib.nullcontext()
+    with context:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     right = logits.argmax(-1)[:, :-1] == batch["input_ids"][:, 1:]  # [B, S-1]: position i predicts token i+1
     result = []
@@ -129,7 +135,7 @@ def main() -> None:
             if name == "single":
                 report[name][routing]["per_task"] = {
                     task: summary([s for s, item in zip(scores, items) if item[0][1] == e])["summed"] for e, task in enumerate(tasks)}
-            print(f"{name:12s} {routing:8s} {report[name][routing]}", flush=True)
+            print(f"{name:12s} {routing:11s} {report[name][routing]}", flush=True)
     names = base_tasks(manifest)
     for name, n in (("single", 1), ("composite-3", 3), ("composite-5", 5)) if names else ():
         items = format_problems(names, args.count * 3, n)

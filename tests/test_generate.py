@@ -85,7 +85,7 @@ def test_teacher_routing_leaves_tokens_marked_minus_one_to_the_gates(fused):
     assert not torch.allclose(mixed[1], gated[1], atol=1e-3), "the taught tokens changed the row"
     taught = experts[1] >= 0
     for layer in fused.layer_names:
-        (gate_ids, _), (ids, weights) = records[layer]
+        _, (ids, weights) = records[layer]
         assert torch.equal(ids[1, taught, 0], experts[1, taught]) and (weights[1, taught] == torch.tensor([1.0, 0.0])).all()
     first = fused.layer_names[0]  # its input does not depend on any routing yet: the gates pick as in the plain pass
     assert torch.equal(records[first][1][0][1, ~taught], records[first][0][0][1, ~taught])
