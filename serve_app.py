@@ -3,9 +3,9 @@
     serve run configs/serve.yaml          import_path serve_app:app_builder, args = ServeSettings
     GET  /healthz   GET /v1/models   POST /v1/completions   POST /v1/chat/completions   (DESIGN.md, HTTP)
 
-    HTTP request ─► create_app (FastAPI: auth, schemas, limits, OpenAI-shaped errors)
-                    ─► MeteoraService (checkpoint + base model + tokenizer, prompt encoding)
-                    ─► AsyncEngine (continuous batching in one thread per replica) ─► token events ─► JSON / SSE
+    HTTP request ─► create_app (FastAPI: auth, schemas, OpenAI-shaped errors)
+                    ─► meteora.serving.MeteoraService (checkpoint + base model + tokenizer, prompt encoding, every
+                       check of a request, continuous batching in one thread per replica) ─► token events ─► JSON / SSE
 Each replica batches the requests it holds: a request joins the running batch at the next decoding step and
 requests for different tasks share forward passes, the gates routing every token. Extensions to OpenAI's
 schema: "experts" (force these adapters, like model "<model>:<expert>") and "return_routing" (per generated
@@ -13,7 +13,6 @@ token, the experts' weights). Bad input is a 4xx in OpenAI's error shape, never 
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -21,10 +20,8 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Literal
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,9 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meteora import AsyncEngine, GenerationEngine, MeteoraModel, SamplingParams, TokenEvent, load_tokenizer
-from meteora.checkpoint import is_remote, read_checkpoint_config
-from meteora.text_data import chat_prompt_ids, prompt_ids
+from meteora import CheckpointError, RequestError
+from meteora.errors import Busy, InvalidRequest, PromptTooLong, UnknownExpert
+from meteora.model import checkpoint_exists
+from meteora.serving import MeteoraService, SamplingParams, ServingLimits, TokenEvent
+from meteora.store import absolute_uri
 
 log = logging.getLogger("meteora.serve")
 
@@ -105,126 +104,55 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-# ---- the model and its engine (no HTTP, no Ray) -----------------------------------------------------------------
-class MeteoraService:
-    def __init__(self, settings: ServeSettings, on_step=None):
-        self.settings = settings
-        torch.set_num_threads(settings.torch_threads)
-        base = settings.base_model or read_checkpoint_config(settings.checkpoint)["base_model"].get("uri")
-        if not base:
-            raise ValueError(f"checkpoint {settings.checkpoint} records no base model URI: set base_model")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        self.model = MeteoraModel.from_pretrained(settings.checkpoint, base_model=base, backend=settings.backend, dtype=dtype)
-        self.model.to(device)
-        self.tokenizer = load_tokenizer(base)
-        self.context = self.model.base_model.config.max_position_embeddings
-        self.engine = AsyncEngine(GenerationEngine(self.model, self.tokenizer, settings.max_batch_size), on_step)
-        self.api_key = os.environ.get(settings.api_key_env) or None
-        self.created = int(time.time())
-
-    def close(self) -> None:
-        self.engine.close()
-
-    def model_ids(self) -> list[str]:
-        return [self.settings.model_name] + [f"{self.settings.model_name}:{e}" for e in self.model.expert_names]
-
-    def forced_experts(self, model: str, experts: list[str] | None) -> tuple[str, ...]:
-        name, _, expert = model.partition(":")
-        if name != self.settings.model_name or (expert and expert not in self.model.expert_names):
-            raise APIError(404, f"model {model!r} does not exist; models: {self.model_ids()}", "model", "model_not_found")
-        unknown = [e for e in experts or [] if e not in self.model.expert_names]
-        if unknown:
-            raise APIError(404, f"unknown experts {unknown}; experts: {self.model.expert_names}", "experts", "expert_not_found")
-        if expert and experts and experts != [expert]:
-            raise APIError(400, f"model {model!r} forces expert {expert!r} but experts={experts}", "experts", "conflicting_experts")
-        if experts and len(set(experts)) != len(experts):
-            raise APIError(400, f"experts {experts} repeats a name", "experts", "duplicate_experts")
-        return (expert,) if expert else tuple(experts or ())
-
-    def check_prompt(self, ids: list[int], text_empty: bool, param: str) -> list[int]:
-        if text_empty:
-            raise APIError(400, "the prompt is empty", param, "empty_prompt")
-        limit = min(self.settings.max_prompt_tokens, self.context - 1)
-        if len(ids) > limit:
-            raise APIError(413, f"the prompt has {len(ids)} tokens; the limit is {limit}", param, "prompt_too_long")
-        return ids
-
-    def sampling(self, body: GenerationRequest, max_tokens: int | None, default: int, prompts: list[list[int]],
-                 experts: tuple[str, ...]) -> SamplingParams:
-        room = self.context - max(map(len, prompts))
-        if max_tokens is None:
-            max_tokens = min(default, room, self.settings.max_tokens_limit)
-        elif max_tokens > self.settings.max_tokens_limit:
-            raise APIError(400, f"max_tokens={max_tokens} is above this server's limit of {self.settings.max_tokens_limit}",
-                           "max_tokens", "max_tokens_too_large")
-        elif max_tokens > room:
-            raise APIError(400, f"the prompt and max_tokens={max_tokens} exceed the model's context window of "
-                           f"{self.context} tokens", "max_tokens", "context_length_exceeded")
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, "stop takes up to 4 non-empty strings", "stop", "invalid_stop")
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                              stop=tuple(stop), experts=experts, ignore_eos=body.ignore_eos)
-
-    def admit(self, count: int) -> None:
-        """Back-pressure: 429 when more than max_waiting requests would wait for a place in the batch."""
-        engine = self.engine.engine
-        if engine.waiting + count - max(self.settings.max_batch_size - engine.running, 0) > self.settings.max_waiting:
-            raise APIError(429, "too many requests are waiting on this replica; retry shortly", None, "server_busy",
-                           "rate_limit_error")
-
-    def streams(self, prompts: list[list[int]], params: SamplingParams) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
-        return _merged([self.engine.stream(p, params) for p in prompts])
+# meteora's typed request errors -> HTTP status and OpenAI error type
+STATUS = {InvalidRequest: (400, "invalid_request_error"), UnknownExpert: (404, "invalid_request_error"),
+          PromptTooLong: (413, "invalid_request_error"), Busy: (429, "rate_limit_error")}
 
 
-async def _merged(streams: list[AsyncIterator[TokenEvent]]) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
-    """Batches of (stream index, event) from several streams, each batch all that has arrived: a reader slower than
-    the engine (a busy proxy) gets fewer, larger chunks instead of a growing backlog. Leaving early cancels all."""
-    queue: asyncio.Queue = asyncio.Queue()
+def api_error(error: RequestError) -> APIError:
+    status, kind = STATUS[type(error)]
+    return APIError(status, error.message, error.param, error.code, kind)
 
-    async def pump(index: int, stream: AsyncIterator[TokenEvent]) -> None:
-        try:
-            async for event in stream:
-                await queue.put((index, event))
-        except Exception as error:  # noqa: BLE001 - re-raised in the consumer
-            await queue.put((index, error))
-        await queue.put((index, None))
 
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    running = len(tasks)
-    try:
-        while running:
-            arrived = [await queue.get()]
-            while not queue.empty():
-                arrived.append(queue.get_nowait())
-            for _, item in arrived:
-                if isinstance(item, Exception):
-                    raise item
-            running -= sum(item is None for _, item in arrived)
-            batch = [(index, item) for index, item in arrived if item is not None]
-            if batch:
-                yield batch
-    finally:
-        for task in tasks:
-            task.cancel()
+def service_settings(settings: ServeSettings) -> dict:
+    """MeteoraService.load's arguments from the application's settings."""
+    limits = ServingLimits(settings.max_batch_size, settings.max_waiting, settings.max_prompt_tokens, settings.max_tokens_limit)
+    return {"checkpoint": settings.checkpoint, "base_model": settings.base_model, "backend": settings.backend,
+            "limits": limits, "threads": settings.torch_threads}
+
+
+def forced_experts(model: str, experts: list[str] | None, model_ids: list[str]) -> tuple[str, ...]:
+    """The experts a request forces: "<model>:<expert>" (one of `model_ids`) or the "experts" extension (whose
+    names the service checks)."""
+    if model not in model_ids:
+        raise APIError(404, f"model {model!r} does not exist; models: {model_ids}", "model", "model_not_found")
+    expert = model.partition(":")[2]
+    if expert and experts and experts != [expert]:
+        raise APIError(400, f"model {model!r} forces expert {expert!r} but experts={experts}", "experts", "conflicting_experts")
+    return (expert,) if expert else tuple(experts or ())
 
 
 # ---- the HTTP API ------------------------------------------------------------------------------------------------
-def create_app(service: MeteoraService) -> FastAPI:
+def create_app(service: MeteoraService, settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="MeteoRA", summary="One fused model, many LoRA experts, routed per token (OpenAI-compatible)")
+    api_key, created, name = os.environ.get(settings.api_key_env) or None, int(time.time()), settings.model_name
+    model_ids = [name] + [f"{name}:{e.name}" for e in service.experts]
 
     def authorized(request: Request) -> None:
-        if service.api_key is None:
+        if api_key is None:
             return
         given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {service.api_key}".encode()):
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", None, "invalid_api_key",
                            "authentication_error")
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, error: APIError):
+    async def http_api_error(_: Request, error: APIError):
         return error.response()
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError):
+        return api_error(error).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError):
@@ -245,41 +173,43 @@ def create_app(service: MeteoraService) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz():
-        if not service.engine.alive:
+        if not service.alive:
             raise APIError(503, "the generation engine stopped", None, "engine_stopped", "server_error")
-        return {"status": "ok", "model": service.settings.model_name, "experts": service.model.expert_names,
-                "running": service.engine.engine.running, "waiting": service.engine.engine.waiting}
+        return {"status": "ok", "model": name, "experts": [e.name for e in service.experts], **service.stats()}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
-        fused = {"id": service.settings.model_name, "object": "model", "created": service.created, "owned_by": "meteora",
-                 "experts": service.model.expert_names}
-        experts = [{"id": f"{service.settings.model_name}:{e['name']}", "object": "model", "created": service.created,
-                    "owned_by": "meteora", "parent": service.settings.model_name, "description": e.get("description")}
-                   for e in service.model.experts]
+        fused = {"id": name, "object": "model", "created": created, "owned_by": "meteora",
+                 "experts": [e.name for e in service.experts]}
+        experts = [{"id": f"{name}:{e.name}", "object": "model", "created": created, "owned_by": "meteora", "parent": name}
+                   for e in service.experts]
         return {"object": "list", "data": [fused] + experts}
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(body: CompletionRequest):
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not texts or len(texts) > service.settings.max_batch_size:
-            raise APIError(400, f"prompt takes a string or 1-{service.settings.max_batch_size} strings", "prompt", "invalid_prompt")
-        experts = service.forced_experts(body.model, body.experts)
-        prompts = [service.check_prompt(prompt_ids(service.tokenizer, t), not t, "prompt") for t in texts]
-        params = service.sampling(body, body.max_tokens, 16, prompts, experts)
+        if not texts or len(texts) > settings.max_batch_size:
+            raise APIError(400, f"prompt takes a string or 1-{settings.max_batch_size} strings", "prompt", "invalid_prompt")
+        experts = forced_experts(body.model, body.experts, model_ids)
+        prompts = [service.encode_completion(text) for text in texts]
+        params = service.sampling(prompts, body.max_tokens, 16, "prompt", **_options(body, experts))
         return await _respond(service, body, prompts, params, "text_completion")
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat(body: ChatRequest):
-        experts = service.forced_experts(body.model, body.experts)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        empty = not any(m.content for m in body.messages)
-        prompts = [service.check_prompt(chat_prompt_ids(service.tokenizer, messages), empty, "messages")]
-        limit = body.max_completion_tokens or body.max_tokens
-        params = service.sampling(body, limit, service.settings.max_tokens_limit, prompts, experts)
+        experts = forced_experts(body.model, body.experts, model_ids)
+        prompts = [service.encode_chat([{"role": m.role, "content": m.content} for m in body.messages])]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = service.sampling(prompts, max_tokens, settings.max_tokens_limit, "messages", **_options(body, experts))
         return await _respond(service, body, prompts, params, "chat.completion")
 
     return app
+
+
+def _options(body: GenerationRequest, experts: tuple[str, ...]) -> dict:
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    return {"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed, "stop": tuple(stop),
+            "experts": experts, "ignore_eos": body.ignore_eos}
 
 
 async def _respond(service: MeteoraService, body: GenerationRequest, prompts: list[list[int]], params: SamplingParams,
@@ -383,27 +313,29 @@ class ServeMetrics:
 @serve.ingress()
 class MeteoraServer:
     def __init__(self, settings: dict):
-        self.service = MeteoraService(ServeSettings.model_validate(settings), ServeMetrics().observe)
+        self.settings = ServeSettings.model_validate(settings)
+        self.service = MeteoraService.load(**service_settings(self.settings), on_step=ServeMetrics().observe)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self.service)
+        return create_app(self.service, self.settings)
 
     def check_health(self) -> None:
-        if not self.service.engine.alive:
+        if not self.service.alive:
             raise RuntimeError("the generation engine thread stopped")
 
     def __del__(self):
-        self.service.close()
+        service = getattr(self, "service", None)  # absent when loading failed
+        if service is not None:
+            service.close()
 
 
 def app_builder(args: dict) -> serve.Application:
     """`serve run` / `serve deploy` entry point: args are ServeSettings; relative local paths are taken from the
-    directory the command runs in."""
+    directory the command runs in. A checkpoint that is not there fails here, once, before any replica starts."""
     settings = ServeSettings.model_validate(args)
-    settings.checkpoint = _absolute(settings.checkpoint)
-    settings.base_model = settings.base_model and _absolute(settings.base_model)
+    settings.checkpoint = absolute_uri(settings.checkpoint)
+    settings.base_model = settings.base_model and absolute_uri(settings.base_model)
+    if not checkpoint_exists(settings.checkpoint):
+        raise CheckpointError(f"no MeteoRA checkpoint at {settings.checkpoint} (args.checkpoint): train one first "
+                              "(`make demo` writes demo-output/checkpoint) or point args.checkpoint at yours")
     return MeteoraServer.bind(settings.model_dump())
-
-
-def _absolute(uri: str) -> str:
-    return uri if is_remote(uri) else str(Path(uri.removeprefix("file://")).resolve())

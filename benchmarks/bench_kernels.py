@@ -29,8 +29,7 @@ import triton  # noqa: E402
 
 import kernels  # noqa: E402
 from meteora import ExpertStack, LoraModule  # noqa: E402
-from meteora.backends.loop import loop_delta  # noqa: E402
-from meteora.backends.vectorized import vectorized_delta  # noqa: E402
+from meteora import BACKENDS  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FULL = {"d": 4096, "experts": [28, 256], "ranks": [8, 16, 64], "decode": [1, 2, 4, 8, 16, 32, 64], "prefill": [2048, 4096]}
@@ -68,14 +67,14 @@ def bench_case(stack: ExpertStack, tokens: int, dtype: torch.dtype, device: torc
     def fused():
         return kernels.mixture_lora_delta(x, ids, weights, stack.A, stack.B_t, stack.ranks, stack.offsets, stack.r_max)
 
-    variants = {"triton": fused, "torch": lambda: vectorized_delta(x, ids, weights, stack)}
+    variants = {"triton": fused, "torch": lambda: BACKENDS["torch"](x, ids, weights, stack)}
     if loop:
-        variants["loop"] = lambda: loop_delta(x, ids, weights, stack)
+        variants["loop"] = lambda: BACKENDS["loop"](x, ids, weights, stack)
     ms = {name: time_ms(fn, device) for name, fn in variants.items()}
     distinct = torch.unique(ids).numel()
     element = stack.A.element_size()
     moved = distinct * stack.r_max * 2 * d * element + tokens * 2 * d * element
-    reference = loop_delta(x.float(), ids, weights, stack)  # fp32 math on the same stored weights
+    reference = BACKENDS["loop"](x.float(), ids, weights, stack)  # fp32 math on the same stored weights
     error = ((fused().float() - reference).abs().max() / reference.abs().max()).item()
     return {"tokens": tokens, "distinct_experts": distinct, "ms": ms, "bytes": moved,
             "triton_gbps": moved / ms["triton"] / 1e6, "speedup_vs_torch": ms["torch"] / ms["triton"],

@@ -32,10 +32,11 @@ from ray import serve
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 import serve_app  # noqa: E402
-from meteora import Registry  # noqa: E402
+from meteora.registry import Registry  # noqa: E402
 from pipelines.local_cluster import free_ports  # noqa: E402
-from pipelines.train_config import load_config  # noqa: E402
-from pipelines.train_gates import LOCAL_RAY, embedded_registry, train  # noqa: E402
+from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.train_config import load_train_config  # noqa: E402
+from pipelines.train_gates import embedded_registry, train  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "serve"
 
@@ -49,7 +50,7 @@ def checkpoint_for_bench(given: str | None) -> str:
     if not (existing / "meteora_config.json").is_file():
         overrides = {"registry": embedded_registry(), "storage_path": str(storage), "name": "serve-bench", "steps": 300,
                      "num_workers": 2, "checkpoint_every": 100}
-        train(load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
+        train(load_train_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
     return str(existing)
 
 
@@ -118,14 +119,15 @@ async def load(url: str, prompts: list[str], concurrency: int, total: int, max_t
 
 def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
     """The same work without HTTP: GenerationEngine in this process, 16 prompts at once, one torch thread."""
-    from meteora import GenerationEngine, MeteoraModel, SamplingParams, load_tokenizer
-    from meteora.text_data import prompt_ids
+    from meteora import MeteoraModel, load_tokenizer
+    from meteora.prompts import prompt_ids
+    from meteora.serving import GenerationEngine, SamplingParams, ServingLimits
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = MeteoraModel.from_pretrained(checkpoint)
     tokenizer = load_tokenizer(model.base_info["uri"])
-    engine, params = GenerationEngine(model, tokenizer, 16), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    engine, params = GenerationEngine(model, tokenizer, ServingLimits(max_batch_size=16)), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     batch = [prompt_ids(tokenizer, p) for p in prompts[:16]]
     seconds = []
     for _ in range(4):

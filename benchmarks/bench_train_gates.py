@@ -28,13 +28,13 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
-from meteora import MeteoraModel, Registry  # noqa: E402
-from meteora.evaluation import accuracy_per_task  # noqa: E402
-from meteora.harness import evaluate, load_benchmark  # noqa: E402
-from meteora.report import markdown_table  # noqa: E402
-from meteora.tinytasks import build  # noqa: E402
-from pipelines.train_config import load_config  # noqa: E402
-from pipelines.train_gates import LOCAL_RAY, embedded_registry, train  # noqa: E402
+from meteora import MeteoraModel  # noqa: E402
+from meteora.evaluation import accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
+from meteora.registry import Registry, load_manifest  # noqa: E402
+from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.train_config import load_train_config  # noqa: E402
+from pipelines.train_gates import embedded_registry, train  # noqa: E402
+from suites.tinytasks import build  # noqa: E402
 
 
 def run(args, storage: str, registry: str, name: str, **settings) -> tuple[dict, float]:
@@ -42,7 +42,7 @@ def run(args, storage: str, registry: str, name: str, **settings) -> tuple[dict,
               "num_workers": args.workers, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "composite_fraction": args.composite_fraction, "checkpoint_every": max(1, args.steps // 10), **settings}
     started = time.perf_counter()
-    summary = train(load_config(None, [f"{key}={json.dumps(value)}" for key, value in values.items()]))
+    summary = train(load_train_config(None, [f"{key}={json.dumps(value)}" for key, value in values.items()]))
     return summary, time.perf_counter() - started
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     ray.init(**LOCAL_RAY)
     manifest, registry = build(), embedded_registry()
     tasks = Registry(registry).names
-    bench = load_benchmark(manifest)
+    bench = load_benchmark(load_manifest(manifest))
 
     scaling = {}
     for workers in (1, 2):

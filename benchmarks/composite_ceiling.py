@@ -33,12 +33,11 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 from meteora import MeteoraModel  # noqa: E402
-from meteora.evaluation import composite_problems  # noqa: E402
-from meteora.gate_training import gate_batch  # noqa: E402
-from meteora.harness import load_benchmark  # noqa: E402
-from meteora.tasks import ALL_TASKS  # noqa: E402
+from meteora.evaluation import composite_problems, load_benchmark  # noqa: E402
+from meteora.registry import load_manifest  # noqa: E402
 from meteora.store import open_store, split_uri  # noqa: E402
-from meteora.tinytasks import build  # noqa: E402
+from meteora.training import gate_batch  # noqa: E402
+from suites.tinytasks import ALL_TASKS, build  # noqa: E402
 
 
 ROUTINGS = ("gates", "teacher", "line starts")
@@ -121,7 +120,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "composite_ceiling.json"))
     args = parser.parse_args()
     manifest = args.manifest or build()
-    bench = load_benchmark(manifest)
+    bench = load_benchmark(load_manifest(manifest))
     model = MeteoraModel.from_pretrained(args.checkpoint, base_model=copy.deepcopy(bench.base)).eval()
     tasks = model.expert_names
     sets = {"single": [[(s, tasks.index(t))] for t in tasks for s in bench.eval_sets[t]]}

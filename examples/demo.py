@@ -17,6 +17,7 @@ About 12 minutes for the first asset build on 2 cores, then about 4 minutes per 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -32,14 +33,13 @@ import httpx  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
-from meteora.evaluation import composite_problems  # noqa: E402
-from meteora.report import markdown_table  # noqa: E402
+from meteora.evaluation import composite_problems, load_benchmark, markdown_table  # noqa: E402
+from meteora.registry import Manifest, load_manifest  # noqa: E402
 from meteora.store import open_store  # noqa: E402
-from meteora.tasks import DEFAULT_TASKS  # noqa: E402
-from meteora.tinytasks import build  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
-from pipelines.train_gates import LOCAL_RAY  # noqa: E402
-from pipelines.workflow import StageFailed, load_config, run  # noqa: E402
+from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.workflow import StageFailed, load_workflow_config, run  # noqa: E402
+from suites.tinytasks import DEFAULT_TASKS, build  # noqa: E402
 
 FIRST_TASKS = DEFAULT_TASKS[:6]  # demo.yaml; more.yaml adds the last two
 
@@ -92,21 +92,17 @@ def start_s3() -> tuple[object, dict]:
 
 
 def show_evaluation(outputs: dict) -> dict:
-    results = json.loads((Path(outputs["evaluate"]["out_dir"]) / "results.json").read_text())
+    results = json.loads((Path(outputs["evaluate"].out_dir) / "results.json").read_text())
     print(markdown_table(results["per_task"], results["composite"]))
-    print(f"plots: {outputs['evaluate']['out_dir']}/accuracy.png, routing.png")
+    print(f"plots: {outputs['evaluate'].out_dir}/accuracy.png, routing.png")
     return results
 
 
-def ask_composite(url: str, manifest_uri: str) -> None:
+def ask_composite(url: str, manifest: Manifest) -> None:
     """One composite prompt (3 tasks) through the OpenAI-compatible endpoint, with its routing per token."""
     from openai import OpenAI
 
-    from meteora.harness import load_benchmark
-    from meteora.store import local_dir, split_uri
-
-    parent, name = split_uri(manifest_uri)
-    bench = load_benchmark(local_dir(parent) / name if "://" in manifest_uri else manifest_uri, samples=8)
+    bench = load_benchmark(manifest, samples=8)
     tasks, sample = composite_problems(bench.eval_sets, 3, 1, seed=3)[0]
     client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("METEORA_API_KEY", "none"))
     out = client.completions.create(model="meteora", prompt=sample["prompt"], max_tokens=48, temperature=0,
@@ -157,19 +153,19 @@ def main() -> int:
         ray.init(address=cluster["gcs_address"], logging_config=LOCAL_RAY["logging_config"])  # progress lines only
         port = local_cluster.free_ports(1)[0]
         url = f"http://127.0.0.1:{port}"
-        config = load_config(None, [f"registry={store_uri}/registry", f"work_dir={out}", f"train.steps={args.steps}",
+        config = load_workflow_config(None, [f"registry={store_uri}/registry", f"work_dir={out}", f"train.steps={args.steps}",
                                     "train.cpus_per_worker=0.5", f"evaluate.samples={args.eval_samples}", f"evaluate.composite_count={args.composites}",
                                     f"deploy.http_port={port}", "deploy.deployment={ray_actor_options: {num_cpus: 0.5}, "
                                     "num_replicas: 1, max_surge_percent: 100, logging_config: {log_level: WARNING}}"])
         done(started, f"Ray at {cluster['gcs_address']}; Serve will listen on {url}")
 
         started = step(4, f"workflow on {demo_manifest}")
-        first = run(demo_manifest, config, can_deploy=True)
+        first = run(load_manifest(demo_manifest), config, can_deploy=True)
         show_evaluation(first)
         done(started, f"{len(FIRST_TASKS)} adapters fused, trained, evaluated and serving at {url}")
 
         started = step(5, "a composite prompt through the OpenAI-compatible endpoint")
-        ask_composite(url, demo_manifest)
+        ask_composite(url, load_manifest(demo_manifest))
         done(started, "answered")
 
         started = step(6, f"register 2 more adapters: workflow on {more_manifest}, redeploying in place under load")
@@ -177,16 +173,18 @@ def main() -> int:
         client = threading.Thread(target=keep_asking, args=(url, stop, outcomes))
         client.start()
         try:
-            second = run(more_manifest, config, can_deploy=True)
+            second = run(load_manifest(more_manifest), config, can_deploy=True)
         finally:
             stop.set()
             client.join()
         results = show_evaluation(second)
-        print(f"incremental training: {second['train']['train_seconds']} s (the first: {first['train']['train_seconds']} s)")
-        (out / "checkpoint").symlink_to(second["train"]["checkpoint"])  # what `serve run configs/serve.yaml` serves
+        print(f"incremental training: {second['train'].train_seconds} s (the first: {first['train'].train_seconds} s)")
+        (out / "checkpoint").symlink_to(second["train"].checkpoint)  # what `serve run configs/serve.yaml` serves
         failed = outcomes.count(False)
         summary = {"seconds": round(time.perf_counter() - began), "redeploy_requests": len(outcomes),
-                   "redeploy_failed": failed, "first": first, "second": second, "results": results}
+                   "redeploy_failed": failed, "results": results,
+                   **{name: {stage: dataclasses.asdict(out) for stage, out in outputs.items()}
+                      for name, outputs in (("first", first), ("second", second))}}
         (out / "demo_results.json").write_text(json.dumps(summary, indent=2, default=str))
         done(started, f"redeploy in place: {len(outcomes)} requests during the update, {failed} failed")
     except StageFailed as error:

@@ -3,51 +3,42 @@
     model = MeteoraModel.from_adapters(base, {"reverse": "adapters/reverse", ...}, top_k=2)
     with model.force_experts(["reverse"]): ...
     out = model.generate(**inputs, max_new_tokens=32, return_routing=True)
+
+The flow, one subpackage per stage (each with its own __all__):
+    meteora.registry    manifest -> registry (adapters and task data collected from an object store)
+    meteora.model       the fused model, its checkpoint, its base model
+    meteora.training    gate training (one loop for one process or N data-parallel workers)
+    meteora.evaluation  per-task and composite-n tables and plots against the baselines
+    meteora.serving     continuous batching and the service an HTTP layer wraps
+`import meteora` loads torch, transformers and safetensors only; the parts that need peft, boto3, yaml or
+matplotlib import them when used.
 """
-from .adapters import LoraAdapter, LoraModule, load_adapter
-from .async_engine import AsyncEngine
-from .backends import BACKENDS
-from .base_model import BaseFingerprint, load_base_model, load_tokenizer
-from .config import MeteoraConfig
-from .errors import AdapterError, CheckpointError
-from .experts import ExpertStack
-from .generation_engine import GenerationEngine, SamplingParams, TokenEvent
-from .layer import MeteoraLinear
-from .manifest import AdapterSpec, Manifest, ManifestError, load_manifest
-from .model import GenerationWithRouting, MeteoraModel
-from .registry import Registry, RegistryError
-from .routing import RoutingTrace
-from .store import StoreError, open_store
-from .training import MeteoraLoss, lm_labels, meteora_loss, routing_accuracy, task_labels
+from .errors import AdapterError, CheckpointError, ManifestError, RegistryError, RequestError, StoreError
+from .model import (BACKENDS, ExpertInfo, ExpertStack, GenerationWithRouting, LoraAdapter, LoraModule, MeteoraConfig,
+                    MeteoraLinear, MeteoraModel, RoutingTrace, load_adapter, load_base_model, load_tokenizer)
+from .store import open_store
+from .training import lm_labels, meteora_loss, routing_accuracy, task_labels
 
 __all__ = [
     "AdapterError",
-    "AdapterSpec",
-    "AsyncEngine",
     "BACKENDS",
-    "BaseFingerprint",
     "CheckpointError",
+    "ExpertInfo",
     "ExpertStack",
-    "GenerationEngine",
     "GenerationWithRouting",
     "LoraAdapter",
     "LoraModule",
-    "Manifest",
     "ManifestError",
     "MeteoraConfig",
     "MeteoraLinear",
-    "MeteoraLoss",
     "MeteoraModel",
-    "Registry",
     "RegistryError",
+    "RequestError",
     "RoutingTrace",
-    "SamplingParams",
     "StoreError",
-    "TokenEvent",
     "lm_labels",
     "load_adapter",
     "load_base_model",
-    "load_manifest",
     "load_tokenizer",
     "meteora_loss",
     "open_store",

@@ -1,4 +1,4 @@
-"""Object stores: one small interface over a local directory and S3, addressed by URI.
+"""Object stores: one small interface over a local directory and S3, addressed by URI; and atomic local writes.
 
     open_store("registry/")  or  open_store("file:///srv/registry")   -> LocalStore (no server needed)
     open_store("s3://bucket/prefix")                                 -> S3Store (boto3)
@@ -9,7 +9,7 @@ S3. `write_if_unchanged` is a compare-and-swap for small objects several writers
 lock on the directory locally, a conditional PUT (If-Match / If-None-Match) on S3. S3 uses boto3's usual
 credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (boto3 reads them) or the
 `endpoint_url` argument; retries with exponential backoff are botocore's "standard" mode (AWS_MAX_ATTEMPTS
-overrides the attempts); files above 64 MiB go up and down in parts.
+overrides the attempts); files above 64 MiB go up and down in parts. boto3 is imported when an S3 store opens.
 """
 from __future__ import annotations
 
@@ -19,19 +19,14 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-import boto3
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from .errors import StoreError
+
+__all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir", "is_remote", "local_dir", "open_store", "split_uri"]
 
 MULTIPART_THRESHOLD = 64 * 2**20
-TRANSFER = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
-
-
-class StoreError(OSError):
-    """An object could not be read or written: the message names the URI and the cause."""
 
 
 def open_store(uri: str | Path, endpoint_url: str | None = None) -> "LocalStore | S3Store":
@@ -44,6 +39,33 @@ def open_store(uri: str | Path, endpoint_url: str | None = None) -> "LocalStore 
     if "://" in text and not text.startswith("file://"):
         raise ValueError(f"{text!r}: unsupported URI scheme (use a local path, file://, or s3://)")
     return LocalStore(Path(text.removeprefix("file://")))
+
+
+def is_remote(uri: str | Path) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def absolute_uri(uri: str | Path) -> str:
+    """The URI to hand to other processes: s3:// as it is, a local path (or file://) made absolute."""
+    return str(uri) if is_remote(uri) else str(Path(str(uri).removeprefix("file://")).resolve())
+
+
+def atomic_write(target: str | Path, data: bytes | Callable[[str], None]) -> None:
+    """Write `data` (bytes, or a function that writes a given path) to a temporary file beside `target`, then
+    rename it into place: readers see the old file or the new one, never a part."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if isinstance(data, bytes):
+            Path(tmp).write_bytes(data)
+        else:
+            data(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def cache_dir() -> Path:
@@ -98,16 +120,7 @@ class LocalStore:
             raise StoreError(f"cannot read {self._path(key)}: {err.strerror or err}") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(self._path(key), data)
 
     def write_if_unchanged(self, key: str, data: bytes, expected: bytes | None) -> bool:
         """Write `data` only if `key` still holds `expected` (None: absent); False, and nothing written, if not.
@@ -144,8 +157,15 @@ class S3Store:
     def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None):
         self.bucket, self.prefix = bucket, prefix
         self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
         config = Config(retries={"mode": "standard"}, connect_timeout=5, read_timeout=60)
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self._transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+        self._ClientError, self._failures = ClientError, (ClientError, BotoCoreError)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -155,14 +175,14 @@ class S3Store:
     def _errors(self, action: str, key: str):
         try:
             yield
-        except (ClientError, BotoCoreError) as err:
+        except self._failures as err:
             raise StoreError(f"cannot {action} s3://{self.bucket}/{self._key(key)}: {err}") from None
 
     def exists(self, key: str) -> bool:
         with self._errors("check", key):
             try:
                 self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            except ClientError as err:
+            except self._ClientError as err:
                 if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return False
                 raise
@@ -174,7 +194,7 @@ class S3Store:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         with self._errors("write", key):  # one PUT, or one multipart upload completed at the end: atomic either way
-            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=TRANSFER)
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key), Config=self._transfer)
 
     def write_if_unchanged(self, key: str, data: bytes, expected: bytes | None) -> bool:
         """Write `data` only if `key` still holds `expected` (None: absent); False, and nothing written, if not.
@@ -190,14 +210,14 @@ class S3Store:
                     return False
                 self.client.put_object(Bucket=bucket, Key=name, Body=data, IfMatch=current["ETag"])
                 return True
-            except ClientError as err:
+            except self._ClientError as err:
                 if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
                     return False
                 raise
 
     def download(self, key: str, path: Path) -> None:
         with self._errors("read", key):
-            self.client.download_file(self.bucket, self._key(key), str(path), Config=TRANSFER)
+            self.client.download_file(self.bucket, self._key(key), str(path), Config=self._transfer)
 
     def list(self, prefix: str = "") -> list[str]:
         root = f"{self.prefix}/" if self.prefix else ""

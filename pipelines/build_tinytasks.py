@@ -10,9 +10,13 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
-from meteora.store import StoreError, local_dir, split_uri
-from meteora.tinytasks import TinyTasksConfig, build
+sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/build_tinytasks.py` from anywhere
+
+from meteora import StoreError  # noqa: E402
+from meteora.store import local_dir, split_uri  # noqa: E402
+from suites.tinytasks import TinyTasksConfig, build  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,30 +2,32 @@
 
     python pipelines/collect_adapters.py --manifest M --registry R [--parallel 8]
     python pipelines/collect_adapters.py --registry R --list
+    python pipelines/collect_adapters.py --registry R --remove NAME [NAME ...]
 
 1. parse the manifest and read the base model's config (no weights) -> a skeleton to check shapes against
 2. Ray tasks: fetch each adapter and its task data, check them (safetensors only, sha256, shapes, JSONL)
 3. if anything was rejected: print why, exit 1, and leave the registry byte-for-byte as it was
 4. otherwise Ray tasks upload the new content-addressed objects, then ONE atomic write of registry.json
-Registering again with identical content is a no-op; changed content under a name is a new version.
-Runs on the cluster of RAY_ADDRESS (or under `ray job submit`), else on a local Ray it starts.
+Registering again with identical content is a no-op; changed content under a name is a new version;
+--remove drops names from the index in one compare-and-swap commit (a workflow on a manifest without them
+drops their gate rows). Runs on the cluster of RAY_ADDRESS (or under `ray job submit`), else on a local Ray.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-from tqdm import tqdm
+sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/collect_adapters.py` from anywhere
 
-from meteora import Registry
-from meteora.collection import Collected, fetch_adapter, inspect_base, plan_index
-from meteora.manifest import ManifestError, load_manifest
-from meteora.store import StoreError
+import ray  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
+from meteora.registry import Collected, Manifest, Registry, fetch_adapter, inspect_base, load_manifest, plan_index  # noqa: E402
+from pipelines.common import ray_connection, runtime_env  # noqa: E402
 
 log = logging.getLogger("collect_adapters")
 TASK_CPUS = 0.5  # fetching is mostly I/O: two tasks share a core (each worker pays one torch import to start)
@@ -57,25 +59,17 @@ def _upload(registry_uri: str, files: dict[str, bytes]) -> int:
     return len(missing)
 
 
-def _task_env() -> dict:
-    """The driver's AWS settings (endpoint, credentials, retries) for the tasks: secrets only from the environment."""
-    return {"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
-
-
-def collect(manifest_path: str | Path, registry_uri: str, parallel: int = 8, on_fetched=None) -> Outcome:
-    """Run the collection. `on_fetched(collected)` is called as each adapter's check completes."""
-    manifest = load_manifest(manifest_path)
+def collect(manifest: Manifest, registry_uri: str, parallel: int = 8, on_fetched=None) -> Outcome:
+    """Run the collection on the connected Ray. `on_fetched(collected)` is called as each adapter's check completes."""
     base_config, base = inspect_base(manifest)
     registry = Registry(registry_uri)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
     results, files = {}, {}
     pending, queue = {}, list(manifest.adapters)
     with tqdm(total=len(queue), desc="fetching and checking adapters", unit="adapter", disable=None) as bar:
         while queue or pending:
             while queue and len(pending) < parallel:
                 spec = queue.pop(0)
-                report, payload = _fetch.options(runtime_env=_task_env()).remote(spec, base_config)
+                report, payload = _fetch.options(runtime_env=runtime_env()).remote(spec, base_config)
                 pending[report] = (spec.name, payload)
             done, _ = ray.wait(list(pending), num_returns=1)
             name, files[name] = pending.pop(done[0])
@@ -88,7 +82,7 @@ def collect(manifest_path: str | Path, registry_uri: str, parallel: int = 8, on_
     if index is None:
         return Outcome(rows, committed=False)
     changed = [row["name"] for row in rows if row["status"] in ("added", "new version")]
-    ray.get([_upload.options(runtime_env=_task_env()).remote(registry_uri, files[name]) for name in changed])
+    ray.get([_upload.options(runtime_env=runtime_env()).remote(registry_uri, files[name]) for name in changed])
     if index != registry.index:
         registry.commit(index)
     return Outcome(rows, committed=True)
@@ -116,17 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="the adapter manifest (YAML)")
     parser.add_argument("--registry", required=True, help="registry directory or s3://bucket/prefix")
     parser.add_argument("--list", action="store_true", help="list what the registry holds and exit")
+    parser.add_argument("--remove", nargs="+", metavar="NAME", help="drop these adapters from the registry and exit")
     parser.add_argument("--parallel", type=int, default=8, help="adapters fetched at once")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.list:
-            print_registry(Registry(args.registry))
+        if args.list or args.remove:
+            registry = Registry(args.registry)
+            if args.remove:
+                registry.remove(args.remove)
+            print_registry(registry)
             return 0
         if not args.manifest:
-            parser.error("--manifest is required (or --list)")
-        outcome = collect(args.manifest, args.registry, parallel=max(1, args.parallel))
-    except (ManifestError, ValueError, StoreError) as err:
+            parser.error("--manifest is required (or --list, --remove)")
+        manifest = load_manifest(args.manifest)
+        with ray_connection():
+            outcome = collect(manifest, args.registry, parallel=max(1, args.parallel))
+    except (ManifestError, RegistryError, ValueError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_summary(outcome.rows)

@@ -3,7 +3,8 @@
     python pipelines/evaluate.py [--manifest M] [--checkpoint C] [--tasks a,b] [--composite 3,5] [--out eval-output]
 
 Without --manifest it evaluates the embedded tinytasks benchmark (building it first if needed). MeteoRA rows
-appear when a checkpoint is given; the routing plot then shows learned gates.
+appear when a checkpoint is given; the routing plot then shows learned gates. The workflow's evaluate stage
+runs the same `evaluate_manifest` in a Ray task.
 """
 from __future__ import annotations
 
@@ -12,10 +13,38 @@ import logging
 import sys
 from pathlib import Path
 
-from meteora.harness import evaluate, load_benchmark
-from meteora.report import markdown_table
-from meteora.store import local_dir, split_uri
-from meteora.tinytasks import build
+sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/evaluate.py` from anywhere
+
+import ray  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+from meteora import ManifestError, StoreError  # noqa: E402
+from meteora.evaluation import evaluate, load_benchmark, markdown_table  # noqa: E402
+from meteora.registry import Manifest, load_manifest  # noqa: E402
+
+
+class EvaluateSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True  # (the workflow's switch for this stage)
+    tasks: list[str] | None = None  # a subset of the manifest's adapters; None: all
+    composite: list[int] = [3, 5]  # composite-n sizes
+    composite_count: int = Field(40, ge=1)  # composite prompts per n
+    composite_temperature: float | None = Field(None, gt=0)  # MeteoRA's routing temperature on composites
+    samples: int | None = Field(None, ge=1)  # eval samples per task; None = all
+
+
+def evaluate_manifest(manifest: Manifest, checkpoint: str | None, settings: EvaluateSettings, out_dir: str | Path) -> dict:
+    """Every variant per task and on composites; results.json, results.md and the plots in `out_dir`."""
+    bench = load_benchmark(manifest, settings.tasks, settings.samples)
+    return evaluate(bench, checkpoint, settings.composite, settings.composite_count, settings.composite_temperature,
+                    out_dir)
+
+
+@ray.remote(num_cpus=1)
+def evaluate_task(manifest: Manifest, checkpoint: str, settings: EvaluateSettings, out_dir: str) -> dict:
+    """evaluate_manifest in a Ray task (the workflow's evaluate stage): the tables, without the routing example."""
+    results = evaluate_manifest(manifest, checkpoint, settings, out_dir)
+    return {"per_task": results["per_task"], "composite": results["composite"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,17 +59,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="eval-output")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    manifest = args.manifest or build()
-    if "://" in manifest and not manifest.startswith("file://"):
-        parent, name = split_uri(manifest)
-        manifest = local_dir(parent) / name
     try:
-        bench = load_benchmark(Path(manifest), args.tasks.split(",") if args.tasks else None, args.samples)
-    except ValueError as err:
+        if args.manifest is None:
+            from suites.tinytasks import build
+
+            args.manifest = build()
+        settings = EvaluateSettings(tasks=args.tasks.split(",") if args.tasks else None,
+                                    composite=[int(n) for n in args.composite.split(",") if n],
+                                    composite_count=args.composite_count, composite_temperature=args.composite_temperature,
+                                    samples=args.samples)
+        results = evaluate_manifest(load_manifest(args.manifest), args.checkpoint, settings, args.out)
+    except (ManifestError, StoreError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sizes = [int(n) for n in args.composite.split(",") if n]
-    results = evaluate(bench, args.checkpoint, sizes, args.composite_count, args.composite_temperature, args.out)
     print(markdown_table(results["per_task"], results["composite"]))
     print(f"written: {args.out}/results.json, results.md, accuracy.png, routing.png")
     return 0

@@ -16,7 +16,6 @@ cluster under `ray job submit`), else starts a local Ray and stops it at the end
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -32,31 +31,29 @@ import ray.train  # noqa: E402
 from pyarrow.fs import S3FileSystem  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from meteora import CheckpointError, Registry, RegistryError  # noqa: E402
-from meteora.checkpoint import read_checkpoint, read_checkpoint_config  # noqa: E402
-from meteora.store import StoreError, cache_dir, open_store  # noqa: E402
-from meteora.tinytasks import build  # noqa: E402
+from meteora import CheckpointError, RegistryError, StoreError  # noqa: E402
+from meteora.model import read_checkpoint_config  # noqa: E402
+from meteora.registry import Registry, load_manifest  # noqa: E402
+from meteora.store import absolute_uri, cache_dir, open_store  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
+from pipelines.common import ConfigError, ray_connection, runtime_env  # noqa: E402
 from pipelines.gate_worker import train_loop_per_worker  # noqa: E402
-from pipelines.train_config import ConfigError, TrainGatesConfig, load_config  # noqa: E402
+from pipelines.train_config import TrainGatesConfig, load_train_config  # noqa: E402
 
 log = logging.getLogger("train_gates")
 RUN_FILE = "meteora_run.json"  # beside Ray Train's files: which experts this run name trains
-# A local Ray without a dashboard (no fixed ports to collide with); Ray Train's placement-group cleaner then
-# warns every second that the state API is unavailable, so workers log errors only (progress lines are prints).
-LOCAL_RAY = {"include_dashboard": False, "logging_config": ray.LoggingConfig(log_level="ERROR")}
 PEER_TIMEOUT_S = 120  # a dead peer fails the step after this long instead of Ray's default 30 minutes
 
 
 def train(config: TrainGatesConfig) -> dict:
     """Run the whole job on the connected Ray cluster; returns the training summary of the written checkpoint."""
-    registry = Registry(_absolute(config.registry) if config.registry else embedded_registry())
+    registry = Registry(absolute_uri(config.registry) if config.registry else embedded_registry())
     experts = _check_experts(registry, config.experts)
-    storage = _absolute(config.storage_path or str(cache_dir() / "ray_results"))
-    output = _absolute(config.output or f"{storage.rstrip('/')}/{config.name}/meteora")
+    storage = absolute_uri(config.storage_path or cache_dir() / "ray_results")
+    output = absolute_uri(config.output or f"{storage.rstrip('/')}/{config.name}/meteora")
     _check_init_from(config, registry)
-    _claim_run(storage, config, [{"name": n, **registry.entry(n)} for n in experts])
-    job = {"config": config.model_dump(), "registry": registry.uri, "experts": experts, "output": output}
+    _claim_run(storage, config, [(n, registry.entry(n)["sha256"]) for n in experts])
+    job = {"config": config.flat(), "registry": registry.uri, "experts": experts, "output": output}
     path, filesystem = _storage_location(storage)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=job,
@@ -66,29 +63,27 @@ def train(config: TrainGatesConfig) -> dict:
             name=config.name, storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()}),
+            worker_runtime_env=runtime_env(),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),  # its every report and checkpoint: Ray's log files
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo", timeout_s=PEER_TIMEOUT_S),
     )
     log.info("training the gates of %d experts (%s) with %d workers; run '%s' in %s",
              len(experts), ", ".join(experts), config.num_workers, config.name, storage)
     trainer.fit()
-    summary = read_checkpoint_config(output)["training"]
-    return {**summary, "output": output}
+    return {**read_checkpoint_config(output).training, "output": output}
 
 
 def embedded_registry() -> str:
     """The tinytasks benchmark (built if missing) collected into a registry in the cache; returns its URI."""
-    manifest = build()
-    registry = cache_dir() / "registries" / Path(manifest).parent.name
+    from suites.tinytasks import build
+
+    manifest = load_manifest(build())
+    registry = cache_dir() / "registries" / Path(manifest.path).parent.name
     outcome = collect(manifest, str(registry))
     if not outcome.committed:
         print_summary(outcome.rows)
-        raise ConfigError(f"the embedded tinytasks manifest {manifest} could not be collected into {registry}")
+        raise ConfigError(f"the embedded tinytasks manifest {manifest.path} could not be collected into {registry}")
     return str(registry)
-
-
-def _absolute(uri: str) -> str:
-    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 def _check_experts(registry: Registry, names: list[str] | None) -> list[str]:
@@ -108,16 +103,16 @@ def _check_experts(registry: Registry, names: list[str] | None) -> list[str]:
 def _check_init_from(config: TrainGatesConfig, registry: Registry) -> None:
     if not config.init_from:
         return
-    meta = read_checkpoint(config.init_from)[0]  # whole and hash-checked: a bad one fails here, before the workers
-    if meta["base_model"]["fingerprint"] != registry.base_model["fingerprint"]:
+    meta = read_checkpoint_config(config.init_from)  # a bad one fails here, before the workers start
+    if meta.base.fingerprint.structure != registry.base_model["fingerprint"]:
         raise CheckpointError(f"init_from {config.init_from}: it was trained on base model "
-                              f"'{meta['base_model']['name']}', the registry's is '{registry.base_model['name']}'")
+                              f"'{meta.base.name}', the registry's is '{registry.base_model['name']}'")
 
 
-def _claim_run(storage: str, config: TrainGatesConfig, experts: list[dict]) -> None:
+def _claim_run(storage: str, config: TrainGatesConfig, experts: list[tuple[str, str]]) -> None:
     """Record which experts the run name trains; refuse to resume a run of other experts under the same name."""
     store = open_store(f"{storage.rstrip('/')}/{config.name}")
-    claim = {"fingerprint": config.run_fingerprint(experts), "experts": [e["name"] for e in experts],
+    claim = {"fingerprint": config.run_fingerprint(experts), "experts": [name for name, _ in experts],
              "init_from": config.init_from}
     if store.exists(RUN_FILE):
         held = json.loads(store.read_bytes(RUN_FILE))
@@ -142,38 +137,21 @@ def _storage_location(storage: str) -> tuple[str, S3FileSystem | None]:
     return storage.removeprefix("s3://"), S3FileSystem(**{k: v for k, v in options.items() if v is not None})
 
 
-def worker_env() -> dict[str, str]:
-    """The driver's AWS settings and cache for the workers (secrets only ever come from the environment);
-    progress lines printed as they are (not also logged by Ray Train's print patch)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "METEORA_CACHE"}
-    return {**env, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-
-
-@contextlib.contextmanager
-def ray_connection():
-    """The Ray a driver runs on: the one already initialized, RAY_ADDRESS's (or the job's under `ray job submit`),
-    else a local Ray started here and shut down on leaving. Yields whether it was started here."""
-    started_here = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        ray.init(**(LOCAL_RAY if started_here else {}))
-    try:
-        yield started_here
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
 def print_training_summary(summary: dict, wall_seconds: float) -> None:
     final = summary.get("final") or {}
-    print(f"\ngates trained: {summary['steps']} steps x {summary['batch']} samples on {summary['num_workers']} worker(s)")
-    print(f"  final loss {final.get('loss', float('nan')):.4f} (lm {final.get('lm_loss', float('nan')):.4f}, "
+    print(f"gates trained: {summary['steps']} steps x {summary['batch']} samples on {summary['num_workers']} worker(s); "
+          f"final loss {final.get('loss', float('nan')):.4f} (lm {final.get('lm_loss', float('nan')):.4f}, "
           f"gate {final.get('gate_loss', float('nan')):.4f}); routing accuracy on eval response tokens "
           f"{final.get('eval_routing_accuracy', float('nan')):.3f}")
     print(f"  training {summary['train_seconds']} s ({summary['samples_per_s']} samples/s), "
           f"{len(summary['attempts'])} attempt(s), job {wall_seconds:.0f} s")
-    if summary.get("init_from"):
-        print(f"  started from {summary['init_from']}; new experts {summary['new_experts']} ({summary['new_fraction']:.2f} of "
-              f"every batch), old rows frozen: {summary['freeze_old']}")
+    warm = summary.get("warm_start")
+    if warm:
+        fresh = [name for name, how in warm["experts"].items() if how == "fresh"]
+        new_modules = [name for name, how in warm["modules"].items() if how == "new"]
+        print(f"  started from {warm['init_from']}: fresh rows for {fresh or 'no expert'}, "
+              f"{len(new_modules)} new module gate(s); {summary['new_fraction']:.2f} of every batch from the fresh experts, "
+              f"copied rows frozen: {summary['freeze_old']}")
     print(f"  MeteoRA checkpoint: {summary['output']}")
 
 
@@ -185,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = load_config(args.config, args.overrides + ([f"init_from={args.init_from}"] if args.init_from else []))
+        config = load_train_config(args.config, args.overrides + ([f"init_from={args.init_from}"] if args.init_from else []))
         started = time.perf_counter()
         with ray_connection():
             summary = train(config)

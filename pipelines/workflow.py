@@ -4,11 +4,12 @@
     ray job submit --address http://HEAD:PORT --working-dir . -- python pipelines/workflow.py --manifest M
 
 stage     its inputs (hashed)                                 what it runs
-collect   the manifest's bytes, the registry and its index    pipelines/collect_adapters.collect (Ray tasks)
-train     the manifest's experts (name, sha256) in order,     pipelines/train_gates.train (Ray Train); incremental when
-          the base model, the training settings               the experts only grew since the last training: --init-from
-                                                              its checkpoint (old rows start trained), incremental_steps of the steps
-evaluate  the checkpoint's content, the evaluation settings   meteora.harness.evaluate in a Ray task: tables and plots
+collect   the manifest's bytes, the registry and its index    collect_adapters.collect (Ray tasks)
+train     the manifest's experts (name, sha256) in order,     train_gates.train (Ray Train); incremental when an earlier
+          the base model, the training settings               training on the same base shares experts with this one
+                                                              (adapters added, updated or removed): --init-from its
+                                                              checkpoint, incremental_steps of the steps
+evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task: tables, plots
 deploy    the checkpoint's content, the serving settings      serve.run: a running application is updated in place (new
                                                               replicas start before old ones drain), or started
 A stage whose inputs hash as at its last success is skipped and says so; its record in
@@ -19,39 +20,36 @@ job (RAY_ADDRESS, or `ray job submit`): on a Ray started by the workflow itself 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/workflow.py` from anywhere
 
 import ray  # noqa: E402
-import yaml  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 
-from meteora import Registry, RegistryError  # noqa: E402
-from meteora.manifest import ManifestError, load_manifest  # noqa: E402
-from meteora.store import StoreError, open_store, split_uri  # noqa: E402
+from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
+from meteora.model import checkpoint_digest, checkpoint_exists  # noqa: E402
+from meteora.registry import Manifest, Registry, load_manifest  # noqa: E402
+from meteora.store import atomic_write  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
-from pipelines.train_config import ConfigError, TrainGatesConfig  # noqa: E402
-from pipelines.train_gates import print_training_summary, ray_connection, train, worker_env  # noqa: E402
+from pipelines.common import ROOT, ConfigError, load_config, ray_connection, runtime_env  # noqa: E402
+from pipelines.evaluate import EvaluateSettings, evaluate_task  # noqa: E402
+from pipelines.train_config import TrainGatesConfig  # noqa: E402
+from pipelines.train_gates import print_training_summary, train  # noqa: E402
 
 log = logging.getLogger("workflow")
-DEFAULT_CONFIG = Path(__file__).parents[1] / "configs" / "workflow.yaml"
+DEFAULT_CONFIG = ROOT / "configs" / "workflow.yaml"
 STATE_FILE = "workflow_state.json"
 SET_BY_WORKFLOW = {"registry", "experts", "output", "init_from", "freeze_old", "name", "storage_path"}
-
-
-class EvaluateSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    composite: list[int] = [3, 5]  # composite-n sizes
-    composite_count: int = Field(40, ge=1)
-    samples: int | None = Field(None, ge=1)  # eval samples per task; None = all
 
 
 class DeploySettings(BaseModel):
@@ -71,12 +69,58 @@ class WorkflowConfig(BaseModel):
     work_dir: str  # local: the state file and the evaluations
     artifacts: str | None = None  # Ray Train runs and checkpoints (s3:// on a multi-node cluster); None: work_dir
     train: dict = {}  # pipelines/train_gates settings (configs/train_gates.yaml keys) but the ones the workflow sets
-    incremental_steps: float = Field(0.3, gt=0, le=1)  # share of train.steps when only adapters were added
+    incremental_steps: float = Field(0.3, gt=0, le=1)  # share of train.steps when training starts from the last one
     evaluate: EvaluateSettings = EvaluateSettings()
     deploy: DeploySettings = DeploySettings()
 
+    @model_validator(mode="after")
+    def _train_settings(self) -> "WorkflowConfig":
+        unexpected = sorted(SET_BY_WORKFLOW & set(self.train))
+        if unexpected:
+            raise ValueError(f"train: {unexpected} are set by the workflow itself")
+        self.train_config()  # the training settings are checked now, not when the train stage starts
+        return self
+
     def train_config(self, **values) -> TrainGatesConfig:
         return TrainGatesConfig(**{**self.train, **values})
+
+
+# ---- what each stage hands on (recorded in the state file) ---------------------------------------------------------
+@dataclass
+class Collected:
+    registry: str
+
+
+@dataclass
+class Trained:
+    checkpoint: str
+    experts: list[tuple[str, str]]  # (name, sha256) in expert order
+    base: str  # the base model's structure fingerprint
+    incremental: bool
+    train_seconds: float
+    eval_routing_accuracy: float | None
+
+
+@dataclass
+class Evaluated:
+    out_dir: str
+    mean_accuracy: dict[str, float]
+
+
+@dataclass
+class Deployed:
+    checkpoint: str
+    app: str
+
+
+STAGE_OUTPUTS = {"collect": Collected, "train": Trained, "evaluate": Evaluated, "deploy": Deployed}
+
+
+@dataclass
+class StageResult:
+    outputs: Collected | Trained | Evaluated | Deployed
+    summary: str  # one line for the user
+    inputs: str | None = None  # when running the stage changed its own inputs (collect commits the index): the new hash
 
 
 class StageFailed(RuntimeError):
@@ -92,136 +136,122 @@ class State:
         self.path = work_dir / STATE_FILE
         self.records = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def unchanged(self, stage: str, inputs: str) -> dict | None:
+    def outputs(self, stage: str, inputs: str | None = None):
+        """The stage's recorded outputs (only if they were made from `inputs`, when given), or None."""
         record = self.records.get(stage)
-        return record["outputs"] if record and record["inputs"] == inputs else None
+        if record is None or (inputs is not None and record["inputs"] != inputs):
+            return None
+        outputs = STAGE_OUTPUTS[stage](**record["outputs"])
+        if isinstance(outputs, Trained):
+            outputs.experts = [tuple(e) for e in outputs.experts]
+        return outputs
 
-    def record(self, stage: str, inputs: str, outputs: dict) -> None:
-        self.records[stage] = {"inputs": inputs, "outputs": outputs, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(self.records, indent=2))
-        temporary.replace(self.path)
+    def record(self, stage: str, inputs: str, outputs) -> None:
+        self.records[stage] = {"inputs": inputs, "outputs": dataclasses.asdict(outputs),
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write(self.path, json.dumps(self.records, indent=2).encode())
+
+    def forget(self, stage: str) -> None:
+        self.records.pop(stage, None)
 
 
 def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run(manifest_uri: str, config: WorkflowConfig, can_deploy: bool) -> dict:
+def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     """Every stage in order on the connected Ray; returns each stage's outputs. Raises StageFailed."""
     work = Path(config.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     state = State(work)
-    manifest_bytes = _read(manifest_uri)
-    manifest = load_manifest(manifest_uri)
-    experts = [spec.name for spec in manifest.adapters]
-    outputs = {"collect": _stage(state, "collect", _collect_inputs(manifest_bytes, config),
-                                 lambda: _collect(manifest_uri, config))}
+    outputs = {"collect": _stage(state, "collect", _collect_inputs(manifest, config), lambda: _collect(manifest, config))}
     registry = Registry(config.registry)
-    expert_entries = [(name, registry.entry(name)["sha256"]) for name in experts]
-    train_key = digest(expert_entries, registry.base_model["fingerprint"], config.train, config.incremental_steps)
-    recorded = state.unchanged("train", train_key)
-    if recorded and not open_store(recorded["checkpoint"]).exists("meteora_config.json"):
-        state.records.pop("train")  # recorded, but its checkpoint is gone: train again
-    outputs["train"] = _stage(state, "train", train_key, lambda: _train(config, work, registry, experts, expert_entries,
-                                                                       train_key, state.records.get("train")))
-    checkpoint = outputs["train"]["checkpoint"]
-    content = _checkpoint_digest(checkpoint)
+    experts = [(name, registry.entry(name)["sha256"]) for name in manifest.names]
+    train_key = digest(experts, registry.base_model["fingerprint"], config.train, config.incremental_steps)
+    recorded = state.outputs("train", train_key)
+    if recorded and not checkpoint_exists(recorded.checkpoint):
+        state.forget("train")  # recorded, but its checkpoint is gone: train again
+    previous = state.outputs("train")
+    outputs["train"] = _stage(state, "train", train_key, lambda: _train(config, work, registry, experts, train_key, previous))
+    checkpoint = outputs["train"].checkpoint
+    content = checkpoint_digest(checkpoint)
     if config.evaluate.enabled:
-        outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), hashlib.sha256(manifest_bytes).hexdigest()),
-                                     lambda: _evaluate(manifest_uri, checkpoint, config, work))
+        outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), manifest.digest),
+                                     lambda: _evaluate(manifest, checkpoint, config, work))
     if config.deploy.enabled and can_deploy:
-        deploy_key = digest(content, config.deploy.model_dump())
         if not _app_running(config.deploy.app_name):
-            state.records.pop("deploy", None)  # recorded, but not running now (a restarted cluster): deploy again
-        outputs["deploy"] = _stage(state, "deploy", deploy_key, lambda: _deploy(checkpoint, config.deploy))
+            state.forget("deploy")  # recorded, but not running now (a restarted cluster): deploy again
+        outputs["deploy"] = _stage(state, "deploy", digest(content, config.deploy.model_dump()),
+                                   lambda: _deploy(checkpoint, config.deploy))
     elif config.deploy.enabled:
         print("[deploy] skipped: no long-running Ray cluster to deploy to (set RAY_ADDRESS or use `ray job submit`)")
     return outputs
 
 
-def _stage(state: State, stage: str, inputs: str, action) -> dict:
-    previous = state.unchanged(stage, inputs)
+def _stage(state: State, stage: str, inputs: str, action: Callable[[], StageResult]):
+    previous = state.outputs(stage, inputs)
     if previous is not None:
         print(f"[{stage}] skipped: inputs unchanged since its last success ({state.records[stage]['finished']})", flush=True)
         return previous
     print(f"[{stage}] running", flush=True)
     started = time.perf_counter()
     try:
-        outputs, summary = action()
+        result = action()
     except Exception as error:  # noqa: BLE001 - reported with the stage's name; the state keeps the last success
         raise StageFailed(stage, error) from error
-    state.record(stage, outputs.pop("_inputs", inputs), outputs)
-    print(f"[{stage}] done in {time.perf_counter() - started:.0f} s: {summary}", flush=True)
-    return outputs
+    state.record(stage, result.inputs or inputs, result.outputs)
+    print(f"[{stage}] done in {time.perf_counter() - started:.0f} s: {result.summary}", flush=True)
+    return result.outputs
 
 
-def _read(uri: str) -> bytes:
-    parent, key = split_uri(uri)
-    return open_store(parent).read_bytes(key)
+def _collect_inputs(manifest: Manifest, config: WorkflowConfig) -> str:
+    return digest(manifest.digest, config.registry, Registry(config.registry).digest)
 
 
-def _registry_index(config: WorkflowConfig) -> str:
-    store = open_store(config.registry)
-    return hashlib.sha256(store.read_bytes("registry.json")).hexdigest() if store.exists("registry.json") else ""
-
-
-def _collect_inputs(manifest_bytes: bytes, config: WorkflowConfig) -> str:
-    return digest(hashlib.sha256(manifest_bytes).hexdigest(), config.registry, _registry_index(config))
-
-
-def _collect(manifest_uri: str, config: WorkflowConfig):
-    outcome = collect(manifest_uri, config.registry)
+def _collect(manifest: Manifest, config: WorkflowConfig) -> StageResult:
+    outcome = collect(manifest, config.registry)
     print_summary(outcome.rows)
     if not outcome.committed:
-        raise RegistryError(f"the manifest {manifest_uri} was not registered (see the table above); the registry is unchanged")
+        raise RegistryError(f"the manifest {manifest.path} was not registered (see the table above); the registry is unchanged")
     added = sum(row["status"] in ("added", "new version") for row in outcome.rows)
-    inputs = _collect_inputs(_read(manifest_uri), config)  # the index as this commit left it
-    return {"_inputs": inputs, "registry": config.registry}, f"{len(outcome.rows)} adapters, {added} new in {config.registry}"
+    return StageResult(Collected(config.registry), f"{len(outcome.rows)} adapters, {added} new in {config.registry}",
+                       inputs=_collect_inputs(manifest, config))  # the index as this commit left it
 
 
-def _train(config, work: Path, registry: Registry, experts, entries, key: str, previous: dict | None):
+def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list[tuple[str, str]], key: str,
+           previous: Trained | None) -> StageResult:
     settings = config.train_config()
     artifacts = (config.artifacts or str(work)).rstrip("/")
-    values = {"registry": registry.uri, "experts": experts, "name": f"gates-{key[:12]}", "storage_path": f"{artifacts}/runs",
-              "output": f"{artifacts}/checkpoints/gates-{key[:12]}"}
-    old = [tuple(e) for e in (previous or {}).get("outputs", {}).get("experts", [])]
-    if old and set(old) < set(entries) and previous["outputs"]["base"] == registry.base_model["fingerprint"]:
-        steps = max(1, math.ceil(config.incremental_steps * settings.steps))
-        values.update(init_from=previous["outputs"]["checkpoint"], steps=steps)
-        print(f"[train] incremental: {len(entries) - len(old)} new adapter(s); starting from {values['init_from']}, "
-              f"{steps} steps", flush=True)
+    values = {"registry": registry.uri, "experts": [name for name, _ in experts], "name": f"gates-{key[:12]}",
+              "storage_path": f"{artifacts}/runs", "output": f"{artifacts}/checkpoints/gates-{key[:12]}"}
+    if _can_start_from(previous, experts, registry):
+        steps = max(1, math.ceil(config.incremental_steps * settings.training.steps))
+        values.update(init_from=previous.checkpoint, steps=steps)
+        added = [n for n, sha in experts if (n, sha) not in previous.experts]
+        removed = [n for n, sha in previous.experts if (n, sha) not in experts]
+        print(f"[train] incremental from {previous.checkpoint}, {steps} steps: fresh gate rows for {added or 'none'}, "
+              f"rows dropped for {removed or 'none'}", flush=True)
     started = time.perf_counter()
     summary = train(config.train_config(**values))
     print_training_summary(summary, time.perf_counter() - started)
-    outputs = {"checkpoint": summary["output"], "experts": entries, "base": registry.base_model["fingerprint"],
-               "incremental": bool(values.get("init_from")), "train_seconds": summary["train_seconds"],
-               "eval_routing_accuracy": (summary.get("final") or {}).get("eval_routing_accuracy")}
-    return outputs, f"checkpoint {summary['output']} ({summary['steps']} steps, {summary['train_seconds']} s of training)"
+    outputs = Trained(summary["output"], experts, registry.base_model["fingerprint"], "init_from" in values,
+                      summary["train_seconds"], (summary.get("final") or {}).get("eval_routing_accuracy"))
+    return StageResult(outputs, f"checkpoint {outputs.checkpoint} ({summary['steps']} steps, "
+                                f"{outputs.train_seconds} s of training)")
 
 
-@ray.remote(num_cpus=1)
-def _evaluate_task(manifest_uri: str, checkpoint: str, settings: dict, out_dir: str) -> dict:
-    from meteora.harness import evaluate, load_benchmark
-    from meteora.store import local_dir
-
-    parent, name = split_uri(manifest_uri)  # the baselines beside a remote manifest come with its mirrored directory
-    bench = load_benchmark(local_dir(parent) / name if "://" in manifest_uri else manifest_uri, samples=settings["samples"])
-    results = evaluate(bench, checkpoint, settings["composite"], settings["composite_count"], out_dir=out_dir)
-    return {"per_task": results["per_task"], "composite": results["composite"]}
+def _can_start_from(previous: Trained | None, experts: list[tuple[str, str]], registry: Registry) -> bool:
+    """An earlier training on the same base that shares experts (same name and weights) with this one."""
+    return (previous is not None and previous.base == registry.base_model["fingerprint"]
+            and checkpoint_exists(previous.checkpoint) and bool(set(previous.experts) & set(experts)))
 
 
-def _evaluate(manifest_uri: str, checkpoint: str, config: WorkflowConfig, work: Path):
+def _evaluate(manifest: Manifest, checkpoint: str, config: WorkflowConfig, work: Path) -> StageResult:
     out_dir = work / "eval" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    task = _evaluate_task.options(runtime_env={"env_vars": worker_env()})  # the object store's endpoint and keys
-    results = ray.get(task.remote(manifest_uri, checkpoint, config.evaluate.model_dump(), str(out_dir)))
+    task = evaluate_task.options(runtime_env=runtime_env())
+    results = ray.get(task.remote(manifest, checkpoint, config.evaluate, str(out_dir)))
     means = {variant: round(sum(scores.values()) / len(scores), 3) for variant, scores in results["per_task"].items()}
-    return {"out_dir": str(out_dir), "mean_accuracy": means}, f"mean accuracy {means}; tables and plots in {out_dir}"
-
-
-def _checkpoint_digest(checkpoint: str) -> str:
-    store = open_store(checkpoint)
-    return digest(*(hashlib.sha256(store.read_bytes(f)).hexdigest() for f in ("meteora_config.json", "gates.safetensors")))
+    return StageResult(Evaluated(str(out_dir), means), f"mean accuracy {means}; tables and plots in {out_dir}")
 
 
 def _app_running(app_name: str) -> bool:
@@ -233,7 +263,7 @@ def _app_running(app_name: str) -> bool:
         return False
 
 
-def _deploy(checkpoint: str, settings: DeploySettings):
+def _deploy(checkpoint: str, settings: DeploySettings) -> StageResult:
     from ray import serve
 
     import serve_app
@@ -244,34 +274,12 @@ def _deploy(checkpoint: str, settings: DeploySettings):
     serve.run(serve_app.MeteoraServer.options(**settings.deployment).bind(args), name=settings.app_name,
               route_prefix=settings.route_prefix)
     verb = "updated in place" if updating else "started"
-    return {"checkpoint": checkpoint, "app": settings.app_name}, f"application '{settings.app_name}' {verb} with {checkpoint}"
+    return StageResult(Deployed(checkpoint, settings.app_name), f"application '{settings.app_name}' {verb} with {checkpoint}")
 
 
-def load_config(path: str | Path | None, overrides: list[str]) -> WorkflowConfig:
-    """The YAML file (default configs/workflow.yaml) with dotted key=value overrides (values parsed as YAML)."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"argument {item!r} is not key=value")
-            *parents, leaf = key.strip().split(".")
-            target = values
-            for part in parents:
-                target = target.setdefault(part, {})
-            target[leaf] = yaml.safe_load(value)
-        config = WorkflowConfig(**values)
-        unexpected = sorted(SET_BY_WORKFLOW & set(config.train))
-        if unexpected:
-            raise ConfigError(f"train: {unexpected} are set by the workflow itself")
-        config.train_config()  # the training settings are checked now, not when the train stage starts
-        return config
-    except (OSError, yaml.YAMLError, AttributeError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from None
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"invalid workflow config ({path} + arguments): {problems}") from None
+def load_workflow_config(path: str | Path | None, overrides: list[str]) -> WorkflowConfig:
+    """configs/workflow.yaml (or `path`) with dotted key=value overrides."""
+    return load_config(WorkflowConfig, path or DEFAULT_CONFIG, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,9 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        config = load_config(args.config, args.overrides)
-        manifest = args.manifest if "://" in args.manifest else str(Path(args.manifest).resolve())
-        load_manifest(manifest)  # a bad manifest fails before Ray starts
+        config = load_workflow_config(args.config, args.overrides)
+        manifest = load_manifest(args.manifest)  # a bad manifest fails before Ray starts
         with ray_connection() as started_here:
             outputs = run(manifest, config, can_deploy=not started_here)
     except (ConfigError, ManifestError, StoreError) as err:
@@ -293,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailed as err:
         print(f"error: {err}\n(the stages before it are recorded; run again to resume at '{err.stage}')", file=sys.stderr)
         return 1
-    print(json.dumps({stage: {k: v for k, v in out.items() if k != "experts"} for stage, out in outputs.items()}, indent=2))
+    summary = {stage: {k: v for k, v in dataclasses.asdict(out).items() if k != "experts"} for stage, out in outputs.items()}
+    print(json.dumps(summary, indent=2))
     return 0
 
 

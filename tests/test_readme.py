@@ -14,19 +14,19 @@ ROOT = Path(__file__).parents[1]
 COVERAGE = [
     (r"make demo", "make demo itself (examples/demo.py), run before every release of this README"),
     (r"make test", ".ci/run (CI)"),
-    (r"python pipelines/workflow\.py --manifest demo-output", "tests/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
-    (r"python pipelines/collect_adapters\.py", "tests/test_registry.py::test_collect_from_s3_register_more_later_and_load_a_model"),
-    (r"python pipelines/train_gates\.py --init-from", "tests/test_train_gates.py::test_incremental_training_starts_from_a_checkpoint_and_can_freeze_old_rows"),
-    (r"python pipelines/train_gates\.py", "tests/test_train_gates.py::test_two_workers_train_with_checkpoints_on_s3"),
-    (r"make cluster-(up|down)", "tests/test_train_gates.py::test_ray_job_submit_against_make_cluster_up"),
-    (r"RAY_AUTH_MODE=token ray job submit .* python pipelines/train_gates\.py", "tests/test_train_gates.py::test_ray_job_submit_against_make_cluster_up"),
-    (r"METEORA_API_KEY=sk-\.\.\. serve run configs/serve\.yaml", "tests/test_deploy_configs.py::test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients"),
-    (r"serve deploy configs/serve\.yaml", "tests/test_deploy_configs.py::test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients"),
-    (r"curl -s localhost:8000", "tests/test_deploy_configs.py::test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients"),
-    (r"ray up cluster\.yaml", "not runnable here (a cloud account): tests/test_deploy_configs.py::test_cluster_yaml_passes_rays_schema_and_pins_this_ray"),
-    (r"ray job submit --address http://HEAD:8265 .* python pipelines/workflow\.py", "not runnable here (a GPU cluster); the same entry point: tests/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
-    (r"python pipelines/build_tinytasks\.py", "the same build() as make demo; cached builds: tests/test_tinytasks.py::test_build_is_loadable_offline_and_cached"),
-    (r"python pipelines/evaluate\.py", "tests/test_tinytasks.py::test_the_evaluate_command_writes_tables_and_plots"),
+    (r"python pipelines/workflow\.py --manifest demo-output", "tests/pipelines/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
+    (r"python pipelines/collect_adapters\.py", "tests/registry/test_registry.py::test_collect_from_s3_register_more_later_and_load_a_model"),
+    (r"python pipelines/train_gates\.py --init-from", "tests/pipelines/test_train_gates.py::test_incremental_training_starts_from_a_checkpoint_and_can_freeze_old_rows"),
+    (r"python pipelines/train_gates\.py", "tests/pipelines/test_train_gates.py::test_two_workers_train_with_checkpoints_on_s3"),
+    (r"make cluster-(up|down)", "tests/pipelines/test_train_gates.py::test_ray_job_submit_against_make_cluster_up"),
+    (r"RAY_AUTH_MODE=token ray job submit .* python pipelines/train_gates\.py", "tests/pipelines/test_train_gates.py::test_ray_job_submit_against_make_cluster_up"),
+    (r"METEORA_API_KEY=sk-\.\.\. serve run configs/serve\.yaml", "tests/pipelines/test_deploy_configs.py::test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients"),
+    (r"serve deploy configs/serve\.yaml", "tests/pipelines/test_deploy_configs.py::test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients"),
+    (r"curl -s localhost:8000", "tests/pipelines/test_deploy_configs.py::test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients"),
+    (r"ray up cluster\.yaml", "not runnable here (a cloud account): tests/pipelines/test_deploy_configs.py::test_cluster_yaml_passes_rays_schema_and_pins_this_ray"),
+    (r"ray job submit --address http://HEAD:8265 .* python pipelines/workflow\.py", "not runnable here (a GPU cluster); the same entry point: tests/pipelines/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
+    (r"python pipelines/build_tinytasks\.py", "the same build() as make demo; cached builds: tests/suites/test_tinytasks.py::test_build_is_loadable_offline_and_cached"),
+    (r"python pipelines/evaluate\.py", "tests/suites/test_tinytasks.py::test_the_evaluate_command_writes_tables_and_plots"),
 ]
 
 
@@ -45,7 +45,7 @@ def test_every_readme_command_is_exercised_somewhere():
     uncovered = [c for c in readme_commands() if not any(re.match(pattern, c) for pattern, _ in COVERAGE)]
     assert not uncovered, f"README commands with no entry in COVERAGE: {uncovered}"
     for _, where in COVERAGE:
-        for file, test in re.findall(r"(tests/\w+\.py)::(\w+)", where):
+        for file, test in re.findall(r"(tests/[\w/]+\.py)::(\w+)", where):
             assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), flags=re.M), f"{file}::{test} does not exist"
 
 

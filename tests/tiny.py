@@ -12,8 +12,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
 
-from meteora.char_tokenizer import char_tokenizer
-from meteora.tasks import split_samples
+from suites.tinytasks import char_tokenizer
+from suites.tinytasks import split_samples
 
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -66,14 +66,16 @@ def tiny_checkpoint(root: Path, top_k: int = 2, names: tuple[str, str, str] = ("
     return root / "checkpoint"
 
 
-def write_world(root: Path, tasks: dict[str, int]) -> Path:
-    """A tiny base (with a char tokenizer), one random adapter and task data per task, and their manifest."""
+def write_world(root: Path, tasks: dict[str, int], targets: dict[str, list[str]] | None = None, seed: int = 0) -> Path:
+    """A tiny base (with a char tokenizer), one random adapter and task data per task, and their manifest.
+    Adapters target every projection unless `targets` names a task's modules; `seed` varies their weights."""
     base = tiny_base(layers=2, hidden=32)
     base.save_pretrained(root / "base")
     char_tokenizer().save_pretrained(root / "base")
     entries = []
     for index, (task, rank) in enumerate(tasks.items()):
-        make_adapter(base, root / "adapters" / task, rank, 2 * rank, ALL_MODULES, seed=index)
+        modules = (targets or {}).get(task, ALL_MODULES)
+        make_adapter(base, root / "adapters" / task, rank, 2 * rank, modules, seed=index + 100 * seed)
         train_set, eval_set = split_samples(task, 64, 16, seed=index)
         for split, samples in (("train", train_set), ("eval", eval_set)):
             (root / "data" / task).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,49 @@
+"""The fused model: PEFT LoRA adapters in, a per-token routed mixture of experts out.
+
+    adapters.py      reading PEFT adapters (LoraAdapter, per-expert ExpertInfo)
+    experts.py       one layer's experts stacked at their own ranks (ExpertStack)
+    routing.py       top-k routing settings shared by all layers, routing traces
+    layer.py         MeteoraLinear: base nn.Linear + experts + gate
+    backends/        loop (reference), torch (vectorized), triton: the experts' delta of one layer
+    meteora_model.py MeteoraModel: from_adapters, from_pretrained, save_pretrained, generate, force_experts
+    base_model.py    the base model and tokenizer from a directory (local or s3://), the runtime device and dtype
+    fingerprint.py   BaseInfo: how a checkpoint references its base model
+    checkpoint.py    the checkpoint's files
+"""
+from .adapters import ExpertInfo, LoraAdapter, LoraModule, load_adapter
+from .backends import BACKENDS
+from .base_model import load_base_model, load_tokenizer, runtime, skeleton_from_config
+from .checkpoint import CheckpointMeta, checkpoint_digest, checkpoint_exists, read_checkpoint, read_checkpoint_config
+from .config import NAME_PATTERN, MeteoraConfig
+from .experts import ExpertStack
+from .fingerprint import BaseFingerprint, BaseInfo, structure_hash
+from .layer import MeteoraLinear
+from .meteora_model import GenerationWithRouting, MeteoraModel
+from .routing import RoutingTrace
+
+__all__ = [
+    "BACKENDS",
+    "BaseFingerprint",
+    "BaseInfo",
+    "CheckpointMeta",
+    "ExpertInfo",
+    "ExpertStack",
+    "GenerationWithRouting",
+    "LoraAdapter",
+    "LoraModule",
+    "MeteoraConfig",
+    "MeteoraLinear",
+    "MeteoraModel",
+    "NAME_PATTERN",
+    "RoutingTrace",
+    "checkpoint_digest",
+    "checkpoint_exists",
+    "load_adapter",
+    "load_base_model",
+    "load_tokenizer",
+    "read_checkpoint",
+    "read_checkpoint_config",
+    "runtime",
+    "skeleton_from_config",
+    "structure_hash",
+]

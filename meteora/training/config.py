@@ -1,0 +1,39 @@
+"""GateTrainingConfig: the one configuration of gate training (the method's settings, not where it runs).
+
+pipelines/train_gates.py reads the same fields from configs/train_gates.yaml, beside the settings of the Ray job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GateTrainingConfig:
+    steps: int = 300  # optimizer steps
+    batch: int = 32  # samples per step, over all workers
+    lr: float = 5e-3  # Adam on the gates only; linear warm-up over 5% of the steps, then cosine decay to lr / 10
+    gate_weight: float = 50.0  # lambda in CE_LM + lambda * CE_gate (the paper's value)
+    exclude_prompt: bool = True  # CE_LM on response tokens only
+    top_k: int = 2  # experts per token while training (and in the checkpoint)
+    temperature: float = 1.0  # routing softmax temperature
+    composite_fraction: float = 0.0  # share of items that are composites of 2..composite_max samples (0: the paper)
+    composite_max: int = 5
+    freeze_old: bool = False  # incremental: keep the gate rows carried over from the earlier checkpoint fixed
+    new_fraction: float | None = None  # incremental: share of each batch from new experts; None: their share of all
+    checkpoint_every: int = 50  # steps between checkpoints, metrics and progress lines
+    eval_samples: int = 256  # eval-split samples for the routing accuracy at each checkpoint
+    seed: int = 0
+
+    def __post_init__(self):
+        positive = {"steps": self.steps, "batch": self.batch, "top_k": self.top_k, "checkpoint_every": self.checkpoint_every}
+        for name, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0 or not self.temperature > 0 or self.gate_weight < 0 or self.eval_samples < 0:
+            raise ValueError("lr and temperature must be > 0, gate_weight and eval_samples >= 0")
+        fractions = {"composite_fraction": self.composite_fraction, "new_fraction": self.new_fraction}
+        for name, value in fractions.items():
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if self.composite_max < 2:
+            raise ValueError(f"composite_max must be >= 2, got {self.composite_max!r}")

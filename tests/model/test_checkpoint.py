@@ -1,0 +1,115 @@
+"""save_pretrained -> from_pretrained reproduces the model; checkpoints are small and refuse a foreign base."""
+import json
+
+import pytest
+import torch
+
+from meteora import CheckpointError, MeteoraModel
+from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
+
+# the checkpoint's files, as DESIGN.md names them (a contract: written out here, not imported)
+CONFIG_FILE, EXPERTS_FILE, GATES_FILE = "meteora_config.json", "experts.safetensors", "gates.safetensors"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A fused model with mixed ranks and target sets, its base saved as a model directory, and its checkpoint."""
+    base = tiny_base(layers=3)
+    base.save_pretrained(tmp_path / "base")
+    specs = [(4, ALL_MODULES), (8, ["q_proj", "v_proj"]), (16, ["gate_proj", "up_proj", "down_proj"])]
+    paths = {f"e{i}": make_adapter(base, tmp_path / f"e{i}", r, r, t, seed=i) for i, (r, t) in enumerate(specs)}
+    model = MeteoraModel.from_adapters(tmp_path / "base", paths, top_k=2, temperature=2.0, seed=3)
+    model.training_summary = {"steps": 5}
+    model.save_pretrained(tmp_path / "ckpt")
+    return model, tmp_path
+
+
+def test_round_trip_reproduces_logits_exactly(saved):
+    model, root = saved
+    loaded = MeteoraModel.from_pretrained(root / "ckpt")  # the base model comes from the URI it records
+    ids = random_ids(batch=2, length=16)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.expert_names == model.expert_names == ["e0", "e1", "e2"]
+    assert loaded.layer_names == model.layer_names
+    assert (loaded.routing.top_k, loaded.routing.temperature) == (2, 2.0)
+    assert loaded.training_summary == {"steps": 5}
+
+
+def test_checkpoint_holds_the_contract_fields_and_only_experts_and_gates(saved):
+    model, root = saved
+    config = json.loads((root / "ckpt" / CONFIG_FILE).read_text())
+    assert config["format_version"] == 1
+    assert {"name", "uri", "fingerprint"} <= set(config["base_model"])
+    assert [e["rank"] for e in config["experts"]] == [4, 8, 16]
+    assert {"name", "sha256", "rank", "alpha", "scaling", "target_modules"} <= set(config["experts"][0])
+    assert config["target_modules"] == sorted(ALL_MODULES)
+    adapter_bytes = sum((root / f"e{i}" / "adapter_model.safetensors").stat().st_size for i in range(3))
+    gate_bytes = sum(g.nbytes for g in model.gate_parameters())
+    tensor_bytes = sum((root / "ckpt" / f).stat().st_size for f in (EXPERTS_FILE, GATES_FILE))
+    assert adapter_bytes + gate_bytes - 4096 < tensor_bytes < adapter_bytes + gate_bytes + 16384
+    assert not list((root / "ckpt").glob("*.tmp")), "no temporary files are left behind"
+
+
+def test_checkpoint_is_far_smaller_than_the_base_model(tmp_path):
+    base = tiny_base(hidden=256)
+    base.save_pretrained(tmp_path / "base")
+    paths = {f"e{i}": make_adapter(base, tmp_path / f"e{i}", 4, 8, ALL_MODULES, seed=i) for i in range(4)}
+    MeteoraModel.from_adapters(base, paths).save_pretrained(tmp_path / "ckpt")
+    checkpoint_bytes = sum(f.stat().st_size for f in (tmp_path / "ckpt").iterdir())
+    base_bytes = sum(f.stat().st_size for f in (tmp_path / "base").glob("*.safetensors"))
+    assert checkpoint_bytes < base_bytes / 5
+
+
+def test_base_loaded_in_another_dtype_still_matches(saved):
+    _, root = saved
+    loaded = MeteoraModel.from_pretrained(root / "ckpt", dtype=torch.bfloat16)
+    assert loaded.base_model.dtype == torch.bfloat16
+
+
+def test_a_different_base_model_is_refused(saved):
+    _, root = saved
+    with pytest.raises(CheckpointError, match="different model"):
+        MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=3, seed=1))
+    with pytest.raises(CheckpointError, match="different model"):
+        MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=2))
+
+
+def _edit_config(ckpt, change):
+    config = json.loads((ckpt / CONFIG_FILE).read_text())
+    (ckpt / CONFIG_FILE).write_text(json.dumps(change(config)))
+
+
+def _truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {  # name -> (how to damage a checkpoint directory, what the error must say)
+    "missing_config": (lambda c: (c / CONFIG_FILE).unlink(), "is missing"),
+    "missing_gates": (lambda c: (c / GATES_FILE).unlink(), "is missing"),
+    "truncated_experts": (lambda c: _truncate(c / EXPERTS_FILE), "does not match the sha256"),
+    "truncated_unhashed": (lambda c: (_edit_config(c, lambda cfg: {k: v for k, v in cfg.items() if k != "files"}),
+                                      _truncate(c / EXPERTS_FILE)), "truncated or corrupt"),
+    "wrong_version": (lambda c: _edit_config(c, lambda cfg: {**cfg, "format_version": 99}), "format_version 99"),
+    "no_top_k": (lambda c: _edit_config(c, lambda cfg: {k: v for k, v in cfg.items() if k != "top_k"}), "'top_k'"),
+}
+
+
+def test_files_of_two_different_saves_are_refused(saved):
+    model, root = saved
+    with torch.no_grad():
+        model.gate_parameters()[0].add_(1.0)
+    model.save_pretrained(root / "other")
+    (root / "ckpt" / GATES_FILE).write_bytes((root / "other" / GATES_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match="different saves"):
+        MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=3))
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_checkpoint_fails_clearly(saved, damage):
+    _, root = saved
+    mutate, message = DAMAGE[damage]
+    mutate(root / "ckpt")
+    with pytest.raises(CheckpointError, match=message):
+        MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=3))

@@ -1,0 +1,184 @@
+"""pipelines/train_gates.py with real Ray Train on a real local Ray: 2 CPU workers, checkpoints to loopback S3,
+a worker killed mid-run, a driver killed and restarted, incremental training, and `ray job submit` against
+`make cluster-up`. The registry holds a tiny model and random adapters (fast): the gates learn the task from
+the instruction, which is all these tests need."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from meteora import MeteoraModel
+from meteora.registry import load_manifest
+from pipelines.collect_adapters import collect
+from pipelines.common import ConfigError
+from pipelines.train_config import load_train_config
+from pipelines.train_gates import main, train
+from tiny import write_world
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+ROOT = Path(__file__).parents[2]
+TASKS = {"reverse": 4, "upper": 8, "length": 2}  # expert -> rank
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-world")
+    assert collect(load_manifest(write_world(root, TASKS)), str(root / "registry")).committed
+    return str(root / "registry")
+
+
+def settings(registry, tmp_path, name, **extra) -> list[str]:
+    values = {"registry": registry, "storage_path": str(tmp_path / "runs"), "name": name, "num_workers": 2,
+              "steps": 30, "batch": 8, "checkpoint_every": 10, "lr": 0.02, "eval_samples": 24, **extra}
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def history_steps(summary) -> list[int]:
+    return [record["step"] for record in summary["history"]]
+
+
+def test_bad_config_is_refused_before_anything_starts(registry, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_train_config(None, ["nonsense=1"])
+    with pytest.raises(ConfigError, match="steps"):
+        load_train_config(None, ["steps=-3"])
+    with pytest.raises(ConfigError, match="multiple of num_workers"):
+        load_train_config(None, ["batch=7", "num_workers=2"])
+    with pytest.raises(ConfigError, match="freeze_old needs init_from"):
+        load_train_config(None, ["freeze_old=true"])
+    with pytest.raises(ConfigError, match="name"):
+        load_train_config(None, ["name=../escape"])
+    for argv, message in [(["experts=[reverse, nope]"], "nope"),
+                          (["registry=" + str(tmp_path / "empty")], "holds no adapters"),
+                          (["--init-from", str(tmp_path / "missing")], "not a MeteoRA checkpoint")]:
+        assert main(settings(registry, tmp_path, "bad") + argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was started or written
+
+
+def test_two_workers_train_with_checkpoints_on_s3(registry, tmp_path, s3_endpoint, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))  # the workers read the registry from S3
+    boto3.client("s3").create_bucket(Bucket="train")
+    assert collect(load_manifest(Path(registry).parent / "manifest.yaml"), "s3://train/registry").committed
+    summary = train(load_train_config(None, settings("s3://train/registry", tmp_path, "s3-run", storage_path="s3://train/runs",
+                                                output="s3://train/models/tiny", steps=40)))
+    losses = [record["loss"] for record in summary["history"]]
+    assert history_steps(summary) == [10, 20, 30, 40] and summary["num_workers"] == 2
+    assert losses[-1] < 0.8 * losses[0]  # the loss falls
+    assert summary["final"]["eval_routing_accuracy"] > 0.5  # 3 experts: chance is 1/3
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="train")["Contents"]]
+    assert any(k.startswith("runs/s3-run/checkpoint_") and k.endswith("train_state.safetensors") for k in keys)
+    model = MeteoraModel.from_pretrained("s3://train/models/tiny")
+    assert model.expert_names == list(TASKS) and model.training_summary["steps"] == 40
+
+
+def _descendant_train_workers() -> list[psutil.Process]:
+    """This test process's own Ray Train worker processes (never another user's)."""
+    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def _wait_for_checkpoint(runs: Path, timeout: float = 180) -> None:
+    """Until Ray Train has registered a checkpoint of the run (its snapshot lists one): a checkpoint uploaded
+    but not yet registered when a worker dies is, rightly, not resumed from."""
+    snapshot = runs / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while not _registered(snapshot):
+        assert time.monotonic() < deadline, "no checkpoint was registered"
+        time.sleep(0.2)
+
+
+def _registered(snapshot: Path) -> bool:
+    try:
+        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+    except (OSError, ValueError):  # not there yet, or being written
+        return False
+
+
+def test_a_worker_killed_mid_run_is_replaced_and_training_resumes(registry, tmp_path):
+    config = load_train_config(None, settings(registry, tmp_path, "killed", steps=400, checkpoint_every=20, max_failures=2))
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(summary=train(config)))
+    runner.start()
+    _wait_for_checkpoint(tmp_path / "runs" / "killed")
+    victims = _descendant_train_workers()
+    assert victims, "found no Ray Train worker to kill"
+    victims[0].send_signal(signal.SIGKILL)
+    runner.join(timeout=400)
+    summary = result["summary"]
+    attempts = summary["attempts"]
+    assert len(attempts) >= 2 and 0 < attempts[1]["started_after_step"] < 400
+    assert history_steps(summary) == list(range(20, 401, 20))  # every step once: none repeated, none skipped
+
+
+def test_a_restarted_driver_resumes_the_run(registry, tmp_path, local_ray):
+    argv = settings(registry, tmp_path, "restarted", steps=400, checkpoint_every=20)
+    env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "train_gates.py"), *argv], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(tmp_path / "runs" / "restarted")
+    driver.kill()  # the driver dies; its job's Train controller and workers go with it
+    driver.wait()
+    summary = train(load_train_config(None, argv))
+    resumed_at = summary["attempts"][-1]["started_after_step"]
+    assert len(summary["attempts"]) >= 2 and resumed_at >= 20
+    assert history_steps(summary) == list(range(20, 401, 20))
+
+
+def test_incremental_training_starts_from_a_checkpoint_and_can_freeze_old_rows(registry, tmp_path):
+    first = train(load_train_config(None, settings(registry, tmp_path, "first", experts="[reverse, upper]", num_workers=1)))
+    old_gates = load_file(Path(first["output"]) / "gates.safetensors")
+    second = train(load_train_config(None, settings(registry, tmp_path, "second", init_from=first["output"], freeze_old="true",
+                                               steps=10, checkpoint_every=5)))
+    assert second["warm_start"]["experts"] == {"reverse": "copied", "upper": "copied", "length": "fresh"}
+    assert second["warm_start"]["init_from"] == first["output"]
+    new_gates = load_file(Path(second["output"]) / "gates.safetensors")
+    for name, old in old_gates.items():  # expert order: reverse, upper (carried over and frozen), length (new)
+        assert torch.equal(new_gates[name][:2], old)
+        assert new_gates[name].shape[0] == 3
+
+
+def test_a_run_name_is_not_reused_for_other_experts(registry, tmp_path, capsys):
+    storage = tmp_path / "runs" / "taken"
+    storage.mkdir(parents=True)
+    (storage / "meteora_run.json").write_text(json.dumps({"fingerprint": "other", "experts": ["x"]}))
+    assert main(settings(registry, tmp_path, "taken")) == 2
+    assert "already trains experts ['x']" in capsys.readouterr().err
+
+
+def test_ray_job_submit_against_make_cluster_up(registry, tmp_path):
+    cluster_dir = tmp_path / "cluster"
+    make = ["make", "-C", str(ROOT), f"CLUSTER_DIR={cluster_dir}"]
+    subprocess.run([*make, "cluster-up"], check=True, capture_output=True, timeout=300)
+    cluster = json.loads((cluster_dir / "cluster.json").read_text())
+    try:
+        env = {**os.environ, "RAY_AUTH_MODE": "token"}
+        env.pop("RAY_ADDRESS", None)
+        job = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster["address"], "--working-dir", str(ROOT),
+             "--", "python", "pipelines/train_gates.py", *settings(registry, tmp_path, "job", steps=10, checkpoint_every=5)],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout + job.stderr
+        assert MeteoraModel.from_pretrained(tmp_path / "runs" / "job" / "meteora").training_summary["steps"] == 10
+    finally:
+        subprocess.run([*make, "cluster-down"], check=True, capture_output=True, timeout=120)
+    assert not (cluster_dir / "cluster.json").exists()
+    assert not [p for p in psutil.process_iter() if _pgid(p) == cluster["pgid"]]  # none of its processes is left
+
+
+def _pgid(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except OSError:
+        return None

@@ -1,0 +1,125 @@
+"""pipelines/workflow.py on a real local Ray and Serve: stages skipped when their inputs are unchanged, a failed
+training resumed at the train stage, and a manifest that adds an adapter trained incrementally and redeployed in
+place while a client keeps sending requests."""
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from meteora import MeteoraModel
+from pipelines.local_cluster import free_ports
+from meteora.registry import load_manifest
+from pipelines.common import ConfigError
+from pipelines.workflow import StageFailed, load_workflow_config, main, run
+from tiny import write_world
+
+pytestmark = pytest.mark.usefixtures("local_ray")
+
+
+def workflow_settings(tmp_path, port: int) -> list[str]:
+    return [f"registry={tmp_path / 'registry'}", f"work_dir={tmp_path / 'work'}", "train.steps=20", "train.batch=8",
+            "train.checkpoint_every=10", "train.eval_samples=16", "train.lr=0.02", "train.cpus_per_worker=0.5",
+            "evaluate.composite=[2]", "evaluate.composite_count=4", "evaluate.samples=4", f"deploy.http_port={port}",
+            "deploy.app_name=workflow-test", "deploy.settings={max_tokens_limit: 16}"]
+
+
+def stages_said(output: str) -> dict[str, str]:
+    """{stage: "skipped" | "running"} from the workflow's progress lines."""
+    return {line.split("]")[0][1:]: line.split("] ")[1].split(":")[0] for line in output.splitlines()
+            if line.startswith("[") and ("skipped" in line or line.endswith("running"))}
+
+
+def keep_asking(url: str, stop: threading.Event, results: list) -> None:
+    while not stop.is_set():
+        try:
+            r = httpx.post(f"{url}/v1/completions", json={"model": "meteora", "prompt": "upper: ab\n", "max_tokens": 4},
+                           timeout=60)
+            results.append(r.status_code)
+        except httpx.HTTPError as error:
+            results.append(type(error).__name__)
+        time.sleep(0.05)
+
+
+def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place(tmp_path, capsys):
+    from ray import serve
+
+    world = tmp_path / "world"
+    manifest = write_world(world, {"reverse": 4, "upper": 8})
+    port = free_ports(1)[0]
+    settings = workflow_settings(tmp_path, port)
+    config = load_workflow_config(None, settings)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "runs").write_text("not a directory")  # the training's storage: the train stage fails
+    with pytest.raises(StageFailed) as failed:
+        run(load_manifest(manifest), config, can_deploy=True)
+    assert failed.value.stage == "train"
+    state = json.loads((tmp_path / "work" / "workflow_state.json").read_text())
+    assert list(state) == ["collect"]  # only what succeeded is recorded
+
+    (tmp_path / "work" / "runs").unlink()
+    try:
+        capsys.readouterr()
+        first = run(load_manifest(manifest), config, can_deploy=True)
+        assert stages_said(capsys.readouterr().out) == {"collect": "skipped", "train": "running", "evaluate": "running",
+                                                        "deploy": "running"}
+        assert not first["train"].incremental
+        results = json.loads((Path(first["evaluate"].out_dir) / "results.json").read_text())
+        assert set(results["per_task"]["meteora top-2"]) == {"reverse", "upper"}
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.post(f"{url}/v1/completions", json={"model": "meteora", "prompt": "reverse: ab\n", "max_tokens": 3},
+                          timeout=60).status_code == 200
+
+        assert main(["--manifest", str(manifest), *settings]) == 0  # the command line, with the same inputs
+        output = capsys.readouterr().out
+        assert set(stages_said(output).values()) == {"skipped"} and first["train"].checkpoint in output
+
+        bigger = write_world(tmp_path / "world2", {"length": 2})  # a third adapter, on the same base
+        grown = yaml.safe_load(manifest.read_text())
+        grown["adapters"].append(yaml.safe_load(bigger.read_text())["adapters"][0])
+        grown_manifest = tmp_path / "grown.yaml"
+        grown_manifest.write_text(yaml.safe_dump(grown, sort_keys=False))
+        stop, answers = threading.Event(), []
+        client = threading.Thread(target=keep_asking, args=(url, stop, answers))
+        client.start()
+        try:
+            third = run(load_manifest(grown_manifest), config, can_deploy=True)
+        finally:
+            stop.set()
+            client.join()
+        assert stages_said(capsys.readouterr().out) == {"collect": "running", "train": "running", "evaluate": "running",
+                                                        "deploy": "running"}
+        assert third["train"].incremental
+        grown_model = MeteoraModel.from_pretrained(third["train"].checkpoint)
+        assert grown_model.expert_names == ["reverse", "upper", "length"]
+        training = grown_model.training_summary  # every row trained, the new expert's data a third of each batch
+        assert training["freeze_old"] is False and training["new_fraction"] == pytest.approx(1 / 3)
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in models][-1] == "meteora:length"  # the redeployed application serves the new model
+        assert answers and all(status == 200 for status in answers), answers  # none failed during the update
+
+        shrunk = {**grown, "adapters": [a for a in grown["adapters"] if a["name"] != "upper"]}  # upper removed
+        shrunk_manifest = tmp_path / "shrunk.yaml"
+        shrunk_manifest.write_text(yaml.safe_dump(shrunk, sort_keys=False))
+        fourth = run(load_manifest(shrunk_manifest), config, can_deploy=True)
+        output = capsys.readouterr().out
+        assert fourth["train"].incremental and "rows dropped for ['upper']" in output
+        assert MeteoraModel.from_pretrained(fourth["train"].checkpoint).expert_names == ["reverse", "length"]
+    finally:
+        serve.delete("workflow-test")
+
+
+def test_bad_config_or_manifest_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_workflow_config(None, ["nonsense=1", "registry=r", "work_dir=w"])
+    with pytest.raises(ConfigError, match="set by the workflow"):
+        load_workflow_config(None, ["train.init_from=x", "registry=r", "work_dir=w"])
+    with pytest.raises(ConfigError, match="steps"):
+        load_workflow_config(None, ["train.steps=-1", "registry=r", "work_dir=w"])
+    (tmp_path / "bad.yaml").write_text("apiVersion: meteora/v1\nkind: AdapterManifest\nadapters: nope\n")
+    assert main(["--manifest", str(tmp_path / "bad.yaml"), f"work_dir={tmp_path / 'w'}", f"registry={tmp_path / 'r'}"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
