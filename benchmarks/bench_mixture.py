@@ -79,10 +79,9 @@ def prefill_tokens_per_s(model, prompt: torch.Tensor) -> float:
 def distinct_experts_per_step(model: MeteoraModel, prompt: torch.Tensor) -> float:
     """Mean over adapted layers of how many distinct experts one decode step's tokens pick."""
     out = model(prompt, use_cache=True, logits_to_keep=1)
-    model.routing.records = {}
-    model(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
-    records, model.routing.records = model.routing.records, None
-    return statistics.mean(len(torch.unique(calls[0][0])) for calls in records.values())
+    with model.recording_routing() as recorder:
+        model(out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+    return statistics.mean(len(torch.unique(calls[0][0])) for calls in recorder.calls.values())
 
 
 def experts_bytes(model: MeteoraModel) -> int:

@@ -120,7 +120,7 @@ async def load(url: str, prompts: list[str], concurrency: int, total: int, max_t
 def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
     """The same work without HTTP: GenerationEngine in this process, 16 prompts at once, one torch thread."""
     from meteora import MeteoraModel, load_tokenizer
-    from meteora.prompts import prompt_ids
+    from meteora.prompts import prompt_format
     from meteora.serving import GenerationEngine, SamplingParams, ServingLimits
 
     threads = torch.get_num_threads()
@@ -128,7 +128,7 @@ def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
     model = MeteoraModel.from_pretrained(checkpoint)
     tokenizer = load_tokenizer(model.base_info["uri"])
     engine, params = GenerationEngine(model, tokenizer, ServingLimits(max_batch_size=16)), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    batch = [prompt_ids(tokenizer, p) for p in prompts[:16]]
+    batch = [prompt_format("plain").prompt_ids(tokenizer, p) for p in prompts[:16]]
     seconds = []
     for _ in range(4):
         started = time.perf_counter()

@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 from meteora import MeteoraModel  # noqa: E402
-from meteora.evaluation import accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
+from meteora.evaluation import CompositeSettings, accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
 from meteora.registry import Registry, load_manifest  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402
@@ -49,7 +49,7 @@ def run(args, storage: str, registry: str, name: str, **settings) -> tuple[dict,
 def top2_accuracy(bench, checkpoint: str, tasks: list[str]) -> dict[str, float]:
     model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base))
     model.configure(top_k=2)
-    return accuracy_per_task(model, bench.tokenizer, {t: bench.eval_sets[t] for t in tasks}, bench.metrics)
+    return accuracy_per_task(model, bench.tokenizer, {t: bench.eval_sets[t] for t in tasks}, bench.fmt, bench.metrics)
 
 
 def main() -> None:
@@ -77,7 +77,7 @@ def main() -> None:
         print(f"scaling: {workers} worker(s) {summary['samples_per_s']} samples/s", flush=True)
 
     full, full_wall = run(args, storage, registry, "full")
-    results = evaluate(bench, full["output"], composite_sizes=(3, 5), composite_count=40, out_dir=out)
+    results = evaluate(bench, full["output"], CompositeSettings(sizes=(3, 5), count=40), out_dir=out)
     six, six_wall = run(args, storage, registry, "six", experts=tasks[:6])
     incremental, incremental_wall = run(args, storage, registry, "incremental", init_from=six["output"],
                                         steps=max(1, round(args.incremental * args.steps)))

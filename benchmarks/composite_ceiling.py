@@ -83,12 +83,8 @@ def line_start_experts(tokenizer, items: list[list[tuple[dict, int]]], batch) ->
 
 
 def labelled(tasks: list[str], problems) -> list[list[tuple[dict, int]]]:
-    """composite_problems' (task names, composite sample) as gate_batch items: one labelled sample per line."""
-    items = []
-    for names, sample in problems:
-        lines, answers = sample["prompt"].splitlines(keepends=True), sample["response"].split("\n")
-        items.append([({"prompt": p, "response": a}, tasks.index(t)) for t, p, a in zip(names, lines, answers)])
-    return items
+    """composite_problems as gate_batch items: each problem's sample labelled with its task's expert."""
+    return [[(sample, tasks.index(t)) for t, sample in zip(p.tasks, p.samples)] for p in problems]
 
 
 def base_tasks(manifest_uri: str) -> list[str]:
@@ -124,7 +120,7 @@ def main() -> None:
     model = MeteoraModel.from_pretrained(args.checkpoint, base_model=copy.deepcopy(bench.base)).eval()
     tasks = model.expert_names
     sets = {"single": [[(s, tasks.index(t))] for t in tasks for s in bench.eval_sets[t]]}
-    sets.update({f"composite-{n}": labelled(tasks, composite_problems(bench.eval_sets, n, args.count)) for n in (3, 5)})
+    sets.update({f"composite-{n}": labelled(tasks, composite_problems(bench.eval_sets, n, args.count, bench.fmt)) for n in (3, 5)})
     report = {"command": "python " + " ".join(sys.argv), "checkpoint": args.checkpoint,
               "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__}}
     for name, items in sets.items():

@@ -1,8 +1,10 @@
 """`make demo`: the whole system on this machine, from adapters in an object store to an autoscaled endpoint.
 
-  1. assets     build the tinytasks benchmark (tiny base, one PEFT adapter per task, baselines, data; cached)
+  1. assets     build the benchmark suite (base model, one PEFT adapter per task, baselines, data; cached):
+                tinytasks (a tiny model trained here; the default) or chattasks (--model smollm2: the real
+                SmolLM2-135M-Instruct, offline from PyPI, its adapters trained on its chat template)
   2. publish    copy them into the embedded object store (a local directory; --s3: a loopback S3 server started
-                here) with two manifests: demo.yaml (6 tasks) and more.yaml (the same + 2 more tasks)
+                here) with two manifests: demo.yaml (the first tasks) and more.yaml (the same + 2 more tasks)
   3. cluster    a local Ray head (pipelines/local_cluster.py: free ports, its own process group)
   4. workflow   pipelines/workflow.py on demo.yaml: collect -> train the gates (2 Ray Train workers) -> evaluate
                 -> deploy on Ray Serve; the table per task and on composites, and the plots
@@ -11,8 +13,8 @@
                 application redeployed in place while a client keeps sending requests (failures counted)
   7. shut down  Serve, the Ray head's process group, the S3 server: everything started here, nothing else
 
-    python examples/demo.py [--out demo-output] [--s3] [--steps 1000] [--eval-samples 30] [--composites 16]
-About 12 minutes for the first asset build on 2 cores, then about 4 minutes per run.
+    python examples/demo.py [--model tinytasks|smollm2] [--out demo-output] [--s3] [--steps N] [--eval-samples N]
+tinytasks: about 11 minutes for the first asset build on 2 cores, then about 4 minutes per run.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -39,9 +43,36 @@ from meteora.store import open_store  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402
 from pipelines.workflow import StageFailed, load_workflow_config, run  # noqa: E402
-from suites.tinytasks import DEFAULT_TASKS, build  # noqa: E402
 
-FIRST_TASKS = DEFAULT_TASKS[:6]  # demo.yaml; more.yaml adds the last two
+
+@dataclass(frozen=True)
+class Suite:
+    build: Callable[[], str]  # -> the built manifest's URI
+    first: int  # adapters in demo.yaml; more.yaml has them all
+    steps: int  # gate-training steps (the increment trains incremental_steps of them)
+    settings: tuple[str, ...]  # workflow settings besides the demo's own
+    question: dict  # what the client asks during the redeploy (a /v1/chat/completions body)
+
+
+def tinytasks() -> str:
+    from suites.tinytasks import build
+
+    return build()
+
+
+def chattasks() -> str:
+    from suites.chattasks import build
+
+    return build()
+
+
+SUITES = {
+    "tinytasks": Suite(tinytasks, 6, 1000, ("evaluate.composite=[3, 5]", "evaluate.composite_count=16"),
+                       {"messages": [{"role": "user", "content": "reverse: abcd"}]}),
+    "smollm2": Suite(chattasks, 10, 300, ("evaluate.composite=[3, 5, 10]", "evaluate.composite_count=10",
+                                          "evaluate.composite_shots=2", "evaluate.composite_temperature=2"),
+                     {"messages": [{"role": "user", "content": "2023-07-14"}]}),
+}
 
 
 def step(number: int, title: str) -> float:
@@ -53,8 +84,8 @@ def done(started: float, result: str) -> None:
     print(f"--> {result} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
-def publish(build_manifest: Path, store_uri: str) -> tuple[str, str]:
-    """Copy the built assets into the object store; write demo.yaml (6 tasks) and more.yaml (8) there."""
+def publish(build_manifest: Path, store_uri: str, first: int) -> tuple[str, str]:
+    """Copy the built assets into the object store; write demo.yaml (the first tasks) and more.yaml (all) there."""
     store, source = open_store(store_uri), build_manifest.parent
     files = [p for p in source.rglob("*") if p.is_file() and p.suffix != ".yaml" and p.name != "build_report.json"]
     for path in files:
@@ -69,8 +100,8 @@ def publish(build_manifest: Path, store_uri: str) -> tuple[str, str]:
         adapter["uri"] = moved(adapter["uri"])
         adapter["data"] = {split: moved(uri) for split, uri in adapter["data"].items()}
     uris = []
-    for name, tasks in (("demo.yaml", FIRST_TASKS), ("more.yaml", DEFAULT_TASKS)):
-        subset = {**manifest, "adapters": [a for a in manifest["adapters"] if a["name"] in tasks]}
+    for name, count in (("demo.yaml", first), ("more.yaml", len(manifest["adapters"]))):
+        subset = {**manifest, "adapters": manifest["adapters"][:count]}
         store.write_bytes(name, yaml.safe_dump(subset, sort_keys=False).encode())
         uris.append(f"{store_uri.rstrip('/')}/{name}")
     return uris[0], uris[1]
@@ -99,26 +130,31 @@ def show_evaluation(outputs: dict) -> dict:
 
 
 def ask_composite(url: str, manifest: Manifest) -> None:
-    """One composite prompt (3 tasks) through the OpenAI-compatible endpoint, with its routing per token."""
+    """One composite prompt (3 tasks) through the OpenAI-compatible endpoint, with its routing per token: as a raw
+    completion in the plain format, as a user message in the chat format."""
     from openai import OpenAI
 
     bench = load_benchmark(manifest, samples=8)
-    tasks, sample = composite_problems(bench.eval_sets, 3, 1, seed=3)[0]
+    problem = composite_problems(bench.eval_sets, 3, 1, bench.fmt, seed=3)[0]
     client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("METEORA_API_KEY", "none"))
-    out = client.completions.create(model="meteora", prompt=sample["prompt"], max_tokens=48, temperature=0,
-                                    extra_body={"return_routing": True})
-    choice = out.choices[0]
-    print(f"prompt ({', '.join(tasks)}):\n{sample['prompt']}answer:\n{choice.text}\nexpected:\n{sample['response']}")
+    options = {"model": "meteora", "max_tokens": 64, "temperature": 0, "extra_body": {"return_routing": True}}
+    if bench.fmt.name == "chat":
+        choice = client.chat.completions.create(messages=[{"role": "user", "content": problem.joined.prompt}], **options).choices[0]
+        text = choice.message.content
+    else:
+        choice = client.completions.create(prompt=problem.joined.prompt, **options).choices[0]
+        text = choice.text
+    print(f"prompt ({', '.join(problem.tasks)}):\n{problem.joined.prompt}\nanswer:\n{text}\nexpected:\n{problem.joined.response}")
     print("routing per generated token (heaviest expert, mean weight over the adapted layers):")
     print("  " + "  ".join(f"{step['token']!r}:{next(iter(step['experts']), '-')}" for step in choice.routing))
 
 
-def keep_asking(url: str, stop: threading.Event, outcomes: list) -> None:
-    """A client sending completions back to back (during the redeploy)."""
+def keep_asking(url: str, question: dict, stop: threading.Event, outcomes: list) -> None:
+    """A client sending chat completions back to back (during the redeploy)."""
     while not stop.is_set():
         try:
-            r = httpx.post(f"{url}/v1/completions", timeout=60,
-                           json={"model": "meteora", "prompt": "reverse: abcd\n", "max_tokens": 8, "temperature": 0})
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                           json={"model": "meteora", "max_tokens": 8, "temperature": 0, **question})
             outcomes.append(r.status_code == 200)
         except httpx.HTTPError:
             outcomes.append(False)
@@ -126,43 +162,46 @@ def keep_asking(url: str, stop: threading.Event, outcomes: list) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SUITES), default="tinytasks")
     parser.add_argument("--out", default="demo-output")
     parser.add_argument("--s3", action="store_true", help="the object store is a loopback S3 server (moto) started here")
-    parser.add_argument("--steps", type=int, default=1000, help="gate-training steps (the increment trains 30%% of them)")
+    parser.add_argument("--steps", type=int, default=None, help="gate-training steps (the increment trains 30%% of them)")
     parser.add_argument("--eval-samples", type=int, default=30, help="eval samples per task")
-    parser.add_argument("--composites", type=int, default=16, help="composite prompts per size (3 and 5)")
+    parser.add_argument("setting", nargs="*", help="more workflow settings (configs/workflow.yaml keys, dotted)")
     args = parser.parse_args()
+    suite = SUITES[args.model]
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     shutil.rmtree(out, ignore_errors=True)  # each demo starts from nothing but the cached assets
     out.mkdir(parents=True)
     began, s3, cluster_dir = time.perf_counter(), None, out / "ray-cluster"
     try:
-        started = step(1, "assets: the tinytasks benchmark (cached after the first build)")
-        built = Path(build())
+        started = step(1, f"assets: the {args.model} benchmark suite (cached after the first build)")
+        built = Path(suite.build())
         done(started, f"{built.parent}")
 
         started = step(2, "publish the assets and two manifests to the object store")
         if args.s3:
             s3, _ = start_s3()
         store_uri = "s3://meteora-demo/store" if args.s3 else str(out / "store")
-        demo_manifest, more_manifest = publish(built, store_uri)
-        done(started, f"{demo_manifest} ({len(FIRST_TASKS)} adapters), {more_manifest} ({len(DEFAULT_TASKS)})")
+        demo_manifest, more_manifest = publish(built, store_uri, suite.first)
+        done(started, f"{demo_manifest} ({suite.first} adapters), {more_manifest} (all)")
 
         started = step(3, "a local Ray cluster")
         cluster = local_cluster.up(cluster_dir, num_cpus=2)
         ray.init(address=cluster["gcs_address"], logging_config=LOCAL_RAY["logging_config"])  # progress lines only
         port = local_cluster.free_ports(1)[0]
         url = f"http://127.0.0.1:{port}"
-        config = load_workflow_config(None, [f"registry={store_uri}/registry", f"work_dir={out}", f"train.steps={args.steps}",
-                                    "train.cpus_per_worker=0.5", f"evaluate.samples={args.eval_samples}", f"evaluate.composite_count={args.composites}",
-                                    f"deploy.http_port={port}", "deploy.deployment={ray_actor_options: {num_cpus: 0.5}, "
-                                    "num_replicas: 1, max_surge_percent: 100, logging_config: {log_level: WARNING}}"])
+        config = load_workflow_config(None, [
+            f"registry={store_uri}/registry", f"work_dir={out}", f"train.steps={args.steps or suite.steps}",
+            "train.cpus_per_worker=0.5", f"evaluate.samples={args.eval_samples}", *suite.settings, f"deploy.http_port={port}",
+            "deploy.deployment={ray_actor_options: {num_cpus: 0.5}, num_replicas: 1, max_surge_percent: 100, "
+            "logging_config: {log_level: WARNING}}", *args.setting])
         done(started, f"Ray at {cluster['gcs_address']}; Serve will listen on {url}")
 
         started = step(4, f"workflow on {demo_manifest}")
         first = run(load_manifest(demo_manifest), config, can_deploy=True)
         show_evaluation(first)
-        done(started, f"{len(FIRST_TASKS)} adapters fused, trained, evaluated and serving at {url}")
+        done(started, f"{suite.first} adapters fused, trained, evaluated and serving at {url}")
 
         started = step(5, "a composite prompt through the OpenAI-compatible endpoint")
         ask_composite(url, load_manifest(demo_manifest))
@@ -170,7 +209,7 @@ def main() -> int:
 
         started = step(6, f"register 2 more adapters: workflow on {more_manifest}, redeploying in place under load")
         stop, outcomes = threading.Event(), []
-        client = threading.Thread(target=keep_asking, args=(url, stop, outcomes))
+        client = threading.Thread(target=keep_asking, args=(url, suite.question, stop, outcomes))
         client.start()
         try:
             second = run(load_manifest(more_manifest), config, can_deploy=True)

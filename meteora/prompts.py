@@ -1,65 +1,183 @@
-"""Turning {"prompt", "response"} samples into token batches: right-padded for training, left-padded to generate.
+"""Prompt formats: how {"prompt", "response"} samples become tokens, for training, generation and composites.
 
-Training rows are <s> prompt response </s>, with labels -100 on <s>, the prompt and the padding, so the loss
-is on the response (and its end) only. A composite puts several samples' prompts one after the other and
-answers them in order, one answer per line.
+    plain   <bos> prompt response <eos>                         any causal LM (the embedded tinytasks' format)
+    chat    the tokenizer's chat template around one user message holding the prompt, then response <eos>:
+            how adapters of instruct models are trained (manifest `prompt_format: chat`)
+A composite asks n problems in one prompt and answers them in order:
+    plain   the prompts one after the other; the answers one per line
+    chat    the MeteoRA paper's protocol: the problems numbered in one user message ("1. ...", "2. ..."), the
+            answers numbered the same way, one per line; optionally few-shot (earlier user/assistant turns)
+Each problem's text is a span, so every token can be told which problem it belongs to (gate-training labels),
+through the offsets of a fast tokenizer, whatever its vocabulary.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["chat_prompt_ids", "composite", "prompt_batch", "prompt_ids", "to_device", "training_batch"]
+__all__ = ["FORMATS", "Composite", "PromptFormat", "chat_ids", "composite", "encode_with_owners", "pad_left", "pad_right",
+           "prompt_format", "to_device", "training_batch"]
+
+FORMATS = ("plain", "chat")
+NUMBERED = re.compile(r"^\s*(\d+)[.)]\s?(.*)$")  # an answer line "3. text" (or "3) text")
 
 
-def training_batch(tokenizer, samples: list[dict]) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / labels [B, S] (right-padded) and prompt_lengths [B] (counting <s>)."""
+@dataclass(frozen=True)
+class Composite:
+    """n problems asked in one prompt. spans: (start, end) of problem i's text in `prompt` and of answer i in
+    `response`."""
+
+    prompt: str
+    response: str
+    prompt_spans: tuple[tuple[int, int], ...]
+    response_spans: tuple[tuple[int, int], ...]
+
+    def sample(self) -> dict:
+        return {"prompt": self.prompt, "response": self.response}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    name: str  # "plain" | "chat"
+
+    @property
+    def numbered(self) -> bool:
+        return self.name == "chat"
+
+    def render(self, tokenizer, prompt: str, shots: tuple[tuple[str, str], ...] = ()) -> str:
+        """The text the model reads before the response (chat: the template, with `shots` as earlier turns)."""
+        if self.name == "plain" or not getattr(tokenizer, "chat_template", None):
+            return "".join(p + r + "\n" for p, r in shots) + prompt
+        turns = [m for p, r in shots for m in ({"role": "user", "content": p}, {"role": "assistant", "content": r})]
+        messages = turns + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, tokenizer, prompt: str, shots: tuple[tuple[str, str], ...] = ()) -> list[int]:
+        """Token ids of render(prompt): <bos> first in the plain format, the template's own tokens in chat."""
+        bos = [tokenizer.bos_token_id] if self.name == "plain" and tokenizer.bos_token_id is not None else []
+        return bos + tokenizer(self.render(tokenizer, prompt, shots), add_special_tokens=False)["input_ids"]
+
+    def completion_ids(self, tokenizer, text: str) -> list[int]:
+        """A raw completion prompt (OpenAI's /v1/completions): <bos> text in plain, the text alone in chat."""
+        return self.prompt_ids(tokenizer, text) if self.name == "plain" else tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def composite(self, samples: list[dict]) -> Composite:
+        """Several samples as one: the prompts in order (numbered in chat), the answers one per line. A composite
+        of one sample is that sample, as it is asked alone."""
+        if len(samples) == 1:
+            return _joined([samples[0]["prompt"]], "", [samples[0]["response"]])
+        if self.numbered:
+            prompts = [f"{i}. {s['prompt'].strip()}" for i, s in enumerate(samples, 1)]
+            answers = [f"{i}. {s['response']}" for i, s in enumerate(samples, 1)]
+            return _joined(prompts, "\n", answers)
+        return _joined([s["prompt"] for s in samples], "", [s["response"] for s in samples])
+
+    def answers(self, response: str, n: int) -> list[str]:
+        """The n answers of a composite's response ("" for a missing one): by line, or by number in chat."""
+        lines = response.split("\n")
+        if not self.numbered:
+            return (lines + [""] * n)[:n]
+        found = {}
+        for line in lines:
+            match = NUMBERED.match(line)
+            if match and 1 <= int(match[1]) <= n:
+                found.setdefault(int(match[1]), match[2])
+        return [found.get(i, "") for i in range(1, n + 1)]
+
+
+def prompt_format(name: str) -> PromptFormat:
+    if name not in FORMATS:
+        raise ValueError(f"prompt format {name!r} is unknown: use one of {list(FORMATS)}")
+    return PromptFormat(name)
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat messages [{role, content}] as the prompt of the assistant's reply: the tokenizer's chat template, or
+    without one the contents one per line in the plain format."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return PromptFormat("plain").prompt_ids(tokenizer, "".join(m["content"] + "\n" for m in messages))
+
+
+def composite(samples: list[dict]) -> dict:
+    """The plain format's composite of several samples, as a sample."""
+    return PromptFormat("plain").composite(samples).sample()
+
+
+def encode_with_owners(tokenizer, fmt: PromptFormat, prompt: str, spans, response: str, answer_spans,
+                       shots: tuple[tuple[str, str], ...] = (), fill: bool = True) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(prompt ids, their owners, response ids + <eos>, their owners): the owner of a token is the index of the
+    problem whose span holds its first character. Scaffolding (template, <bos>, few-shot turns) is -1, or with
+    `fill` belongs to the problem before it (the first, at the start); <eos> to the last answer."""
+    rendered = fmt.render(tokenizer, prompt, shots)
+    found = rendered.rfind(prompt.strip())  # the final user message (a template may trim its whitespace)
+    if found < 0:
+        raise ValueError("the chat template does not keep the user message's text: its tokens cannot be labelled")
+    start = found - (len(prompt) - len(prompt.lstrip()))
+    ids, owners = _owned(tokenizer, rendered, [(start + a, start + b) for a, b in spans])
+    if fmt.name == "plain" and tokenizer.bos_token_id is not None:
+        ids, owners = [tokenizer.bos_token_id] + ids, [-1] + owners
+    answer_ids, answer_owners = _owned(tokenizer, response, answer_spans)
+    answer_owners += [-1]
+    return ids, _fill(owners) if fill else owners, answer_ids + [tokenizer.eos_token_id], _fill(answer_owners) if fill else answer_owners
+
+
+def training_batch(tokenizer, samples: list[dict], fmt: PromptFormat = PromptFormat("plain")) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels [B, S] (right-padded; labels -100 but on the response and <eos>) and
+    prompt_lengths [B]."""
     rows, labels, prompt_lengths = [], [], []
     for sample in samples:
-        prompt = [tokenizer.bos_token_id] + tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]
+        prompt = fmt.prompt_ids(tokenizer, sample["prompt"])
         response = tokenizer(sample["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + response)
         labels.append([-100] * len(prompt) + response)
         prompt_lengths.append(len(prompt))
+    return {**pad_right(rows, tokenizer.pad_token_id), "labels": pad_right(labels, -100)["input_ids"],
+            "prompt_lengths": torch.tensor(prompt_lengths)}
+
+
+def pad_right(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])  # [B, S]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows]),
-        "labels": torch.tensor([label + [-100] * (width - len(label)) for label in labels]),
-        "prompt_lengths": torch.tensor(prompt_lengths),
-    }
+    return {"input_ids": torch.tensor([row + [pad] * (width - len(row)) for row in rows]),  # [B, S]
+            "attention_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])}
 
 
-def composite(samples: list[dict]) -> dict:
-    """n problems in one prompt, answered in order in one response, one answer per line."""
-    return {"prompt": "".join(s["prompt"] for s in samples), "response": "\n".join(s["response"] for s in samples)}
+def pad_left(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(map(len, rows))
+    return {"input_ids": torch.tensor([[pad] * (width - len(row)) + row for row in rows]),  # [B, S]
+            "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """<s> prompt as token ids, the way training rows begin (no <s> for a tokenizer that has none)."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def _joined(prompts: list[str], separator: str, answers: list[str]) -> Composite:
+    return Composite(separator.join(prompts), "\n".join(answers), _spans(prompts, separator), _spans(answers, "\n"))
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat messages [{role, content}] as the prompt for the assistant's reply: the tokenizer's chat template,
-    or, when it has none, the contents one per line (the plain prompt format the tiny models know)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return prompt_ids(tokenizer, "".join(m["content"] + "\n" for m in messages))
+def _spans(parts: list[str], separator: str) -> tuple[tuple[int, int], ...]:
+    spans, position = [], 0
+    for part in parts:
+        spans.append((position, position + len(part)))
+        position += len(part) + len(separator)
+    return tuple(spans)
 
 
-def prompt_batch(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """<s> prompt, left-padded for batched generation: input_ids / attention_mask [B, S]."""
-    rows = [prompt_ids(tokenizer, p) for p in prompts]
-    width = max(map(len, rows))
-    return {
-        "input_ids": torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows]),
-        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
-    }
+def _owned(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    owners = [next((i for i, (a, b) in enumerate(spans) if a <= start < b), -1) for start, _ in encoded["offset_mapping"]]
+    return encoded["input_ids"], owners
+
+
+def _fill(owners: list[int]) -> list[int]:
+    """Tokens outside every span take the owner before them (the first owner at the start; 0 when none)."""
+    first = next((o for o in owners if o >= 0), 0)
+    filled, current = [], first
+    for owner in owners:
+        current = owner if owner >= 0 else current
+        filled.append(current)
+    return filled

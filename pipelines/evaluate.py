@@ -19,7 +19,7 @@ import ray  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from meteora import ManifestError, StoreError  # noqa: E402
-from meteora.evaluation import evaluate, load_benchmark, markdown_table  # noqa: E402
+from meteora.evaluation import CompositeSettings, evaluate, load_benchmark, markdown_table  # noqa: E402
 from meteora.registry import Manifest, load_manifest  # noqa: E402
 
 
@@ -29,15 +29,17 @@ class EvaluateSettings(BaseModel):
     tasks: list[str] | None = None  # a subset of the manifest's adapters; None: all
     composite: list[int] = [3, 5]  # composite-n sizes
     composite_count: int = Field(40, ge=1)  # composite prompts per n
-    composite_temperature: float | None = Field(None, gt=0)  # MeteoRA's routing temperature on composites
+    composite_shots: int = Field(0, ge=0)  # worked composites before each question (chat format; the paper: 2)
+    composite_temperature: float | None = Field(None, gt=0)  # also MeteoRA top-2 at this routing temperature
     samples: int | None = Field(None, ge=1)  # eval samples per task; None = all
 
 
 def evaluate_manifest(manifest: Manifest, checkpoint: str | None, settings: EvaluateSettings, out_dir: str | Path) -> dict:
     """Every variant per task and on composites; results.json, results.md and the plots in `out_dir`."""
     bench = load_benchmark(manifest, settings.tasks, settings.samples)
-    return evaluate(bench, checkpoint, settings.composite, settings.composite_count, settings.composite_temperature,
-                    out_dir)
+    composites = CompositeSettings(tuple(settings.composite), settings.composite_count, settings.composite_shots,
+                                   settings.composite_temperature)
+    return evaluate(bench, checkpoint, composites, out_dir)
 
 
 @ray.remote(num_cpus=1)
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the manifest's adapters")
     parser.add_argument("--composite", default="3,5", help="composite sizes n (empty for none)")
     parser.add_argument("--composite-count", type=int, default=40, help="composite prompts per n")
-    parser.add_argument("--composite-temperature", type=float, default=None, help="routing temperature for composites")
+    parser.add_argument("--composite-shots", type=int, default=0, help="worked composites before each (chat format)")
+    parser.add_argument("--composite-temperature", type=float, default=None, help="also top-2 at this routing temperature")
     parser.add_argument("--samples", type=int, default=None, help="eval samples per task (default: all)")
     parser.add_argument("--out", default="eval-output")
     args = parser.parse_args(argv)
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             args.manifest = build()
         settings = EvaluateSettings(tasks=args.tasks.split(",") if args.tasks else None,
                                     composite=[int(n) for n in args.composite.split(",") if n],
-                                    composite_count=args.composite_count, composite_temperature=args.composite_temperature,
+                                    composite_count=args.composite_count, composite_shots=args.composite_shots,
+                                    composite_temperature=args.composite_temperature,
                                     samples=args.samples)
         results = evaluate_manifest(load_manifest(args.manifest), args.checkpoint, settings, args.out)
     except (ManifestError, StoreError, ValueError) as err:

@@ -47,8 +47,8 @@ def make_adapter(base: torch.nn.Module, path: Path, rank: int = 8, alpha: float 
     return Path(path)
 
 
-def random_ids(batch: int = 2, length: int = 10, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+def random_ids(batch: int = 2, length: int = 10, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_checkpoint(root: Path, top_k: int = 2, names: tuple[str, str, str] = ("alpha", "beta", "gamma")) -> Path:
@@ -86,3 +86,60 @@ def write_world(root: Path, tasks: dict[str, int], targets: dict[str, list[str]]
                 "base_model": {"name": "tiny", "uri": str(root / "base")}, "adapters": entries}
     (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     return root / "manifest.yaml"
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny Llama as a GGUF file written with the gguf package (fp32 tensors, a byte-level BPE vocabulary and a
+    chat template), as llama.cpp's converters lay it out."""
+    import gguf
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    model = tiny_base(layers=2, hidden=32, seed=seed)
+    config = model.config
+    characters = sorted(ByteLevel.alphabet())  # byte-level BPE: one symbol per byte
+    tokens = ["<unk>", "<|im_start|>", "<|im_end|>"] + characters + ["ab", "Ġt"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-gguf")
+    writer.add_license("apache-2.0")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["a b", "Ġ t"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    torch.manual_seed(seed)
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            name = "output.weight"
+        else:
+            parts = key.removeprefix("model.").removesuffix(".weight").split(".")
+            if parts[0] == "layers":
+                name = f"blk.{parts[1]}.{names['.'.join(parts[2:])]}.weight"
+            else:
+                name = f"{names[parts[0]]}.weight"
+        if name == "token_embd.weight" or name == "output.weight":
+            tensor = torch.randn(len(tokens), config.hidden_size) * 0.02  # this vocabulary's size
+        writer.add_tensor(name, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -2,13 +2,20 @@
 
     metrics.py   scoring one answer (the metrics a manifest may name)
     answers.py   batched greedy answers, per-task accuracy, composite-n problems and their oracle
-    harness.py   every variant (base, own adapter, LoRA-B, merged, MeteoRA top-1/2) per task and on composites
+    teacher.py   perfect routing: composites generated with every problem's tokens sent to its expert
+    harness.py   every variant (base, own adapter, LoRA-B, merged, MeteoRA top-1/2, perfect routing) per task and
+                 on composites
     report.py    markdown tables and PNG plots (matplotlib, imported when plotting)
 """
-from .answers import accuracy_per_task, composite_problems, composite_scores, generate_answers, task_accuracy
-from .harness import Benchmark, evaluate, load_benchmark
+from .answers import (CompositeProblem, accuracy_per_task, composite_problems, composite_scores, composite_shots,
+                      generate_answers, task_accuracy)
+from .harness import Benchmark, CompositeSettings, evaluate, load_benchmark
 from .metrics import METRICS
 from .report import markdown_table, plot_accuracy, plot_routing
 
-__all__ = ["Benchmark", "METRICS", "accuracy_per_task", "composite_problems", "composite_scores", "evaluate",
-           "generate_answers", "load_benchmark", "markdown_table", "plot_accuracy", "plot_routing", "task_accuracy"]
+from .teacher import teacher_routed_answers, teacher_routed_scores, teacher_routed_tokens
+
+__all__ = ["Benchmark", "CompositeProblem", "CompositeSettings", "METRICS", "accuracy_per_task", "composite_problems",
+           "composite_scores", "composite_shots", "evaluate", "generate_answers", "load_benchmark", "markdown_table",
+           "plot_accuracy", "plot_routing", "task_accuracy", "teacher_routed_answers", "teacher_routed_scores",
+           "teacher_routed_tokens"]

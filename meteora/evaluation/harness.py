@@ -2,8 +2,11 @@
 
     variants  base | own adapter (each task's expert forced: the oracle; on composites, every sub-problem asked
               alone with its own expert) | lora-b | merged (baselines beside the manifest, when present) |
-              meteora top-1 / top-2 (from a checkpoint, when given)
+              meteora top-1 / top-2 (from a checkpoint, when given; on composites also top-2 at a raised routing
+              temperature, when asked) | perfect routing (composites: every problem's tokens sent to its expert;
+              on a single task that is the own adapter)
     outputs   results.json, results.md, accuracy.png, routing.png (one composite generation: tokens x experts)
+Every variant answers the same prompts, in the manifest's prompt format (the composites too: meteora.prompts).
 """
 from __future__ import annotations
 
@@ -17,11 +20,14 @@ from pathlib import Path
 import torch
 
 from ..model import MeteoraModel, load_base_model, load_tokenizer
-from ..prompts import prompt_batch
+from ..prompts import PromptFormat, pad_left, prompt_format
 from ..registry import Manifest
 from ..store import local_dir, open_store, split_uri
-from .answers import accuracy_per_task, composite_oracle_scores, composite_problems, composite_scores, task_accuracy
+from ..training import response_routing_accuracy
+from .answers import (accuracy_per_task, composite_oracle_scores, composite_problems, composite_scores, composite_shots,
+                      task_accuracy)
 from .report import markdown_table, plot_accuracy, plot_routing
+from .teacher import teacher_routed_scores
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,15 @@ class Benchmark:
     eval_sets: dict[str, list[dict]]
     metrics: dict[str, str]
     baselines: dict[str, Path]  # "lora-b" / "merged" -> PEFT dir
+    fmt: PromptFormat  # how every prompt is written (the adapters' prompt format)
+
+
+@dataclass(frozen=True)
+class CompositeSettings:
+    sizes: tuple[int, ...] = (3, 5)  # composite-n
+    count: int = 40  # composites per n
+    shots: int = 0  # worked composites before each question (the paper: 2); chat format only
+    temperature: float | None = None  # also score MeteoRA top-2 at this routing temperature (the paper raises it)
 
 
 def load_benchmark(manifest: Manifest, tasks: list[str] | None = None, samples: int | None = None) -> Benchmark:
@@ -42,12 +57,15 @@ def load_benchmark(manifest: Manifest, tasks: list[str] | None = None, samples: 
     missing = sorted(set(tasks or []) - {s.name for s in specs})
     if missing or any(not (s.data or {}).get("eval") for s in specs):
         raise ValueError(f"{manifest.path}: unknown tasks {missing}, or an adapter without eval data")
+    formats = sorted({s.prompt_format for s in specs})
+    if len(formats) != 1:
+        raise ValueError(f"{manifest.path}: the adapters mix prompt formats {formats}")
     eval_sets = {}
     for spec in specs:
         parent, key = split_uri(spec.data["eval"])
         lines = open_store(parent).read_bytes(key).decode().splitlines()
         eval_sets[spec.name] = [json.loads(line) for line in lines if line.strip()][:samples]
-    root = local_dir(split_uri(manifest.path)[0]) / "baselines"  # beside a remote manifest: mirrored with it
+    root = local_dir(f"{split_uri(manifest.path)[0]}/baselines")  # beside a remote manifest: mirrored
     return Benchmark(
         tokenizer=load_tokenizer(manifest.base_uri),
         base=load_base_model(manifest.base_uri).eval(),
@@ -55,32 +73,54 @@ def load_benchmark(manifest: Manifest, tasks: list[str] | None = None, samples: 
         eval_sets=eval_sets,
         metrics={s.name: s.metric for s in specs},
         baselines={p.name: p for p in sorted(root.iterdir())} if root.is_dir() else {},
+        fmt=prompt_format(formats[0]),
     )
 
 
-def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composite_sizes=(3, 5), composite_count: int = 40,
-             composite_temperature: float | None = None, out_dir: str | Path | None = None) -> dict:
-    fused = MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=1)
+def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites: CompositeSettings = CompositeSettings(),
+             out_dir: str | Path | None = None) -> dict:
+    fused = MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=1, prompt_format=bench.fmt.name)
     variants = {"base": bench.base, **{name: _peft(bench.base, path) for name, path in bench.baselines.items()}}
     if checkpoint is not None:
         for k in (1, 2):
             model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base))
             model.configure(top_k=k)
             variants[f"meteora top-{k}"] = model
-    per_task = {name: accuracy_per_task(model, bench.tokenizer, bench.eval_sets, bench.metrics) for name, model in variants.items()}
+    per_task = {name: accuracy_per_task(model, bench.tokenizer, bench.eval_sets, bench.fmt, bench.metrics)
+                for name, model in variants.items()}
     per_task["own adapter"] = {}
     for task, samples in bench.eval_sets.items():
         with fused.force_experts([task]):
-            per_task["own adapter"][task] = task_accuracy(fused, bench.tokenizer, samples, bench.metrics[task])
-    sizes = [n for n in composite_sizes if n <= len(bench.eval_sets)]
-    composite = {name: _composite(model, bench, sizes, composite_count, composite_temperature) for name, model in variants.items()}
-    composite["own adapter"] = {str(n): composite_oracle_scores(fused, bench.tokenizer, composite_problems(bench.eval_sets, n, composite_count),
-                                                                bench.metrics) for n in sizes}
+            per_task["own adapter"][task] = task_accuracy(fused, bench.tokenizer, samples, bench.fmt, bench.metrics[task])
+    results = {"per_task": per_task, "composite": _composites(bench, variants, fused, composites),
+               "checkpoint": str(checkpoint) if checkpoint else None, "prompt_format": bench.fmt.name}
     router = variants.get("meteora top-2", fused)
-    results = {"per_task": per_task, "composite": composite, "checkpoint": str(checkpoint) if checkpoint else None,
-               "routing_example": _routing_example(router, bench, max(sizes, default=2))}
+    if checkpoint is not None:
+        items = [(sample, router.expert_names.index(task)) for task, samples in bench.eval_sets.items() for sample in samples]
+        results["routing_accuracy"] = response_routing_accuracy(router, bench.tokenizer, items, bench.fmt)
+    results["routing_example"] = _routing_example(router, bench, max(composites.sizes, default=2))
     if out_dir is not None:
         _write(results, Path(out_dir), trained=checkpoint is not None)
+    return results
+
+
+def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings: CompositeSettings) -> dict:
+    """{variant: {"n": scores}} on the same composites for every variant."""
+    results: dict[str, dict] = {name: {} for name in variants}
+    for n in [n for n in settings.sizes if n <= len(bench.eval_sets)]:
+        problems = composite_problems(bench.eval_sets, n, settings.count, bench.fmt)
+        shots = composite_shots(bench.eval_sets, n, settings.shots, bench.fmt) if settings.shots else ()
+        args = (bench.tokenizer, problems, bench.metrics, bench.fmt)
+        for name, model in variants.items():
+            results[name][str(n)] = composite_scores(model, *args, shots)
+        routed = variants.get("meteora top-2")
+        if routed is not None:
+            if settings.temperature is not None:
+                routed.configure(temperature=settings.temperature)
+                results.setdefault(f"meteora top-2 T={settings.temperature:g}", {})[str(n)] = composite_scores(routed, *args, shots)
+                routed.configure(temperature=1.0)
+            results.setdefault("perfect routing", {})[str(n)] = teacher_routed_scores(routed, *args, shots)
+        results.setdefault("own adapter", {})[str(n)] = composite_oracle_scores(fused, *args)
     return results
 
 
@@ -100,12 +140,12 @@ def _composite(model, bench: Benchmark, sizes, count: int, temperature: float | 
 
 
 def _routing_example(model: MeteoraModel, bench: Benchmark, n: int) -> dict:
-    tasks, sample = composite_problems(bench.eval_sets, min(n, len(bench.eval_sets)), 1, seed=7)[0]
-    inputs = prompt_batch(bench.tokenizer, [sample["prompt"]])
-    out = model.generate(**inputs, max_new_tokens=12 * len(tasks), do_sample=False, return_routing=True,
+    problem = composite_problems(bench.eval_sets, min(n, len(bench.eval_sets)), 1, bench.fmt, seed=7)[0]
+    inputs = pad_left([bench.fmt.prompt_ids(bench.tokenizer, problem.joined.prompt)], bench.tokenizer.pad_token_id)
+    out = model.generate(**inputs, max_new_tokens=16 * len(problem.tasks), do_sample=False, return_routing=True,
                          pad_token_id=bench.tokenizer.pad_token_id, eos_token_id=bench.tokenizer.eos_token_id)
     tokens = bench.tokenizer.convert_ids_to_tokens(out.sequences[0, :-1].tolist())
-    return {"tasks": tasks, "prompt": sample["prompt"], "reference": sample["response"], "tokens": tokens,
+    return {"tasks": problem.tasks, "prompt": problem.joined.prompt, "reference": problem.joined.response, "tokens": tokens,
             "answer": bench.tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True),
             "expert_weights": out.routing.expert_weights()[0].tolist(), "experts": model.expert_names}
 

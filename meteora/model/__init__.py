@@ -7,16 +7,18 @@
     backends/        loop (reference), torch (vectorized), triton: the experts' delta of one layer
     meteora_model.py MeteoraModel: from_adapters, from_pretrained, save_pretrained, generate, force_experts
     base_model.py    the base model and tokenizer from a directory (local or s3://), the runtime device and dtype
+    gguf.py          a GGUF base model, converted once into a cached transformers directory
     fingerprint.py   BaseInfo: how a checkpoint references its base model
     checkpoint.py    the checkpoint's files
 """
 from .adapters import ExpertInfo, LoraAdapter, LoraModule, load_adapter
 from .backends import BACKENDS
-from .base_model import load_base_model, load_tokenizer, runtime, skeleton_from_config
+from .base_model import load_base_model, load_tokenizer, model_dir, runtime, skeleton_from_config
 from .checkpoint import CheckpointMeta, checkpoint_digest, checkpoint_exists, read_checkpoint, read_checkpoint_config
 from .config import NAME_PATTERN, MeteoraConfig
 from .experts import ExpertStack
 from .fingerprint import BaseFingerprint, BaseInfo, structure_hash
+from .gguf import is_gguf
 from .layer import MeteoraLinear
 from .meteora_model import GenerationWithRouting, MeteoraModel
 from .routing import RoutingTrace
@@ -38,9 +40,11 @@ __all__ = [
     "RoutingTrace",
     "checkpoint_digest",
     "checkpoint_exists",
+    "is_gguf",
     "load_adapter",
     "load_base_model",
     "load_tokenizer",
+    "model_dir",
     "read_checkpoint",
     "read_checkpoint_config",
     "runtime",

@@ -66,6 +66,7 @@ class ExpertInfo:
     scaling: float
     target_modules: tuple[str, ...]
     source: str | None = None  # where the adapter was read from
+    prompt_format: str = "plain"  # how its training samples were written (meteora.prompts): plain | chat
 
     def to_json(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}
@@ -98,8 +99,9 @@ class LoraAdapter:
         """Module names as PEFT's target_modules spells them (the last path component), sorted."""
         return sorted({path.rsplit(".", 1)[-1] for path in self.modules})
 
-    def info(self) -> ExpertInfo:
-        return ExpertInfo(self.name, self.sha256, self.rank, self.alpha, self.scaling, tuple(self.target_modules), self.source)
+    def info(self, prompt_format: str = "plain") -> ExpertInfo:
+        return ExpertInfo(self.name, self.sha256, self.rank, self.alpha, self.scaling, tuple(self.target_modules),
+                          self.source, prompt_format)
 
     def validate_against(self, base: nn.Module) -> None:
         """Every targeted module exists in `base`, is an nn.Linear, and has the adapter's shapes."""

@@ -1,8 +1,10 @@
-"""The base causal LM and its tokenizer, from a model directory (local or s3://), and the runtime they run with.
+"""The base causal LM and its tokenizer, and the runtime they run with.
 
-Only safetensors weights and no remote code: `load_base_model` and `load_tokenizer` are the one way the
-project loads them (gate training, evaluation and serving alike). A tokenizer without a pad token gets its
-EOS token as pad (batches carry explicit attention masks and labels, so pad = eos is harmless).
+A base model is a transformers directory (config.json + safetensors + tokenizer; local, file:// or s3://) or
+a GGUF file (meteora/model/gguf.py: converted once into such a directory in the cache). Only safetensors or
+GGUF weights, never remote code: `load_base_model` and `load_tokenizer` are the one way the project loads them
+(collection, gate training, evaluation and serving alike). A tokenizer without a pad token gets its EOS token
+as pad (batches carry explicit attention masks and labels, so pad = eos is harmless).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from ..store import is_remote, local_dir
+from .gguf import gguf_model_dir, is_gguf
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,10 +42,13 @@ def load_tokenizer(uri: str | Path) -> "PreTrainedTokenizerBase":
 
 
 def model_dir(uri: str | Path) -> Path:
-    """A local directory holding the base model of `uri` (file://, a local path, or s3:// mirrored locally)."""
+    """A local directory holding the base model of `uri` (file://, a local path, or s3:// mirrored locally; a GGUF
+    file converted into the cache)."""
     text = str(uri)
     if "://" in text and not text.startswith(("file://", "s3://")):
-        raise ValueError(f"base model URI {text!r}: use a local directory, file:// or s3://")
+        raise ValueError(f"base model URI {text!r}: use a local directory or GGUF file, file:// or s3://")
+    if is_gguf(text):
+        return gguf_model_dir(text)
     path = local_dir(text) if is_remote(text) else Path(text.removeprefix("file://"))
     if not (path / "config.json").is_file():
         raise ValueError(f"base model {str(path)!r} is not a model directory: config.json is missing")

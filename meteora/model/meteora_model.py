@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, CheckpointError, InvalidRequest, UnknownExpert
+from ..prompts import PromptFormat, prompt_format
 from .adapters import ExpertInfo, LoraAdapter, load_adapter
 from .backends import check_backend
 from .base_model import load_base_model
@@ -49,6 +50,10 @@ class MeteoraModel(nn.Module):
         super().__init__()
         self.base_model = base
         self.experts = experts  # in expert order
+        formats = sorted({e.prompt_format for e in experts})
+        if len(formats) != 1:
+            raise AdapterError(f"the experts were trained in different prompt formats {formats}: fuse adapters of one format")
+        self.prompt_format: PromptFormat = prompt_format(formats[0])  # how prompts are written for every expert
         self.base_info = base_info  # fingerprinted before any layer was wrapped
         self.training_summary = training or {}
         self.routing = Routing(config.top_k, config.temperature, check_backend(config.backend))
@@ -68,11 +73,13 @@ class MeteoraModel(nn.Module):
     @classmethod
     def from_adapters(cls, base: "PreTrainedModel | str | Path", adapters: AdapterSource, top_k: int = 2,
                       temperature: float = 1.0, backend: str = "auto", dtype: torch.dtype | None = None,
-                      seed: int = 0) -> "MeteoraModel":
+                      seed: int = 0, prompt_format: str | None = None) -> "MeteoraModel":
         """Fuse `adapters` ({name: dir}, LoraAdapters, or a Registry; expert order = their order) into `base`,
-        with freshly initialized gates."""
+        with freshly initialized gates. prompt_format: how the adapters were trained (plain | chat); by default
+        what a Registry records for them, else plain."""
         config = MeteoraConfig(top_k=top_k, temperature=temperature, backend=backend)
         check_backend(backend)  # fail fast, before any adapter is read
+        formats = _registry_formats(adapters) if prompt_format is None else {}
         loaded = _load_adapters(adapters)
         config.check_experts(len(loaded))
         base, uri = _base(base, dtype)
@@ -83,7 +90,8 @@ class MeteoraModel(nn.Module):
             name: ExpertStack.from_modules([a.modules.get(name) for a in loaded], base.get_submodule(name).weight.dtype)
             for name in layer_names
         }
-        return cls(base, stacks, [a.info() for a in loaded], config, BaseInfo.of(base, uri), seed=seed)
+        infos = [a.info(prompt_format or formats.get(a.name, "plain")) for a in loaded]
+        return cls(base, stacks, infos, config, BaseInfo.of(base, uri), seed=seed)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, base_model: "PreTrainedModel | str | Path | None" = None,
@@ -203,6 +211,13 @@ class MeteoraModel(nn.Module):
         with self.recording_routing() as recorder:
             out = self.base_model.generate(*args, **kwargs, return_dict_in_generate=True)
         return GenerationWithRouting(sequences=out.sequences, routing=recorder.trace(out.sequences.shape[0]))
+
+
+def _registry_formats(adapters) -> dict[str, str]:
+    """{name: prompt format} of a Registry's adapters (plain for entries that predate the field); {} otherwise."""
+    if not hasattr(adapters, "adapter_dirs"):
+        return {}
+    return {name: adapters.entry(name).get("prompt_format", "plain") for name in adapters.names}
 
 
 def _load_adapters(adapters: AdapterSource) -> list[LoraAdapter]:

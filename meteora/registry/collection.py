@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from ..errors import StoreError
-from ..model import skeleton_from_config, structure_hash
+from ..model import is_gguf, model_dir, skeleton_from_config, structure_hash
 from ..model.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, adapter_from_bytes, pickle_only_error
 from ..store import open_store, split_uri
 from .manifest import AdapterSpec, Manifest
 from .registry import Registry, adapter_key, data_key
+
+
+METADATA = ("description", "metric", "prompt_format", "source_uri")  # entry fields that change without a new version
 
 
 @dataclass
@@ -32,12 +35,15 @@ class Collected:
 
 
 def inspect_base(manifest: Manifest) -> tuple[dict, dict]:
-    """(config.json of the base model, registry base_model {name, uri, fingerprint})."""
-    store = open_store(manifest.base_uri)
+    """(config.json of the base model, registry base_model {name, uri, fingerprint}). Only the config is read,
+    but a GGUF base is converted (once: meteora/model/gguf.py) to know it."""
     try:
-        config = json.loads(store.read_bytes("config.json"))
+        if is_gguf(manifest.base_uri):
+            config = json.loads((model_dir(manifest.base_uri) / "config.json").read_text())
+        else:
+            config = json.loads(open_store(manifest.base_uri).read_bytes("config.json"))
         skeleton = skeleton_from_config(config)
-    except (StoreError, ValueError) as err:
+    except (StoreError, OSError, ValueError) as err:
         raise ValueError(f"{manifest.path}: base model {manifest.base_uri}: {err}") from None
     return config, {"name": manifest.base_name, "uri": manifest.base_uri, "fingerprint": structure_hash(skeleton)}
 
@@ -72,7 +78,8 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
         data[split] = hashlib.sha256(content).hexdigest()
         files[data_key(data[split])] = content
     entry = {"sha256": sha, "config_sha256": config_sha, "content_sha256": content_sha, "rank": adapter.rank, "alpha": adapter.alpha, "target_modules": adapter.target_modules,
-             "description": spec.description, "data": data, "metric": spec.metric, "source_uri": spec.uri}
+             "description": spec.description, "data": data, "metric": spec.metric, "prompt_format": spec.prompt_format,
+             "source_uri": spec.uri}
     return Collected(spec.name, entry=entry, files=files)
 
 
@@ -115,10 +122,10 @@ def _merge(old: dict | None, new: dict, now: str) -> tuple[str, dict]:
     if old is None:
         return "added", {**new, "registered_at": now, "version": 1}
     same_content = old["content_sha256"] == new["content_sha256"] and old.get("data") == new["data"]
-    if same_content and all(old.get(k) == new[k] for k in ("description", "metric", "source_uri")):
+    if same_content and all(old.get(k) == new[k] for k in METADATA):
         return "unchanged", old
     if same_content:
-        return "updated", {**old, **{k: new[k] for k in ("description", "metric", "source_uri")}}
+        return "updated", {**old, **{k: new[k] for k in METADATA}}
     previous = old.get("previous", []) + [{"sha256": old["sha256"], "version": old["version"],
                                            "registered_at": old["registered_at"]}]
     return "new version", {**new, "registered_at": now, "version": old["version"] + 1, "previous": previous}

@@ -10,6 +10,7 @@
         sha256: 9f2c...                         # optional, of adapter_model.safetensors
         data: {train: s3://.../train.jsonl, eval: s3://.../eval.jsonl}   # optional
         metric: exact_match                     # optional: exact_match | contains | bleu | rouge_l
+        prompt_format: chat                     # optional: plain (default) | chat (meteora.prompts)
 
 Unknown keys are errors (a typo must not be silently ignored). Every error names the file, the adapter and
 the field. Relative paths are read relative to the manifest's directory.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from ..errors import ManifestError, StoreError
 from ..model import NAME_PATTERN
+from ..prompts import FORMATS
 from ..store import absolute_uri, is_remote, open_store, split_uri
 
 API_VERSION, KIND = "meteora/v1", "AdapterManifest"
@@ -39,6 +41,7 @@ class AdapterSpec:
     sha256: str | None = None
     data: dict[str, str] | None = None  # split -> URI
     metric: str = "exact_match"
+    prompt_format: str = "plain"  # how the adapter's samples are written: plain | chat
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def parse_manifest(document, where: str, root: str, digest: str = "") -> Manifes
 
 
 def _adapter(entry, where: str, root: str) -> AdapterSpec:
-    optional = ("description", "sha256", "data", "metric")
+    optional = ("description", "sha256", "data", "metric", "prompt_format")
     if isinstance(entry, dict) and isinstance(entry.get("name"), str):
         where = f"{where} ('{entry['name']}')"
     _mapping(entry, where, required=("name", "uri"), optional=optional)
@@ -110,7 +113,11 @@ def _adapter(entry, where: str, root: str) -> AdapterSpec:
     description = entry.get("description", "")
     if not isinstance(description, str):
         raise ManifestError(f"{where}: field 'description' must be a string")
-    return AdapterSpec(name, _resolve(_string(entry, "uri", where), root), description, sha, data or None, metric)
+    prompt_format = entry.get("prompt_format", "plain")
+    if prompt_format not in FORMATS:
+        raise ManifestError(f"{where}: field 'prompt_format' must be one of {list(FORMATS)}, got {prompt_format!r}")
+    return AdapterSpec(name, _resolve(_string(entry, "uri", where), root), description, sha, data or None, metric,
+                       prompt_format)
 
 
 def _mapping(value, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import Busy, CheckpointError
 from ..model import ExpertInfo, MeteoraModel, load_tokenizer, read_checkpoint_config, runtime
-from ..prompts import chat_prompt_ids, prompt_ids
+from ..prompts import chat_ids
 from .async_engine import AsyncEngine
 from .engine import GenerationEngine
 from .requests import SamplingParams, ServingLimits, TokenEvent
@@ -59,10 +59,12 @@ class MeteoraService:
 
     # ---- requests -----------------------------------------------------------------------------------------------
     def encode_completion(self, text: str) -> list[int]:
-        return prompt_ids(self.tokenizer, text) if text else []
+        """A raw prompt, as the experts' prompt format reads one (plain: <bos> text; chat: the text as it is)."""
+        return self.model.prompt_format.completion_ids(self.tokenizer, text) if text else []
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages) if any(m["content"] for m in messages) else []
+        """Messages through the tokenizer's chat template (without one: their contents one per line)."""
+        return chat_ids(self.tokenizer, messages) if any(m["content"] for m in messages) else []
 
     def sampling(self, prompts: list[list[int]], max_tokens: int | None, default_max_tokens: int, param: str = "prompt",
                  **options) -> SamplingParams:

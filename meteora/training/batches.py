@@ -4,9 +4,10 @@ Every expert's samples are labelled with that expert's index; a batch carries, b
 task label of every token (-100 at padding) for CE_gate. The step is what a distributed worker runs too.
 
 A training item is a labelled sample (sample, expert index) or a composite: a list of labelled samples asked in
-one prompt and answered in order (tasks.composite). A composite's tokens are labelled per segment: a prompt
-token with its own problem's task, a response token (and the prompt's last token) with the task of the answer
-its next token belongs to, so CE_gate teaches the gates to switch experts in the middle of a generation.
+one prompt and answered in order (the prompt format's composite). A composite's tokens are labelled per segment:
+a prompt token with its own problem's task (scaffolding with the problem before it), a response token (and the
+prompt's last token) with the task of the answer its next token belongs to, so CE_gate teaches the gates to
+switch experts in the middle of a generation. Samples are encoded in the experts' prompt format (plain or chat).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import json
 import torch
 
 from ..model import MeteoraModel
-from ..prompts import composite, to_device, training_batch
+from ..prompts import PromptFormat, encode_with_owners, pad_right, to_device
 from ..registry import Registry
 from .config import GateTrainingConfig
 from .loss import IGNORE, lm_labels, meteora_loss, routing_accuracy
@@ -31,28 +32,21 @@ def registry_samples(registry: Registry, expert_names: list[str], split: str) ->
     return samples
 
 
-def gate_batch(tokenizer, items: list[Item]) -> dict[str, torch.Tensor]:
-    """training_batch(...) plus token_tasks [B, S]: each token's expert index, -100 at padding."""
-    parts = [item if isinstance(item, list) else [item] for item in items]
-    batch = training_batch(tokenizer, [composite([sample for sample, _ in part]) for part in parts])
-    labels = [_token_tasks(tokenizer, part) for part in parts]
-    if any(len(row) != n for row, n in zip(labels, batch["attention_mask"].sum(1).tolist())):
-        raise ValueError("composite labels need a tokenizer that splits at the problems' boundaries")
-    width = batch["input_ids"].shape[1]
-    batch["token_tasks"] = torch.tensor([row + [IGNORE] * (width - len(row)) for row in labels])  # [B, S]
-    return batch
-
-
-def _token_tasks(tokenizer, part: list[Sample]) -> list[int]:
-    """The task label of every token of <s> prompts answers </s> (see the module docstring)."""
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    prompts = [task for sample, task in part for _ in range(count(sample["prompt"]))]
-    answers = [task for i, (sample, task) in enumerate(part)
-               for _ in range(count(sample["response"] + ("\n" if i < len(part) - 1 else "")))]
-    segment = [part[0][1]] + prompts + answers + [part[-1][1]]  # the segment each token is in, <s> and </s> included
-    return segment[:len(prompts)] + segment[len(prompts) + 1:] + segment[-1:]  # from the prompt's last token on: the next one's
+def gate_batch(tokenizer, items: list[Item], fmt: PromptFormat = PromptFormat("plain")) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask [B, S] (right-padded), prompt_lengths [B] and token_tasks [B, S]: each token's
+    expert index (see the module docstring), -100 at padding."""
+    rows, tasks, prompt_lengths = [], [], []
+    for item in items:
+        part = item if isinstance(item, list) else [item]
+        joined = fmt.composite([sample for sample, _ in part])
+        prompt, owners, response, answer_owners = encode_with_owners(
+            tokenizer, fmt, joined.prompt, joined.prompt_spans, joined.response, joined.response_spans)
+        segment = [part[owner][1] for owner in owners + answer_owners]  # the task of the segment each token is in
+        rows.append(prompt + response)
+        tasks.append(segment[:len(prompt) - 1] + segment[len(prompt):] + segment[-1:])  # from the prompt's last token: the next one's
+        prompt_lengths.append(len(prompt))
+    return {**pad_right(rows, tokenizer.pad_token_id), "prompt_lengths": torch.tensor(prompt_lengths),
+            "token_tasks": pad_right(tasks, IGNORE)["input_ids"]}
 
 
 def gate_step(model: MeteoraModel, batch: dict[str, torch.Tensor], config: GateTrainingConfig) -> dict[str, float]:
@@ -60,20 +54,30 @@ def gate_step(model: MeteoraModel, batch: dict[str, torch.Tensor], config: GateT
     batch = to_device(batch, model.device)
     prompts = batch["prompt_lengths"] if config.exclude_prompt else None
     labels = lm_labels(batch["input_ids"], batch["attention_mask"], prompts)
+    # logits only from the first position that predicts a label on (the vocabulary projection dominates otherwise)
+    start = int(batch["prompt_lengths"].min()) - 1 if config.exclude_prompt else 0
     with model.capture_gate_logits() as gate_logits:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    loss = meteora_loss(out.logits, labels, gate_logits, batch["token_tasks"], config.gate_weight)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    logits_to_keep=labels.shape[1] - start)
+    loss = meteora_loss(out.logits, labels[:, start:], gate_logits, batch["token_tasks"], config.gate_weight)
     loss.total.backward()
     return {"loss": loss.total.item(), "lm_loss": loss.lm.item(), "gate_loss": loss.gate.item(),
             "routing_accuracy": routing_accuracy(gate_logits, batch["token_tasks"])}
 
 
 @torch.no_grad()
-def response_routing_accuracy(model: MeteoraModel, tokenizer, items: list[Item]) -> float:
-    """Routing accuracy on response tokens only (every gate's top-1 against the token's task)."""
-    batch = to_device(gate_batch(tokenizer, items), model.device)
-    position = torch.arange(batch["input_ids"].shape[1], device=model.device)
-    tasks = batch["token_tasks"].masked_fill(position < batch["prompt_lengths"].unsqueeze(1), IGNORE)
-    with model.capture_gate_logits() as gate_logits:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+def response_routing_accuracy(model: MeteoraModel, tokenizer, items: list[Item], fmt: PromptFormat = PromptFormat("plain"),
+                              batch_size: int = 64) -> float:
+    """Routing accuracy on response tokens only (every gate's top-1 against the token's task), over all items."""
+    right = total = 0
+    for start in range(0, len(items), batch_size):
+        batch = to_device(gate_batch(tokenizer, items[start:start + batch_size], fmt), model.device)
+        position = torch.arange(batch["input_ids"].shape[1], device=model.device)
+        tasks = batch["token_tasks"].masked_fill(position < batch["prompt_lengths"].unsqueeze(1), IGNORE)
+        with model.capture_gate_logits() as gate_logits:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        count = int((tasks != IGNORE).sum()) * len(gate_logits)
+        right += routing_accuracy(gate_logits, tasks) * count
+        total += count
+    return right / total if total else float("nan")
     return routing_accuracy(gate_logits, tasks)

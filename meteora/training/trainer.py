@@ -93,7 +93,7 @@ class GateTrainer:
         config, started = self.config, time.perf_counter()
         items = step_samples(train, self.step, self.collective.rank, config.batch // self.collective.world, config.seed,
                              self.new_experts, self.new_fraction, config.composite_fraction, config.composite_max)
-        batch = gate_batch(self.tokenizer, items)
+        batch = gate_batch(self.tokenizer, items, self.model.prompt_format)
         self.optimizer.zero_grad()
         metrics = gate_step(self.model, batch, config)
         self._average_gradients()
@@ -119,7 +119,7 @@ class GateTrainer:
         self.model.eval()
         total = torch.tensor([0.0, float(len(samples))], device=self.model.device)  # NCCL reduces device tensors only
         if samples:
-            total[0] = response_routing_accuracy(self.model, self.tokenizer, samples) * len(samples)
+            total[0] = response_routing_accuracy(self.model, self.tokenizer, samples, self.model.prompt_format) * len(samples)
         self.model.train()
         self.collective.sum_(total)
         return (total[0] / total[1]).item() if total[1] else float("nan")

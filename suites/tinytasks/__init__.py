@@ -5,8 +5,8 @@ format, one PEFT adapter per task, the paper's baselines, task data and a manife
     char_tokenizer.py  the tiny models' tokenizer, saved in the standard format
     build.py           building (or finding) the assets
 """
-from .build import TinyTasksConfig, build, default_uri
+from .build import TinyTasksConfig, build
 from .char_tokenizer import char_tokenizer
 from .tasks import ALL_TASKS, DEFAULT_TASKS, Task, split_samples
 
-__all__ = ["ALL_TASKS", "DEFAULT_TASKS", "Task", "TinyTasksConfig", "build", "char_tokenizer", "default_uri", "split_samples"]
+__all__ = ["ALL_TASKS", "DEFAULT_TASKS", "Task", "TinyTasksConfig", "build", "char_tokenizer", "split_samples"]

@@ -25,9 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -40,17 +38,17 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from meteora.evaluation import accuracy_per_task
-from meteora.prompts import composite, training_batch
-from meteora.store import cache_dir, open_store
+from meteora.prompts import PromptFormat, composite, training_batch
 
+from ..assets import cached_build
 from .char_tokenizer import char_tokenizer
 from .tasks import ALL_TASKS, DEFAULT_TASKS, prompt, split_samples
 
-log = logging.getLogger(__name__)
 BUILD_VERSION = 5  # bump when the recipe changes, so cached builds are not reused
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_MODULES = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character an answer may hold
+PLAIN = PromptFormat("plain")  # <s> prompt response </s>, composites one answer per line
 
 
 @dataclass(frozen=True)
@@ -91,28 +89,9 @@ class TinyTasksConfig:
         return self.ranks[index % len(self.ranks)], ATTENTION if task in self.attention_only else ALL_MODULES
 
 
-def default_uri() -> str:
-    return str(cache_dir() / "tinytasks")
-
-
 def build(out_uri: str | None = None, config: TinyTasksConfig = TinyTasksConfig()) -> str:
-    """Build (or find) the benchmark under out_uri; returns the manifest's URI."""
-    out_uri = (out_uri or default_uri()).rstrip("/")
-    if "://" not in out_uri:
-        out_uri = str(Path(out_uri).resolve())  # the manifest holds absolute locations
-    store, root = open_store(out_uri), f"tinytasks-{config.key()}"
-    manifest_uri = f"{out_uri}/{root}/manifest.yaml"
-    if store.exists(f"{root}/manifest.yaml"):
-        log.info("tinytasks: found a complete build at %s", manifest_uri)
-        return manifest_uri
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / root
-        _build_into(local, f"{out_uri}/{root}", config)
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != "manifest.yaml")
-        for path in tqdm(files, desc="uploading", disable=None):
-            store.write_bytes(f"{root}/{path.relative_to(local).as_posix()}", path.read_bytes())
-        store.write_bytes(f"{root}/manifest.yaml", (local / "manifest.yaml").read_bytes())  # last: marks it complete
-    return manifest_uri
+    """Build (or find) the benchmark under out_uri (default: the cache); returns the manifest's URI."""
+    return cached_build(out_uri, "tinytasks", config.key(), lambda local, uri: _build_into(local, uri, config))
 
 
 def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
@@ -281,13 +260,13 @@ def _merge_adapters(base, out: Path, tasks: tuple[str, ...]):
 
 def _measure(base, tokenizer, out: Path, eval_sets: dict[str, list[dict]]) -> dict:
     """Exact match on every eval split: base, each adapter on every task (the matrix), LoRA-B, merged."""
-    result = {"base": accuracy_per_task(base, tokenizer, eval_sets), "adapters": {}}
+    result = {"base": accuracy_per_task(base, tokenizer, eval_sets, PLAIN), "adapters": {}}
     for task in tqdm(eval_sets, desc="measuring", disable=None):
         model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / task).eval()
-        result["adapters"][task] = accuracy_per_task(model, tokenizer, eval_sets)
+        result["adapters"][task] = accuracy_per_task(model, tokenizer, eval_sets, PLAIN)
     for name in ("lora-b", "merged"):
         model = PeftModel.from_pretrained(copy.deepcopy(base), out / "baselines" / name).eval()
-        result[name] = accuracy_per_task(model, tokenizer, eval_sets)
+        result[name] = accuracy_per_task(model, tokenizer, eval_sets, PLAIN)
     return result
 
 

@@ -13,7 +13,7 @@ import torch
 from schemathesis.checks import not_a_server_error
 
 from meteora import MeteoraModel
-from meteora.prompts import prompt_ids
+from meteora.prompts import prompt_format
 from meteora.serving import MeteoraService, SamplingParams
 from pipelines.local_cluster import free_ports
 from suites.tinytasks import char_tokenizer
@@ -68,7 +68,7 @@ def local_model(served):
 def greedy(model: MeteoraModel, prompt: str, max_tokens: int, experts=()) -> str:
     """The independent reference: transformers' generate on this prompt alone."""
     forcing = model.force_experts(experts) if experts else torch.no_grad()
-    ids = torch.tensor([prompt_ids(TOKENIZER, prompt)])
+    ids = torch.tensor([prompt_format("plain").prompt_ids(TOKENIZER, prompt)])
     with forcing, torch.no_grad():
         out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=TOKENIZER.eos_token_id,
                              pad_token_id=TOKENIZER.pad_token_id)

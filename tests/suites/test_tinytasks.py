@@ -10,7 +10,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from meteora import MeteoraModel, load_tokenizer
-from meteora.evaluation import METRICS, evaluate, load_benchmark
+from meteora.evaluation import METRICS, CompositeSettings, evaluate, load_benchmark
 from meteora.prompts import composite
 from meteora.registry import METRICS as MANIFEST_METRICS
 from meteora.registry import Registry, load_manifest
@@ -120,8 +120,10 @@ def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path):
     bench = load_benchmark(load_manifest(manifest), samples=6)
     checkpoint = tmp_path / "ckpt"
     MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=2).save_pretrained(checkpoint)
-    results = evaluate(bench, checkpoint, composite_sizes=(2, 3), composite_count=4, out_dir=tmp_path / "eval")
+    results = evaluate(bench, checkpoint, CompositeSettings(sizes=(2, 3), count=4, temperature=2.0), out_dir=tmp_path / "eval")
     assert set(results["per_task"]) == {"base", "lora-b", "merged", "meteora top-1", "meteora top-2", "own adapter"}
+    assert set(results["composite"]) == set(results["per_task"]) | {"perfect routing", "meteora top-2 T=2"}
+    assert 0 <= results["routing_accuracy"] <= 1
     assert all(0 <= v <= 1 for row in results["per_task"].values() for v in row.values())
     assert set(results["composite"]["meteora top-2"]) == {"2", "3"}
     assert all(0 <= r["3"]["summed"] <= 3 for r in results["composite"].values())

@@ -1,0 +1,42 @@
+"""Building a suite's assets once and finding them again: <out>/<name>-<key>/, keyed by a hash of the build
+settings, uploaded to any store with the manifest written last (its presence marks a complete build).
+
+    manifest_uri = cached_build(out_uri, "tinytasks", config.key(), lambda local, uri: ...)
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from meteora.store import absolute_uri, cache_dir, open_store
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.yaml"
+
+
+def default_uri() -> str:
+    """Where suites are built by default: the local cache ($METEORA_CACHE)."""
+    return str(cache_dir() / "suites")
+
+
+def cached_build(out_uri: str | None, name: str, key: str, build_into: Callable[[Path, str], None]) -> str:
+    """The manifest URI of the build `name`-`key` under out_uri, made by `build_into(local_dir, final_uri)` if it is
+    not there yet (the manifest holds absolute locations: a relative local out_uri is resolved)."""
+    out_uri = absolute_uri((out_uri or default_uri()).rstrip("/"))
+    store, root = open_store(out_uri), f"{name}-{key}"
+    manifest_uri = f"{out_uri}/{root}/{MANIFEST}"
+    if store.exists(f"{root}/{MANIFEST}"):
+        log.info("%s: found a complete build at %s", name, manifest_uri)
+        return manifest_uri
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / root
+        build_into(local, f"{out_uri}/{root}")
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST)
+        for path in tqdm(files, desc="uploading", disable=None):
+            store.write_bytes(f"{root}/{path.relative_to(local).as_posix()}", path.read_bytes())
+        store.write_bytes(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())  # last: marks it complete
+    return manifest_uri

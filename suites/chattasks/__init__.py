@@ -1,0 +1,13 @@
+"""chattasks: natural-language tasks on a real instruct LLM (SmolLM2-135M-Instruct, offline from PyPI), in its chat
+format, with one PEFT adapter per task and the paper's baselines, built here and cached by content.
+
+    tasks.py    the tasks (instruction or form of the input), exactly scorable
+    smollm2.py  where the installed package keeps the model's GGUF file and license
+    lora.py     training one adapter on chat items (singles, and composites with the loss on its own line)
+    build.py    building (or finding) the assets
+"""
+from .build import RECIPES, ChatTasksConfig, Recipe, build
+from .smollm2 import smollm2_files
+from .tasks import TASKS, split_samples
+
+__all__ = ["RECIPES", "TASKS", "ChatTasksConfig", "Recipe", "build", "smollm2_files", "split_samples"]
