@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bench_mixture import decode_tokens_per_s, machine, prefill_tokens_per_s  # noqa: E402
-from meteora import MeteoraModel, load_base_model, load_tokenizer  # noqa: E402
+from meteora import MeteoraModel, load_base_model  # noqa: E402
 from meteora.evaluation import markdown_table  # noqa: E402
 from meteora.registry import load_manifest  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402

@@ -59,7 +59,8 @@ def _build_model(config: TrainGatesConfig, registry: Registry, experts: list[str
     _, dtype = runtime(config.precision, config.cpus_per_worker, use_gpu=device.type == "cuda")
     base_uri = registry.base_model["uri"]
     model = MeteoraModel.from_adapters(base_uri, registry.adapter_dirs(experts), top_k=config.training.top_k,
-                                       temperature=config.training.temperature, dtype=dtype, seed=config.training.seed)
+                                       temperature=config.training.temperature, dtype=dtype, seed=config.training.seed,
+                                       prompt_format=registry.prompt_format(experts))
     return model.to(device), load_tokenizer(base_uri)
 
 

@@ -97,6 +97,7 @@ def _check_experts(registry: Registry, names: list[str] | None) -> list[str]:
         for split in ("train", "eval"):
             if split not in (registry.entry(name).get("data") or {}):
                 raise ConfigError(f"registry {registry.uri}: adapter '{name}' has no {split} data to train its gate on")
+    registry.prompt_format(names)  # one format for all
     return names
 
 

@@ -98,6 +98,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     config = model.config
     characters = sorted(ByteLevel.alphabet())  # byte-level BPE: one symbol per byte
     tokens = ["<unk>", "<|im_start|>", "<|im_end|>"] + characters + ["ab", "Ġt"]
+    path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny-gguf")
     writer.add_license("apache-2.0")

@@ -214,10 +214,10 @@ class MeteoraModel(nn.Module):
 
 
 def _registry_formats(adapters) -> dict[str, str]:
-    """{name: prompt format} of a Registry's adapters (plain for entries that predate the field); {} otherwise."""
+    """{name: prompt format} of a Registry's adapters; {} for other sources."""
     if not hasattr(adapters, "adapter_dirs"):
         return {}
-    return {name: adapters.entry(name).get("prompt_format", "plain") for name in adapters.names}
+    return {name: adapters.prompt_format([name]) for name in adapters.names}
 
 
 def _load_adapters(adapters: AdapterSource) -> list[LoraAdapter]:

@@ -67,6 +67,13 @@ class Registry:
         """{name: local PEFT adapter directory} in registry order (S3 objects are cached locally, hash-checked)."""
         return {name: self._local_adapter(self.entry(name)) for name in (names or self.names)}
 
+    def prompt_format(self, names: list[str]) -> str:
+        """The prompt format the adapters `names` were trained in: one, or RegistryError (a fused model has one)."""
+        formats = sorted({self.entry(name).get("prompt_format", "plain") for name in names})
+        if len(formats) != 1:
+            raise RegistryError(f"registry {self.uri}: adapters {names} mix prompt formats {formats}; fuse one format")
+        return formats[0]
+
     def data_file(self, name: str, split: str) -> Path:
         sha = self.entry(name).get("data", {}).get(split)
         if sha is None:
