@@ -17,7 +17,7 @@ with Ray Train, 2 CPU workers -> evaluate -> deploy on Ray Serve):
   scaling    gate-training samples/s with 1 and with 2 workers
 Writes benchmarks/results/chattasks/: results.json (with the command and the machine), results.md, plots.
 
-    python benchmarks/bench_chattasks.py [--steps 300] [--samples 100] [--composites 20] [--shots 2]
+    python benchmarks/bench_chattasks.py [--steps 200] [--samples 30] [--composites 10] [--shots 2]
 """
 from __future__ import annotations
 
@@ -131,16 +131,20 @@ def mean(values) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="gate-training steps of the first registration")
-    parser.add_argument("--samples", type=int, default=100, help="eval samples per task")
-    parser.add_argument("--composites", type=int, default=20, help="composites per n")
+    parser.add_argument("--steps", type=int, default=200, help="gate-training steps of the first registration")
+    parser.add_argument("--composite-fraction", type=float, default=0.25, help="share of gate-training items that are composites")
+    parser.add_argument("--samples", type=int, default=30, help="eval samples per task")
+    parser.add_argument("--composites", type=int, default=10, help="composites per n")
     parser.add_argument("--shots", type=int, default=2, help="worked composites before each composite question")
     parser.add_argument("--temperature", type=float, default=2.0, help="MeteoRA top-2 routing temperature on composites")
     parser.add_argument("--fresh-cache", action="store_true", help="build the suite from an empty cache")
     parser.add_argument("--work", default="/tmp/bench-chattasks")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chattasks"))
+    parser.add_argument("--speed-only", action="store_true", help="measure speed again on the last run's checkpoint")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
+    if args.speed_only:
+        return speed_again(work, out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     if args.fresh_cache:
@@ -156,7 +160,8 @@ def main() -> None:
     ray.init(**LOCAL_RAY)
     port = free_ports(1)[0]
     common = [f"registry={work / 'registry'}", f"work_dir={work}", f"train.steps={args.steps}", "train.batch=16",
-              "train.cpus_per_worker=1", f"evaluate.samples={args.samples}", f"evaluate.composite_count={args.composites}",
+              "train.cpus_per_worker=1", "train.precision=bf16", f"train.composite_fraction={args.composite_fraction}",
+              f"evaluate.samples={args.samples}", f"evaluate.composite_count={args.composites}",
               f"evaluate.composite_shots={args.shots}", f"evaluate.composite_temperature={args.temperature}",
               f"deploy.http_port={port}", "deploy.deployment={ray_actor_options: {num_cpus: 0.01}, num_replicas: 1, "
               "max_surge_percent: 100}"]
@@ -164,7 +169,7 @@ def main() -> None:
     config = load_workflow_config(None, [*common, "evaluate.composite=[3, 5, 10]"])
     first = run(load_manifest(paths["first"]), config, can_deploy=True)
     result["first"] = {"outputs": {k: dataclasses.asdict(v) for k, v in first.items()}, "evaluation": evaluation(first),
-                       "asked": ask(port, "1. 2023-07-14\n2. Which number is larger, 135 or 229?\n3. smith, anna")}
+                       "asked": ask(port, "1. 2023-07-14\n2. Which number is larger, 135 or 229?\n3. anna.smith@mail.com")}
     print(markdown_table(result["first"]["evaluation"]["per_task"], result["first"]["evaluation"]["composite"]), flush=True)
 
     config = load_workflow_config(None, [*common, "evaluate.composite=[]"])
@@ -177,7 +182,7 @@ def main() -> None:
     paths = manifests(built, work, yaml.safe_load((byo_dir / "entry.yaml").read_text()))
     byo = run(load_manifest(paths["byo"]), config, can_deploy=True)
     result["byo"] = {"outputs": {k: dataclasses.asdict(v) for k, v in byo.items()}, "evaluation": evaluation(byo),
-                     "asked": ask(port, "name=Grace; city=Oslo")}
+                     "asked": ask(port, "Acronym: light emitting diode")}
 
     from ray import serve
 
@@ -187,10 +192,23 @@ def main() -> None:
     result["scaling"] = scaling(str(work / "registry"), work / "scaling-runs", steps=20)
     ray.shutdown()
 
-    result["summary"] = summarize(result)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("accuracy.png", "routing.png"):
         shutil.copyfile(Path(first["evaluate"].out_dir) / name, out / name)
+    write(result, out)
+
+
+def speed_again(work: Path, out: Path) -> None:
+    """The speed stage alone, on the checkpoint and adapter of the run whose results are in `out`."""
+    result = json.loads((out / "results.json").read_text())
+    adapter = Path(load_manifest(work / "first.yaml").adapters[0].uri)
+    result["speed"] = speed(result["increment"]["outputs"]["train"]["checkpoint"], adapter, repeats=5, new_tokens=32)
+    result["speed"]["command"] = "python " + " ".join(sys.argv)
+    write(result, out)
+
+
+def write(result: dict, out: Path) -> None:
+    result["summary"] = summarize(result)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "results.md").write_text(report(result))
     print(json.dumps(result["summary"], indent=2))
@@ -215,8 +233,8 @@ def summarize(result: dict) -> dict:
                                 for t in new},
             "time_ratio": round(result["increment"]["outputs"]["train"]["train_seconds"] / first_seconds, 3),
         },
-        "byo": {"top2": result["byo"]["evaluation"]["per_task"]["meteora top-2"].get("kv-json"),
-                "own_adapter": result["byo"]["evaluation"]["per_task"]["own adapter"].get("kv-json"),
+        "byo": {"top2": result["byo"]["evaluation"]["per_task"]["meteora top-2"].get("acronym"),
+                "own_adapter": result["byo"]["evaluation"]["per_task"]["own adapter"].get("acronym"),
                 "asked": result["byo"]["asked"]},
         "speed_ratio_to_peft": result["speed"]["ratio_to_peft_one_adapter"]["meteora_torch_top2"],
         "gate_training_samples_per_s": result["scaling"],

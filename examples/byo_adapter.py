@@ -6,7 +6,7 @@ here imports meteora; the adapter then goes into a manifest (`prompt_format: cha
 
     python examples/byo_adapter.py --base BASE --out DIR [--steps 40] [--rank 8] [--targets gate_proj,up_proj,down_proj]
 BASE: a transformers model directory, or a .gguf file (read with transformers' GGUF support).
-Task: "key=value; key=value" -> the JSON object (told by the input's form alone). Writes DIR/adapter/,
+Task: "Acronym: portable network graphics" -> "PNG" (told by its instruction). Writes DIR/adapter/,
 DIR/data/train.jsonl, DIR/data/eval.jsonl and DIR/entry.yaml (the manifest entry).
 """
 from __future__ import annotations
@@ -21,21 +21,20 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-KEYS = {"name": ["Anna", "Ben", "Carla", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas"],
-        "city": ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Seoul", "Rome", "Accra"],
-        "color": ["red", "blue", "green", "black", "white", "orange"],
-        "pet": ["cat", "dog", "parrot", "turtle", "rabbit", "hamster"]}
+WORDS = ["portable", "network", "graphics", "central", "processing", "unit", "random", "access", "memory", "global",
+         "position", "system", "light", "emitting", "diode", "open", "source", "project", "data", "base", "natural",
+         "language", "model", "local", "area", "rapid", "transit", "frequently", "asked", "question"]
 
 
 def samples(n: int, seed: int) -> list[dict]:
+    """"Acronym: portable network graphics" -> "PNG": 2-4 words, distinct prompts."""
     rng, seen, out = random.Random(seed), set(), []
     while len(out) < n:
-        keys = rng.sample(sorted(KEYS), rng.randint(2, 3))
-        pairs = [(k, rng.choice(KEYS[k])) for k in keys]
-        prompt = "; ".join(f"{k}={v}" for k, v in pairs)
+        words = rng.sample(WORDS, rng.randint(2, 4))
+        prompt = "Acronym: " + " ".join(words)
         if prompt not in seen:
             seen.add(prompt)
-            out.append({"prompt": prompt, "response": json.dumps(dict(pairs))})
+            out.append({"prompt": prompt, "response": "".join(w[0] for w in words).upper()})
     return out
 
 
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--name", default="kv-json")
+    parser.add_argument("--name", default="acronym")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     peft_model = get_peft_model(model, config)
     train(peft_model, tokenizer, splits["train"], args.steps, args.batch, args.lr)
     peft_model.save_pretrained(out / "adapter")
-    entry = {"name": args.name, "uri": str((out / "adapter").resolve()), "description": "key=value pairs -> JSON",
+    entry = {"name": args.name, "uri": str((out / "adapter").resolve()), "description": "Acronym: portable network graphics -> PNG",
              "data": {split: str((out / "data" / f"{split}.jsonl").resolve()) for split in splits},
              "metric": "exact_match", "prompt_format": "chat"}
     (out / "entry.yaml").write_text(yaml.safe_dump(entry, sort_keys=False))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FORMATS", "Composite", "PromptFormat", "chat_ids", "composite", "encode_with_owners", "pad_left", "pad_right",
+__all__ = ["FORMATS", "Composite", "PromptFormat", "chat_ids", "composite", "encode_with_owners", "fill_owners", "pad_left", "pad_right",
            "prompt_format", "to_device", "training_batch"]
 
 FORMATS = ("plain", "chat")
@@ -122,7 +122,7 @@ def encode_with_owners(tokenizer, fmt: PromptFormat, prompt: str, spans, respons
         ids, owners = [tokenizer.bos_token_id] + ids, [-1] + owners
     answer_ids, answer_owners = _owned(tokenizer, response, answer_spans)
     answer_owners += [-1]
-    return ids, _fill(owners) if fill else owners, answer_ids + [tokenizer.eos_token_id], _fill(answer_owners) if fill else answer_owners
+    return ids, fill_owners(owners) if fill else owners, answer_ids + [tokenizer.eos_token_id], fill_owners(answer_owners) if fill else answer_owners
 
 
 def training_batch(tokenizer, samples: list[dict], fmt: PromptFormat = PromptFormat("plain")) -> dict[str, torch.Tensor]:
@@ -173,7 +173,7 @@ def _owned(tokenizer, text: str, spans) -> tuple[list[int], list[int]]:
     return encoded["input_ids"], owners
 
 
-def _fill(owners: list[int]) -> list[int]:
+def fill_owners(owners: list[int]) -> list[int]:
     """Tokens outside every span take the owner before them (the first owner at the start; 0 when none)."""
     first = next((o for o in owners if o >= 0), 0)
     filled, current = [], first

@@ -132,13 +132,6 @@ def _peft(base, path: Path):
         return PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
 
 
-def _composite(model, bench: Benchmark, sizes, count: int, temperature: float | None) -> dict:
-    if temperature is not None and isinstance(model, MeteoraModel):
-        model.configure(temperature=temperature)
-    return {str(n): composite_scores(model, bench.tokenizer, composite_problems(bench.eval_sets, n, count), bench.metrics)
-            for n in sizes}
-
-
 def _routing_example(model: MeteoraModel, bench: Benchmark, n: int) -> dict:
     problem = composite_problems(bench.eval_sets, min(n, len(bench.eval_sets)), 1, bench.fmt, seed=7)[0]
     inputs = pad_left([bench.fmt.prompt_ids(bench.tokenizer, problem.joined.prompt)], bench.tokenizer.pad_token_id)

@@ -7,7 +7,10 @@ A training item is a labelled sample (sample, expert index) or a composite: a li
 one prompt and answered in order (the prompt format's composite). A composite's tokens are labelled per segment:
 a prompt token with its own problem's task (scaffolding with the problem before it), a response token (and the
 prompt's last token) with the task of the answer its next token belongs to, so CE_gate teaches the gates to
-switch experts in the middle of a generation. Samples are encoded in the experts' prompt format (plain or chat).
+switch experts in the middle of a generation. The scaffolding every prompt of a format starts with (<bos>; a chat
+template's system prompt and role header, half the prompt of a short question) is not labelled: a token that has
+seen only it carries no task, and CE_gate there would only pull the gates toward uniform. Samples are encoded in
+the experts' prompt format (plain or chat).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import json
 import torch
 
 from ..model import MeteoraModel
-from ..prompts import PromptFormat, encode_with_owners, pad_right, to_device
+from ..prompts import PromptFormat, encode_with_owners, fill_owners, pad_right, to_device
 from ..registry import Registry
 from .config import GateTrainingConfig
 from .loss import IGNORE, lm_labels, meteora_loss, routing_accuracy
@@ -40,10 +43,12 @@ def gate_batch(tokenizer, items: list[Item], fmt: PromptFormat = PromptFormat("p
         part = item if isinstance(item, list) else [item]
         joined = fmt.composite([sample for sample, _ in part])
         prompt, owners, response, answer_owners = encode_with_owners(
-            tokenizer, fmt, joined.prompt, joined.prompt_spans, joined.response, joined.response_spans)
-        segment = [part[owner][1] for owner in owners + answer_owners]  # the task of the segment each token is in
+            tokenizer, fmt, joined.prompt, joined.prompt_spans, joined.response, joined.response_spans, fill=False)
+        lead = next((i for i, owner in enumerate(owners) if owner >= 0), len(owners))  # shared scaffolding before it
+        segment = [part[owner][1] for owner in fill_owners(owners) + fill_owners(answer_owners)]  # each token's segment's task
         rows.append(prompt + response)
-        tasks.append(segment[:len(prompt) - 1] + segment[len(prompt):] + segment[-1:])  # from the prompt's last token: the next one's
+        row = segment[:len(prompt) - 1] + segment[len(prompt):] + segment[-1:]  # from the prompt's last token: the next one's
+        tasks.append([IGNORE] * lead + row[lead:])
         prompt_lengths.append(len(prompt))
     return {**pad_right(rows, tokenizer.pad_token_id), "prompt_lengths": torch.tensor(prompt_lengths),
             "token_tasks": pad_right(tasks, IGNORE)["input_ids"]}
@@ -80,4 +85,3 @@ def response_routing_accuracy(model: MeteoraModel, tokenizer, items: list[Item],
         right += routing_accuracy(gate_logits, tasks) * count
         total += count
     return right / total if total else float("nan")
-    return routing_accuracy(gate_logits, tasks)

@@ -32,8 +32,8 @@ def test_a_peft_adapter_trained_elsewhere_is_registered_trained_evaluated_and_se
 
     monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
     base = write_tiny_gguf(tmp_path / "base" / "tiny.gguf")
-    entries = [byo(base, tmp_path / "mine", "kv-json", "gate_proj,up_proj,down_proj"),
-               byo(base, tmp_path / "theirs", "kv-json-q", "q_proj,v_proj")]
+    entries = [byo(base, tmp_path / "mine", "acronym", "gate_proj,up_proj,down_proj"),
+               byo(base, tmp_path / "theirs", "acronym-q", "q_proj,v_proj")]
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text(yaml.safe_dump({"apiVersion": "meteora/v1", "kind": "AdapterManifest",
                                         "base_model": {"name": "tiny-gguf", "uri": str(base)}, "adapters": entries}))
@@ -45,15 +45,15 @@ def test_a_peft_adapter_trained_elsewhere_is_registered_trained_evaluated_and_se
     try:
         outputs = run(load_manifest(manifest), config, can_deploy=True)
         model = MeteoraModel.from_pretrained(outputs["train"].checkpoint)
-        assert model.expert_names == ["kv-json", "kv-json-q"] and model.prompt_format.name == "chat"
+        assert model.expert_names == ["acronym", "acronym-q"] and model.prompt_format.name == "chat"
         assert model.base_info.uri == str(base)
         assert set(outputs["evaluate"].mean_accuracy) >= {"base", "own adapter", "meteora top-2"}
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-        assert [m.id for m in client.models.list().data] == ["meteora", "meteora:kv-json", "meteora:kv-json-q"]
-        reply = client.chat.completions.create(model="meteora", messages=[{"role": "user", "content": "name=Anna; pet=cat"}],
+        assert [m.id for m in client.models.list().data] == ["meteora", "meteora:acronym", "meteora:acronym-q"]
+        reply = client.chat.completions.create(model="meteora", messages=[{"role": "user", "content": "Acronym: open source project"}],
                                                max_tokens=4, temperature=0, extra_body={"return_routing": True})
         choice = reply.choices[0]
         assert choice.finish_reason in ("stop", "length") and len(choice.routing) == reply.usage.completion_tokens
-        assert all(set(step["experts"]) <= {"kv-json", "kv-json-q"} for step in choice.routing)
+        assert all(set(step["experts"]) <= {"acronym", "acronym-q"} for step in choice.routing)
     finally:
-        serve.delete("byo-test")
+        serve.shutdown()  # Serve keeps its HTTP port for the Ray cluster's life: later tests start their own

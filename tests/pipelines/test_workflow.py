@@ -109,7 +109,7 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert fourth["train"].incremental and "rows dropped for ['upper']" in output
         assert MeteoraModel.from_pretrained(fourth["train"].checkpoint).expert_names == ["reverse", "length"]
     finally:
-        serve.delete("workflow-test")
+        serve.shutdown()  # Serve keeps its HTTP port for the Ray cluster's life: later tests start their own
 
 
 def test_bad_config_or_manifest_is_refused_before_anything_runs(tmp_path, capsys):

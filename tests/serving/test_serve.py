@@ -49,6 +49,7 @@ def served(local_ray, tmp_path_factory):
 
     checkpoint = tiny_checkpoint(tmp_path_factory.mktemp("serve"))
     port = free_ports(1)[0]
+    serve.shutdown()  # a Serve left by an earlier test would keep its own port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     deploy(checkpoint)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", checkpoint=checkpoint)

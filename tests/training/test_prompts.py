@@ -36,7 +36,8 @@ def test_chat_composite_tokens_are_labelled_with_their_problems_task(tokenizer):
     chat = prompt_format("chat")
     batch = gate_batch(tokenizer, [SAMPLES, SAMPLES[1]], chat)
     ids, tasks, prompt_length = batch["input_ids"][0], batch["token_tasks"][0], int(batch["prompt_lengths"][0])
-    assert int(batch["attention_mask"][0].sum()) == (tasks != -100).sum() == len(ids)
+    lead = len(tokenizer("<|im_start|>user\n", add_special_tokens=False)["input_ids"])  # the template before any problem
+    assert (tasks[:lead] == -100).all() and (tasks[lead:] != -100).sum() == len(ids) - lead == batch["attention_mask"][0].sum() - lead
     text_of = lambda task, part: tokenizer.decode([t for t, k in zip(ids[part].tolist(), tasks[part].tolist()) if k == task])
     prompt = slice(0, prompt_length - 1)  # before the prompt's last token, labels are the token's own problem
     assert "add one: 41" in text_of(2, prompt) and "Shout: hey you" in text_of(0, prompt) and "2023-07-14" in text_of(1, prompt)
