@@ -10,6 +10,7 @@ Storage, with no padding and no per-token copies:
                              backend spends an op on it); the last row is zero
     row_table [E, r_max]     row_table[e, c] = offsets[e] + c for c < r_e, else R (a zero row): indexing it
                              with a token's expert ids gives the rows of its experts, padded slots included
+    row_expert [R + 1]       the expert each row belongs to (0 for the zero row)
     offsets [E] int64 (first row of each expert), ranks [E] int64, scaling [E] fp32 (alpha / r or alpha / sqrt(r);
     0 where r_e = 0)
 """
@@ -29,10 +30,12 @@ class ExpertStack(nn.Module):
         offsets = torch.cumsum(ranks, 0) - ranks
         slot = torch.arange(int(ranks.max()))
         row_table = torch.where(slot < ranks[:, None], offsets[:, None] + slot, R)  # [E, r_max]
+        row_expert = torch.cat([torch.repeat_interleave(torch.arange(len(ranks)), ranks), torch.zeros(1, dtype=torch.int64)])
         # Buffers, not parameters: experts never train. Not persistent: the checkpoint saves them itself.
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("B_t", B_t, persistent=False)
         self.register_buffer("row_table", row_table, persistent=False)
+        self.register_buffer("row_expert", row_expert, persistent=False)
         self.register_buffer("offsets", offsets, persistent=False)
         self.register_buffer("ranks", ranks, persistent=False)
         self.register_buffer("scaling", scaling.float(), persistent=False)

@@ -23,7 +23,6 @@ import logging
 import random
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from meteora.evaluation import accuracy_per_task
 from meteora.prompts import PromptFormat
 
 from ..assets import cached_build
+from ..baselines import merged_adapter
 from . import lora
 from .smollm2 import smollm2_files
 from .tasks import TASKS, split_samples
@@ -135,7 +135,7 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     lora.train(lora_b, tokenizer, CHAT, balanced, config.lora_b_steps, config.lr, config.batch, config.seed + 99, config.bf16)
     lora_b.save_pretrained(out / "baselines" / "lora-b")
     log.info("chattasks: LoRA-B trained (%d steps)", config.lora_b_steps)
-    _merged(base, out, config.tasks).save_pretrained(out / "baselines" / "merged")
+    merged_adapter(base, out / "adapters", config.tasks).save_pretrained(out / "baselines" / "merged")
     seconds["baselines"] = time.perf_counter() - started - sum(seconds.values())
     report = {"config": asdict(config), "accuracy": _measure(base, tokenizer, out, data, config)}
     seconds["measure"] = time.perf_counter() - started - sum(seconds.values())
@@ -167,23 +167,6 @@ def _write_data(out: Path, data: dict) -> None:
             path = out / "data" / task / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-
-
-def _merged(base, out: Path, tasks: list[str]):
-    """The uniform average of the adapters' deltas ("cat" keeps every rank, so it is exact), under neutral names."""
-    from peft import PeftModel
-
-    names = [f"expert_{i}" for i in range(len(tasks))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / tasks[0], adapter_name=names[0])
-        for name, task in zip(names[1:], tasks[1:]):
-            model.load_adapter(out / "adapters" / task, adapter_name=name)
-        model.add_weighted_adapter(names, [1.0 / len(tasks)] * len(tasks), "default", combination_type="cat")
-        for name in names:
-            model.delete_adapter(name)
-    model.set_adapter("default")  # peft saves the adapter named "default" at the top of the directory
-    return model
 
 
 def _measure(base, tokenizer, out: Path, data: dict, config: ChatTasksConfig) -> dict:

@@ -41,6 +41,7 @@ from meteora.evaluation import accuracy_per_task
 from meteora.prompts import PromptFormat, composite, training_batch
 
 from ..assets import cached_build
+from ..baselines import merged_adapter
 from .char_tokenizer import char_tokenizer
 from .tasks import ALL_TASKS, DEFAULT_TASKS, prompt, split_samples
 
@@ -113,7 +114,7 @@ def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
         _train_lora(base, tokenizer, pools[task], rank, targets, config.adapter_steps, config, seed=index).save_pretrained(out / "adapters" / task)
     mixed = [[s for task in config.tasks for s in pools[task][i]] for i in range(2)]  # the union of the adapters' data
     _train_lora(base, tokenizer, mixed, config.lora_b_rank, ALL_MODULES, config.lora_b_steps, config, seed=99).save_pretrained(out / "baselines" / "lora-b")
-    _merge_adapters(base, out, config.tasks).save_pretrained(out / "baselines" / "merged")
+    merged_adapter(base, out / "adapters", config.tasks).save_pretrained(out / "baselines" / "merged")
     report = {"config": asdict(config), "key": config.key(),
               "accuracy": _measure(base, tokenizer, out, {t: ev for t, (_, ev) in data.items()}),
               "build_seconds": round(time.perf_counter() - started, 1)}
@@ -239,23 +240,6 @@ def _train(model, tokenizer, pools: list[list[dict]], steps: int, lr: float, bat
         optimizer.step()
         schedule.step()
     model.eval()
-
-
-def _merge_adapters(base, out: Path, tasks: tuple[str, ...]):
-    """The uniform average of the adapters' deltas as one adapter ("cat" keeps every rank, so it is exact).
-    peft keys adapters by name inside ModuleDicts, so they get neutral names (a task named "double" would
-    clash with nn.Module.double)."""
-    names = [f"expert_{i}" for i in range(len(tasks))]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / tasks[0], adapter_name=names[0])
-        for name, task in zip(names[1:], tasks[1:]):
-            model.load_adapter(out / "adapters" / task, adapter_name=name)
-        model.add_weighted_adapter(names, [1.0 / len(tasks)] * len(tasks), "default", combination_type="cat")
-        for name in names:
-            model.delete_adapter(name)
-    model.set_adapter("default")  # peft saves the adapter named "default" at the top of the directory
-    return model
 
 
 def _measure(base, tokenizer, out: Path, eval_sets: dict[str, list[dict]]) -> dict:
