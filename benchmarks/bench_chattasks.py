@@ -55,8 +55,11 @@ FIRST = 10  # the first registration; the rest of RECIPES is the increment
 
 
 def manifests(built: str, out: Path, byo_entry: dict | None = None) -> dict[str, Path]:
-    """first.yaml (the first 10 adapters), more.yaml (all 12) and byo.yaml (+ the bring-your-own adapter)."""
+    """first.yaml (the first 10 adapters), more.yaml (all 12) and byo.yaml (+ the bring-your-own adapter), beside
+    the build's baselines (where the evaluation finds LoRA-B and merged)."""
     document = yaml.safe_load(Path(built).read_text())
+    if not (out / "baselines").exists():
+        (out / "baselines").symlink_to(Path(built).parent / "baselines")
     subsets = {"first": document["adapters"][:FIRST], "more": document["adapters"]}
     if byo_entry:
         subsets["byo"] = document["adapters"] + [byo_entry]
@@ -141,12 +144,15 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/bench-chattasks")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "chattasks"))
     parser.add_argument("--speed-only", action="store_true", help="measure speed again on the last run's checkpoint")
+    parser.add_argument("--resume", action="store_true", help="keep --work: the workflow skips the stages it finished")
+    parser.add_argument("--no-byo", action="store_true", help="skip the bring-your-own stage")
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     if args.speed_only:
         return speed_again(work, out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     if args.fresh_cache:
         os.environ["METEORA_CACHE"] = str(work / "cache")
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(), "settings": vars(args)}
@@ -163,7 +169,8 @@ def main() -> None:
               "train.cpus_per_worker=1", "train.precision=bf16", f"train.composite_fraction={args.composite_fraction}",
               f"evaluate.samples={args.samples}", f"evaluate.composite_count={args.composites}",
               f"evaluate.composite_shots={args.shots}", f"evaluate.composite_temperature={args.temperature}",
-              f"deploy.http_port={port}", "deploy.deployment={ray_actor_options: {num_cpus: 0.01}, num_replicas: 1, "
+              # the replica reserves no CPU: training takes both (2 workers x 1), and would wait for one forever
+              f"deploy.http_port={port}", "deploy.deployment={ray_actor_options: {num_cpus: 0}, num_replicas: 1, "
               "max_surge_percent: 100}"]
     paths = manifests(built, work)
     config = load_workflow_config(None, [*common, "evaluate.composite=[3, 5, 10]"])
@@ -176,13 +183,8 @@ def main() -> None:
     more = run(load_manifest(paths["more"]), config, can_deploy=True)
     result["increment"] = {"outputs": {k: dataclasses.asdict(v) for k, v in more.items()}, "evaluation": evaluation(more)}
 
-    byo_dir = work / "byo"
-    subprocess.run([sys.executable, str(ROOT / "examples" / "byo_adapter.py"), "--base",
-                    load_manifest(paths["first"]).base_uri, "--out", str(byo_dir)], check=True)
-    paths = manifests(built, work, yaml.safe_load((byo_dir / "entry.yaml").read_text()))
-    byo = run(load_manifest(paths["byo"]), config, can_deploy=True)
-    result["byo"] = {"outputs": {k: dataclasses.asdict(v) for k, v in byo.items()}, "evaluation": evaluation(byo),
-                     "asked": ask(port, "Acronym: light emitting diode")}
+    if not args.no_byo:
+        result["byo"] = bring_your_own(built, work, config, port)
 
     from ray import serve
 
@@ -196,6 +198,17 @@ def main() -> None:
     for name in ("accuracy.png", "routing.png"):
         shutil.copyfile(Path(first["evaluate"].out_dir) / name, out / name)
     write(result, out)
+
+
+def bring_your_own(built: str, work: Path, config, port: int) -> dict:
+    """An adapter trained with plain peft (examples/byo_adapter.py) registered beside the suite's, through the workflow."""
+    byo_dir = work / "byo"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "byo_adapter.py"), "--base",
+                    load_manifest(work / "first.yaml").base_uri, "--out", str(byo_dir)], check=True)
+    paths = manifests(built, work, yaml.safe_load((byo_dir / "entry.yaml").read_text()))
+    byo = run(load_manifest(paths["byo"]), config, can_deploy=True)
+    return {"outputs": {k: dataclasses.asdict(v) for k, v in byo.items()}, "evaluation": evaluation(byo),
+            "asked": ask(port, "Acronym: light emitting diode")}
 
 
 def speed_again(work: Path, out: Path) -> None:
@@ -235,7 +248,7 @@ def summarize(result: dict) -> dict:
         },
         "byo": {"top2": result["byo"]["evaluation"]["per_task"]["meteora top-2"].get("acronym"),
                 "own_adapter": result["byo"]["evaluation"]["per_task"]["own adapter"].get("acronym"),
-                "asked": result["byo"]["asked"]},
+                "asked": result["byo"]["asked"]} if "byo" in result else None,
         "speed_ratio_to_peft": result["speed"]["ratio_to_peft_one_adapter"]["meteora_torch_top2"],
         "gate_training_samples_per_s": result["scaling"],
         "build_seconds": result["build"]["report"]["seconds"],

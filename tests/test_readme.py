@@ -14,6 +14,7 @@ ROOT = Path(__file__).parents[1]
 COVERAGE = [
     (r"make demo", "make demo itself (examples/demo.py), run before every release of this README"),
     (r"make test", ".ci/run (CI)"),
+    (r"make bench-real", "benchmarks/bench_chattasks.py, its results committed in benchmarks/results/chattasks/"),
     (r"python pipelines/workflow\.py --manifest demo-output", "tests/pipelines/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
     (r"python pipelines/collect_adapters\.py", "tests/registry/test_registry.py::test_collect_from_s3_register_more_later_and_load_a_model"),
     (r"python pipelines/train_gates\.py --init-from", "tests/pipelines/test_train_gates.py::test_incremental_training_starts_from_a_checkpoint_and_can_freeze_old_rows"),
