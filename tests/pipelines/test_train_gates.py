@@ -85,7 +85,14 @@ def test_two_workers_train_with_checkpoints_on_s3(registry, tmp_path, s3_endpoin
 
 def _descendant_train_workers() -> list[psutil.Process]:
     """This test process's own Ray Train worker processes (never another user's)."""
-    return [p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    workers = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # exited (or a zombie) since it was listed
+            continue
+    return workers
 
 
 def _wait_for_checkpoint(runs: Path, timeout: float = 180) -> None:
