@@ -2,14 +2,14 @@
 (composite_problems is seeded; eval sets cut to the same 30 samples), 2-shot, 10 per n."""
 import sys, json
 sys.path.insert(0, "/work/main")
-import torch
+import copy
+from peft import PeftModel
 from meteora.registry import load_manifest
 from meteora.evaluation import load_benchmark, composite_problems, composite_shots, composite_scores
-from meteora.evaluation.harness import _peft
 bench = load_benchmark(load_manifest("/tmp/bench-chattasks/first.yaml"), samples=30)
 out = {}
 for name, path in bench.baselines.items():
-    model = _peft(bench.base, path)
+    model = PeftModel.from_pretrained(copy.deepcopy(bench.base), path).eval()
     out[name] = {}
     for n in (3, 5, 10):
         problems = composite_problems(bench.eval_sets, n, 10, bench.fmt)
