@@ -5,7 +5,6 @@ import torch
 from meteora import MeteoraModel, load_tokenizer
 from meteora.registry import load_manifest
 from meteora.training import gate_batch
-from meteora.prompts import to_device
 ckpt, manifest = sys.argv[1], sys.argv[2]
 m = load_manifest(manifest)
 model = MeteoraModel.from_pretrained(ckpt).eval()
