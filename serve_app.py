@@ -27,9 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meteora import CheckpointError, RequestError
+from meteora import RequestError
 from meteora.errors import Busy, InvalidRequest, PromptTooLong, UnknownExpert
 from meteora.model import checkpoint_exists
 from meteora.serving import MeteoraService, SamplingParams, ServingLimits, TokenEvent
@@ -335,7 +336,7 @@ def app_builder(args: dict) -> serve.Application:
     settings = ServeSettings.model_validate(args)
     settings.checkpoint = absolute_uri(settings.checkpoint)
     settings.base_model = settings.base_model and absolute_uri(settings.base_model)
-    if not checkpoint_exists(settings.checkpoint):
-        raise CheckpointError(f"no MeteoRA checkpoint at {settings.checkpoint} (args.checkpoint): train one first "
-                              "(`make demo` writes demo-output/checkpoint) or point args.checkpoint at yours")
+    if not checkpoint_exists(settings.checkpoint):  # RayServeException: Serve reports its message, and retries none
+        raise RayServeException(f"no MeteoRA checkpoint at {settings.checkpoint} (args.checkpoint): train one first "
+                                "(`make demo` writes demo-output/checkpoint) or point args.checkpoint at yours")
     return MeteoraServer.bind(settings.model_dump())

@@ -124,5 +124,27 @@ def test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients(
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer sk-readme"}, timeout=30)
         assert [m["id"] for m in models.json()["data"]] == ["meteora", "meteora:reverse", "meteora:upper", "meteora:sort"]
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=30).status_code == 401
+        assert_missing_checkpoint_fails_once(config, tmp_path, bin_dir, cluster["address"])
     finally:
         local_cluster.down(tmp_path / "cluster")
+
+
+def assert_missing_checkpoint_fails_once(config: dict, tmp_path: Path, bin_dir: Path, address: str) -> None:
+    """A config whose checkpoint is not there: the application fails with one line that says what is missing and
+    what to run, not a traceback (Serve retries a failed build 3 times, each with its traceback, unless it raises
+    RayServeException)."""
+    config["applications"][0]["args"]["checkpoint"] = str(tmp_path / "no-checkpoint")
+    (tmp_path / "missing.yaml").write_text(yaml.safe_dump(config))
+    subprocess.run([str(bin_dir / "serve"), "deploy", str(tmp_path / "missing.yaml"), "--address", address],
+                   check=True, capture_output=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = subprocess.run([str(bin_dir / "serve"), "status", "--address", address], capture_output=True,
+                                text=True, check=True).stdout
+        app = yaml.safe_load(status)["applications"]["meteora"]
+        if app["status"] == "DEPLOY_FAILED":
+            break
+        time.sleep(2)
+    assert app["status"] == "DEPLOY_FAILED", status
+    assert f"no MeteoRA checkpoint at {tmp_path / 'no-checkpoint'}" in app["message"] and "make demo" in app["message"]
+    assert "Traceback" not in app["message"], app["message"]
