@@ -8,7 +8,7 @@ with Ray Train, 2 CPU workers -> evaluate -> deploy on Ray Serve):
              top-2 (composites also at --temperature), perfect routing, the oracle; routing accuracy on eval
              responses; a chat request through the deployed endpoint with the openai client
   increment  +2 adapters on MLP projections (modules no earlier adapter targets), --init-from the first
-             checkpoint, 30% of the steps, redeployed in place: old tasks against the first round, new tasks
+             checkpoint, 25% of the steps, redeployed in place: old tasks against the first round, new tasks
              against their oracle, training time against the first round's
   byo        an adapter trained outside the project with plain peft (examples/byo_adapter.py), its JSONL and a
              manifest entry: registered, trained incrementally, evaluated, served and asked through the openai client
@@ -17,7 +17,7 @@ with Ray Train, 2 CPU workers -> evaluate -> deploy on Ray Serve):
   scaling    gate-training samples/s with 1 and with 2 workers
 Writes benchmarks/results/chattasks/: results.json (with the command and the machine), results.md, plots.
 
-    python benchmarks/bench_chattasks.py [--steps 200] [--samples 30] [--composites 10] [--shots 2]
+    python benchmarks/bench_chattasks.py [--steps 300] [--samples 30] [--composites 10] [--shots 2]
 """
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def mean(values) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="gate-training steps of the first registration")
+    parser.add_argument("--steps", type=int, default=300, help="gate-training steps of the first registration")
     parser.add_argument("--composite-fraction", type=float, default=0.25, help="share of gate-training items that are composites")
     parser.add_argument("--samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("--composites", type=int, default=10, help="composites per n")
@@ -167,6 +167,7 @@ def main() -> None:
     port = free_ports(1)[0]
     common = [f"registry={work / 'registry'}", f"work_dir={work}", f"train.steps={args.steps}", "train.batch=16",
               "train.cpus_per_worker=1", "train.precision=bf16", f"train.composite_fraction={args.composite_fraction}",
+              "incremental_steps=0.25",  # the increment's target is <= 30% of the first training's time, startup included
               f"evaluate.samples={args.samples}", f"evaluate.composite_count={args.composites}",
               f"evaluate.composite_shots={args.shots}", f"evaluate.composite_temperature={args.temperature}",
               # the replica reserves no CPU: training takes both (2 workers x 1), and would wait for one forever
