@@ -9,6 +9,7 @@ train     the manifest's experts (name, sha256) in order,     train_gates.train 
           the base model, the training settings               training on the same base shares experts with this one
                                                               (adapters added, updated or removed): --init-from its
                                                               checkpoint, incremental_steps of the steps
+                                                              (incremental_freeze_old: copied rows fixed)
 evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task: tables, plots
 deploy    the checkpoint's content, the serving settings      serve.run: a running application is updated in place (new
                                                               replicas start before old ones drain), or started
@@ -70,6 +71,7 @@ class WorkflowConfig(BaseModel):
     artifacts: str | None = None  # Ray Train runs and checkpoints (s3:// on a multi-node cluster); None: work_dir
     train: dict = {}  # pipelines/train_gates settings (configs/train_gates.yaml keys) but the ones the workflow sets
     incremental_steps: float = Field(0.3, gt=0, le=1)  # share of train.steps when training starts from the last one
+    incremental_freeze_old: bool = False  # then: the copied gate rows stay fixed, only fresh rows and new gates train
     evaluate: EvaluateSettings = EvaluateSettings()
     deploy: DeploySettings = DeploySettings()
 
@@ -167,7 +169,8 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     outputs = {"collect": _stage(state, "collect", _collect_inputs(manifest, config), lambda: _collect(manifest, config))}
     registry = Registry(config.registry)
     experts = [(name, registry.entry(name)["sha256"]) for name in manifest.names]
-    train_key = digest(experts, registry.base_model["fingerprint"], config.train, config.incremental_steps)
+    train_key = digest(experts, registry.base_model["fingerprint"], config.train, config.incremental_steps,
+                       config.incremental_freeze_old)
     recorded = state.outputs("train", train_key)
     if recorded and not checkpoint_exists(recorded.checkpoint):
         state.forget("train")  # recorded, but its checkpoint is gone: train again
@@ -226,11 +229,12 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
               "storage_path": f"{artifacts}/runs", "output": f"{artifacts}/checkpoints/gates-{key[:12]}"}
     if _can_start_from(previous, experts, registry):
         steps = max(1, math.ceil(config.incremental_steps * settings.training.steps))
-        values.update(init_from=previous.checkpoint, steps=steps)
+        values.update(init_from=previous.checkpoint, steps=steps, freeze_old=config.incremental_freeze_old)
         added = [n for n, sha in experts if (n, sha) not in previous.experts]
         removed = [n for n, sha in previous.experts if (n, sha) not in experts]
         print(f"[train] incremental from {previous.checkpoint}, {steps} steps: fresh gate rows for {added or 'none'}, "
-              f"rows dropped for {removed or 'none'}", flush=True)
+              f"rows dropped for {removed or 'none'}{', copied rows frozen' if config.incremental_freeze_old else ''}",
+              flush=True)
     started = time.perf_counter()
     summary = train(config.train_config(**values))
     print_training_summary(summary, time.perf_counter() - started)

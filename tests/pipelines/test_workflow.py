@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 
 from meteora import MeteoraModel
@@ -104,10 +105,14 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         shrunk = {**grown, "adapters": [a for a in grown["adapters"] if a["name"] != "upper"]}  # upper removed
         shrunk_manifest = tmp_path / "shrunk.yaml"
         shrunk_manifest.write_text(yaml.safe_dump(shrunk, sort_keys=False))
-        fourth = run(load_manifest(shrunk_manifest), config, can_deploy=True)
+        frozen = config.model_copy(update={"incremental_freeze_old": True})
+        fourth = run(load_manifest(shrunk_manifest), frozen, can_deploy=True)
         output = capsys.readouterr().out
-        assert fourth["train"].incremental and "rows dropped for ['upper']" in output
-        assert MeteoraModel.from_pretrained(fourth["train"].checkpoint).expert_names == ["reverse", "length"]
+        assert fourth["train"].incremental and "rows dropped for ['upper'], copied rows frozen" in output
+        shrunk_model = MeteoraModel.from_pretrained(fourth["train"].checkpoint)
+        assert shrunk_model.expert_names == ["reverse", "length"] and shrunk_model.training_summary["freeze_old"]
+        for name, layer in shrunk_model.layers.items():  # the kept experts' rows as the third run left them
+            assert torch.equal(layer.meteora_gate, grown_model.layers[name].meteora_gate[[0, 2]]), name
     finally:
         serve.shutdown()  # Serve keeps its HTTP port for the Ray cluster's life: later tests start their own
 
