@@ -189,7 +189,8 @@ def main() -> int:
 
         started = step(3, "a local Ray cluster")
         cluster = local_cluster.up(cluster_dir, num_cpus=2)
-        ray.init(address=cluster["gcs_address"], logging_config=LOCAL_RAY["logging_config"])  # progress lines only
+        # stage lines and tables only: the workers' and Ray Train's output stays in the cluster's log files
+        ray.init(address=cluster["gcs_address"], logging_config=LOCAL_RAY["logging_config"], log_to_driver=False)
         port = local_cluster.free_ports(1)[0]
         url = f"http://127.0.0.1:{port}"
         config = load_workflow_config(None, [
