@@ -4,9 +4,10 @@
     python pipelines/local_cluster.py down [--dir .ray-cluster]
 
 `up` starts `ray start --head --block` in a new process group from this virtualenv (so jobs run its python),
-with every port picked free in 20000-32000 (workers keep Ray's 10002-19999), token auth on, its own temp dir,
-and waits until the job API answers; `--dir` keeps the state (address, process group, log). `down` ends that
-process group and nothing else: never `ray stop`, which kills every Ray process on the machine.
+with every port picked free in 20000-32000 (workers keep Ray's 10002-19999), token auth on (a token is made in
+~/.ray/auth_token on a machine that has none), its own temp dir, and waits until the job API answers; `--dir`
+keeps the state (address, process group, log). `down` ends that process group and nothing else: never
+`ray stop`, which kills every Ray process on the machine.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ def up(state_dir: Path, num_cpus: int) -> dict:
     command = [str(bin_dir / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
                "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", *(f"--{name}={port}" for name, port in ports.items())]
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    # `ray start` reads the token and never makes one (ray.init does): make ~/.ray/auth_token on a machine that has
+    # none, keep it otherwise. The command prints the token: it is captured, not shown.
+    subprocess.run([str(bin_dir / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     log = open(state_dir / "ray.log", "wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     state = {"pgid": process.pid, "address": f"http://127.0.0.1:{ports['dashboard-port']}",
