@@ -46,9 +46,9 @@ def test_composite_tokens_are_labelled_per_segment():
     first, second = ({"prompt": "reverse: ab\n", "response": "ba"}, 0), ({"prompt": "upper: c\n", "response": "C"}, 1)
     batch = gate_batch(char_tokenizer(), [first, [first, second]])
     #          <s> reverse: ab\n  upper: c  \n  b  a  \n C </s>
-    expected = [-100] + [0] * 12 + [1] * 8 + [0] + [0, 0] + [1, 1, 1]  # <s>: no task yet; the prompt's last \n and
-    assert batch["token_tasks"][1].tolist() == expected                # the answers' \n: the next answer's task
-    assert batch["token_tasks"][0].tolist() == [-100] + [0] * 15 + [-100] * 11
+    expected = [0] * 13 + [1] * 8 + [0] + [0, 0] + [1, 1, 1]  # <s>: the first problem's; the prompt's last \n and the
+    assert batch["token_tasks"][1].tolist() == expected           # answers' \n: the next answer's task
+    assert batch["token_tasks"][0].tolist() == [0] * 16 + [-100] * 11
 
 
 @pytest.fixture(scope="module")
