@@ -16,6 +16,7 @@ baselines, task data and a manifest, all offline on CPU, cached by content.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import hashlib
 import json
@@ -106,7 +107,7 @@ def build(out_uri: str | None = None, config: ChatTasksConfig = ChatTasksConfig(
     """Build (or find) the suite under out_uri (default: the cache); returns the manifest's URI."""
     gguf, license_file, version = smollm2_files()
     return cached_build(out_uri, "chattasks", config.key(version),
-                        lambda local, uri: _build_into(local, uri, config, gguf, license_file))
+                        functools.partial(_build_into, config=config, gguf=gguf, license_file=license_file))
 
 
 def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, license_file: Path) -> None:
@@ -119,7 +120,7 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     data = {task: split_samples(task, config.n_train, config.n_eval, config.seed) for task in config.tasks}
     _write_data(out, data)
     items = _items(data, config)
-    for i, recipe in enumerate(config.recipes):
+    for i, recipe in enumerate(tqdm(config.recipes, desc="training one adapter per task", disable=None)):
         begun = time.perf_counter()
         model = lora.lora_model(base, recipe.rank, recipe.targets, recipe.rslora, config.seed + i)
         lora.train(model, tokenizer, CHAT, items[recipe.task], recipe.steps, config.lr, config.batch, config.seed + i,

@@ -23,6 +23,7 @@ settings finds the manifest and returns at once.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import random
@@ -92,7 +93,7 @@ class TinyTasksConfig:
 
 def build(out_uri: str | None = None, config: TinyTasksConfig = TinyTasksConfig()) -> str:
     """Build (or find) the benchmark under out_uri (default: the cache); returns the manifest's URI."""
-    return cached_build(out_uri, "tinytasks", config.key(), lambda local, uri: _build_into(local, uri, config))
+    return cached_build(out_uri, "tinytasks", config.key(), functools.partial(_build_into, config=config))
 
 
 def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
