@@ -1,5 +1,5 @@
 """pipelines/train_gates.py with real Ray Train on a real local Ray: 2 CPU workers, checkpoints to loopback S3,
-a worker killed mid-run, a driver killed and restarted, incremental training, and `ray job submit` against
+a worker killed mid-run, a driver killed and restarted, and `ray job submit` against
 `make cluster-up` on a machine that never ran Ray. The registry holds a tiny model and random adapters (fast):
 the gates learn the task from the instruction, which is all these tests need."""
 import json
@@ -14,8 +14,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from meteora import MeteoraModel
 from meteora.registry import load_manifest
@@ -114,7 +112,7 @@ def _registered(snapshot: Path) -> bool:
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_training_resumes(registry, tmp_path):
-    config = load_train_config(None, settings(registry, tmp_path, "killed", steps=400, checkpoint_every=20, max_failures=2))
+    config = load_train_config(None, settings(registry, tmp_path, "killed", steps=160, checkpoint_every=20, max_failures=2))
     result = {}
     runner = threading.Thread(target=lambda: result.update(summary=train(config)))
     runner.start()
@@ -122,15 +120,15 @@ def test_a_worker_killed_mid_run_is_replaced_and_training_resumes(registry, tmp_
     victims = _descendant_train_workers()
     assert victims, "found no Ray Train worker to kill"
     victims[0].send_signal(signal.SIGKILL)
-    runner.join(timeout=400)
+    runner.join(timeout=300)
     summary = result["summary"]
     attempts = summary["attempts"]
-    assert len(attempts) >= 2 and 0 < attempts[1]["started_after_step"] < 400
-    assert history_steps(summary) == list(range(20, 401, 20))  # every step once: none repeated, none skipped
+    assert len(attempts) >= 2 and 0 < attempts[1]["started_after_step"] < 160
+    assert history_steps(summary) == list(range(20, 161, 20))  # every step once: none repeated, none skipped
 
 
 def test_a_restarted_driver_resumes_the_run(registry, tmp_path, local_ray):
-    argv = settings(registry, tmp_path, "restarted", steps=400, checkpoint_every=20)
+    argv = settings(registry, tmp_path, "restarted", steps=160, checkpoint_every=20)
     env = {**os.environ, "RAY_ADDRESS": local_ray.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     driver = subprocess.Popen([sys.executable, str(ROOT / "pipelines" / "train_gates.py"), *argv], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -140,20 +138,7 @@ def test_a_restarted_driver_resumes_the_run(registry, tmp_path, local_ray):
     summary = train(load_train_config(None, argv))
     resumed_at = summary["attempts"][-1]["started_after_step"]
     assert len(summary["attempts"]) >= 2 and resumed_at >= 20
-    assert history_steps(summary) == list(range(20, 401, 20))
-
-
-def test_incremental_training_starts_from_a_checkpoint_and_can_freeze_old_rows(registry, tmp_path):
-    first = train(load_train_config(None, settings(registry, tmp_path, "first", experts="[reverse, upper]", num_workers=1)))
-    old_gates = load_file(Path(first["output"]) / "gates.safetensors")
-    second = train(load_train_config(None, settings(registry, tmp_path, "second", init_from=first["output"], freeze_old="true",
-                                               steps=10, checkpoint_every=5)))
-    assert second["warm_start"]["experts"] == {"reverse": "copied", "upper": "copied", "length": "fresh"}
-    assert second["warm_start"]["init_from"] == first["output"]
-    new_gates = load_file(Path(second["output"]) / "gates.safetensors")
-    for name, old in old_gates.items():  # expert order: reverse, upper (carried over and frozen), length (new)
-        assert torch.equal(new_gates[name][:2], old)
-        assert new_gates[name].shape[0] == 3
+    assert history_steps(summary) == list(range(20, 161, 20))
 
 
 def test_a_run_name_is_not_reused_for_other_experts(registry, tmp_path, capsys):

@@ -113,6 +113,10 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert shrunk_model.expert_names == ["reverse", "length"] and shrunk_model.training_summary["freeze_old"]
         for name, layer in shrunk_model.layers.items():  # the kept experts' rows as the third run left them
             assert torch.equal(layer.meteora_gate, grown_model.layers[name].meteora_gate[[0, 2]]), name
+        models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in models][1:] == ["meteora:reverse", "meteora:length"]  # served without upper
+        assert httpx.post(f"{url}/v1/completions", json={"model": "meteora", "prompt": "reverse: ab\n", "max_tokens": 3},
+                          timeout=60).status_code == 200
     finally:
         serve.shutdown()  # Serve keeps its HTTP port for the Ray cluster's life: later tests start their own
 
