@@ -144,3 +144,14 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def assert_serves(checkpoint: str | Path) -> None:
+    """The checkpoint loads (with its base and tokenizer) and the serving engine generates from it."""
+    from meteora import MeteoraModel, load_tokenizer
+    from meteora.serving import GenerationEngine, SamplingParams
+
+    model = MeteoraModel.from_pretrained(checkpoint)
+    engine = GenerationEngine(model, load_tokenizer(model.base_info.uri))
+    events = engine.generate([[1, 20, 21, 22]], SamplingParams(max_tokens=3, temperature=0))[0]
+    assert 1 <= len(events) <= 3 and events[-1].finish_reason

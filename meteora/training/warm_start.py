@@ -4,7 +4,10 @@ removing adapters does not mean training every gate from scratch.
 Row by row (expert e at adapted module m):
     copied  the checkpoint has a gate at m and an expert with e's name and weights (sha256): its trained row
     fresh   otherwise: a new expert, a changed one (same name, new weights), or a module the checkpoint never
-            adapted (only new experts target it: every row of its gate starts fresh)
+            adapted (only new experts target it: every row of its gate starts fresh, at random)
+A fresh row at a copied gate starts as the mean of the copied rows: a new expert begins as the average old one,
+its logit the mean of theirs, rather than near 0 at random, above the low logits trained rows give other tasks'
+tokens (on the real model it moved old tasks less: benchmarks/NOTES.md, "+2 adapters incrementally").
 Experts the checkpoint has but the model does not (removed adapters) and modules no expert targets any more
 are dropped. The base model's fingerprint must match. The WarmStart record says what was copied, per expert and
 per module, and goes into the training summary of the new checkpoint.
@@ -59,5 +62,8 @@ def init_gates_from(model: MeteoraModel, checkpoint: str) -> WarmStart:
             copied_rows[name] = [] if old_gate is None else sorted(kept)
             for index in copied_rows[name]:
                 gate[index] = old_gate[kept[index]].to(gate.device)
+            fresh = [index for index in range(len(model.experts)) if index not in kept]
+            if old_gate is not None and kept and fresh:
+                gate[fresh] = gate[sorted(kept)].mean(0)
     experts = {e.name: "copied" if index in kept else "fresh" for index, e in enumerate(model.experts)}
     return WarmStart(str(checkpoint), experts, modules, copied_rows)
