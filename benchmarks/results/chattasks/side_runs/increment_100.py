@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from meteora import MeteoraModel
-from meteora.evaluation import load_benchmark
-from meteora.evaluation.answers import accuracy_per_task, task_accuracy
+from meteora.evaluation import accuracy_per_task, load_benchmark, task_accuracy
 from meteora.registry import load_manifest
 
 ROOT = Path(__file__).parents[4]

@@ -14,7 +14,7 @@ import torch
 from meteora import MeteoraModel, load_tokenizer
 from meteora.prompts import to_device
 from meteora.registry import load_manifest
-from meteora.training.batches import gate_batch
+from meteora.training import gate_batch
 
 SIDE = Path(__file__).parent
 runs = json.loads((SIDE / "increment_100.json").read_text())
