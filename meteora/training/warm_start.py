@@ -54,6 +54,7 @@ def init_gates_from(model: MeteoraModel, checkpoint: str) -> WarmStart:
         raise CheckpointError(f"--init-from {checkpoint}: it was trained on another base model ('{meta.base.name}')")
     old_rows = {(e.name, e.sha256): row for row, e in enumerate(meta.experts)}
     kept = {index: old_rows[(e.name, e.sha256)] for index, e in enumerate(model.experts) if (e.name, e.sha256) in old_rows}
+    fresh = [index for index in range(len(model.experts)) if index not in kept]
     modules, copied_rows = {}, {}
     with torch.no_grad():
         for name, gate in zip(model.layer_names, model.gate_parameters()):
@@ -62,8 +63,7 @@ def init_gates_from(model: MeteoraModel, checkpoint: str) -> WarmStart:
             copied_rows[name] = [] if old_gate is None else sorted(kept)
             for index in copied_rows[name]:
                 gate[index] = old_gate[kept[index]].to(gate.device)
-            fresh = [index for index in range(len(model.experts)) if index not in kept]
-            if old_gate is not None and kept and fresh:
-                gate[fresh] = gate[sorted(kept)].mean(0)
+            if copied_rows[name] and fresh:
+                gate[fresh] = gate[copied_rows[name]].mean(0)
     experts = {e.name: "copied" if index in kept else "fresh" for index, e in enumerate(model.experts)}
     return WarmStart(str(checkpoint), experts, modules, copied_rows)

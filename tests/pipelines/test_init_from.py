@@ -72,4 +72,3 @@ def test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint(wo
     for module, rows in new.items():
         assert torch.equal(after_update[module][[0, 2]], rows[[0, 2]]) and not torch.equal(after_update[module][1], rows[1])
     assert_serves(updated["output"])
-

@@ -3,7 +3,7 @@ gates put a NEW expert (last_first, snake_label) among a token's top-2, at the a
 frozen or not) and at the MLP modules (gates new: only the new experts target them), for the increment's
 checkpoints from increment_100.py (and the first registration's top-1 at attention).
 
-    PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/increment_routing.py [DEMO_OUTPUT] [WORK]
+    PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/increment_routing.py [DEMO_OUTPUT]
 """
 import json
 import sys
@@ -26,10 +26,14 @@ manifest = load_manifest(str(demo / "store" / "more.yaml"))
 def new_expert_share(model: MeteoraModel, tokenizer, samples: list[dict], task: int, new: list[int]) -> dict:
     """{"attention" | "mlp": share of (response token, module) top-2 picks holding a new expert}, and the top-1
     routing accuracy there."""
-    picks: dict[str, list[torch.Tensor]] = {}
-    hooks = [layer.register_forward_pre_hook(lambda layer, args, name=name: picks.setdefault(name, []).append(
-        torch.nn.functional.linear(args[0].reshape(-1, args[0].shape[-1]).float(), layer.meteora_gate).topk(2, -1).indices))
-        for name, layer in model.layers.items()]
+    picks: dict[str, torch.Tensor] = {}  # module -> [B * S, 2] its gate's top-2 expert ids
+
+    def pick(name: str, layer, args) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).float()  # [B * S, d_in]
+        picks[name] = torch.nn.functional.linear(x, layer.meteora_gate).topk(2, -1).indices
+
+    hooks = [layer.register_forward_pre_hook(lambda layer, args, name=name: pick(name, layer, args))
+             for name, layer in model.layers.items()]
     batch = to_device(gate_batch(tokenizer, [(s, task) for s in samples], model.prompt_format), model.device)
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
     for hook in hooks:
@@ -38,7 +42,7 @@ def new_expert_share(model: MeteoraModel, tokenizer, samples: list[dict], task: 
     response = ((position >= batch["prompt_lengths"].unsqueeze(1)) & batch["attention_mask"].bool()).flatten()
     result = {}
     for kind in ("attention", "mlp"):
-        ids = [picks[n][0][response] for n in picks if (".mlp." in n) == (kind == "mlp")]  # L x [T, 2]
+        ids = [picks[n][response] for n in picks if (".mlp." in n) == (kind == "mlp")]  # L x [T, 2]
         if not ids:  # the first registration has no MLP gates
             continue
         ids = torch.stack(ids)
