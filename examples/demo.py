@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(SUITES), default="tinytasks")
     parser.add_argument("--out", default="demo-output")
     parser.add_argument("--s3", action="store_true", help="the object store is a loopback S3 server (moto) started here")
-    parser.add_argument("--steps", type=int, default=None, help="gate-training steps (the increment trains 30%% of them)")
+    parser.add_argument("--steps", type=int, default=None, help="gate-training steps (the increment trains 25%% of them)")
     parser.add_argument("--eval-samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("setting", nargs="*", help="more workflow settings (configs/workflow.yaml keys, dotted)")
     args = parser.parse_args()

@@ -70,8 +70,8 @@ class WorkflowConfig(BaseModel):
     work_dir: str  # local: the state file and the evaluations
     artifacts: str | None = None  # Ray Train runs and checkpoints (s3:// on a multi-node cluster); None: work_dir
     train: dict = {}  # pipelines/train_gates settings (configs/train_gates.yaml keys) but the ones the workflow sets
-    incremental_steps: float = Field(0.3, gt=0, le=1)  # share of train.steps when training starts from the last one
-    incremental_freeze_old: bool = False  # then: the copied gate rows stay fixed, only fresh rows and new gates train
+    incremental_steps: float = Field(0.25, gt=0, le=1)  # share of train.steps when training starts from the last one
+    incremental_freeze_old: bool = True  # then: the copied gate rows stay fixed, only fresh rows and new gates train
     evaluate: EvaluateSettings = EvaluateSettings()
     deploy: DeploySettings = DeploySettings()
 

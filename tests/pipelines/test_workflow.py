@@ -96,8 +96,12 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert third["train"].incremental
         grown_model = MeteoraModel.from_pretrained(third["train"].checkpoint)
         assert grown_model.expert_names == ["reverse", "upper", "length"]
-        training = grown_model.training_summary  # every row trained, the new expert's data a third of each batch
-        assert training["freeze_old"] is False and training["new_fraction"] == pytest.approx(1 / 3)
+        training = grown_model.training_summary  # by default copied rows frozen, the new expert's data a third of each batch
+        assert training["freeze_old"] is True and training["new_fraction"] == pytest.approx(1 / 3)
+        assert training["steps"] == 5  # incremental_steps: 0.25 of 20
+        first_model = MeteoraModel.from_pretrained(first["train"].checkpoint)
+        for name, layer in grown_model.layers.items():  # reverse's and upper's rows as the first run left them
+            assert torch.equal(layer.meteora_gate[:2], first_model.layers[name].meteora_gate), name
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
         assert [m["id"] for m in models][-1] == "meteora:length"  # the redeployed application serves the new model
         assert answers and all(status == 200 for status in answers), answers  # none failed during the update
@@ -105,14 +109,14 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         shrunk = {**grown, "adapters": [a for a in grown["adapters"] if a["name"] != "upper"]}  # upper removed
         shrunk_manifest = tmp_path / "shrunk.yaml"
         shrunk_manifest.write_text(yaml.safe_dump(shrunk, sort_keys=False))
-        frozen = config.model_copy(update={"incremental_freeze_old": True})
-        fourth = run(load_manifest(shrunk_manifest), frozen, can_deploy=False)  # deploying is shown above
+        every_row = config.model_copy(update={"incremental_freeze_old": False})
+        fourth = run(load_manifest(shrunk_manifest), every_row, can_deploy=False)  # deploying is shown above
         output = capsys.readouterr().out
-        assert fourth["train"].incremental and "rows dropped for ['upper'], copied rows frozen" in output
+        assert fourth["train"].incremental and "rows dropped for ['upper']\n" in output
         shrunk_model = MeteoraModel.from_pretrained(fourth["train"].checkpoint)
-        assert shrunk_model.expert_names == ["reverse", "length"] and shrunk_model.training_summary["freeze_old"]
-        for name, layer in shrunk_model.layers.items():  # the kept experts' rows as the third run left them
-            assert torch.equal(layer.meteora_gate, grown_model.layers[name].meteora_gate[[0, 2]]), name
+        assert shrunk_model.expert_names == ["reverse", "length"] and not shrunk_model.training_summary["freeze_old"]
+        warm = shrunk_model.training_summary["warm_start"]  # the kept experts' rows copied from the third run's
+        assert warm["init_from"] == third["train"].checkpoint and set(warm["experts"].values()) == {"copied"}
         assert_serves(fourth["train"].checkpoint)
     finally:
         serve.shutdown()  # Serve keeps its HTTP port for the Ray cluster's life: later tests start their own

@@ -4,7 +4,7 @@ copied rows frozen (trained here with train_gates.py, the demo's other settings,
 the first registration and the own adapters, MeteoRA top-2 on the same 100 samples per task. Variants measured by
 earlier calls are kept in the JSON (the code changed between them: LABEL names what this call's run is).
 
-    PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/increment_100.py [DEMO_OUTPUT] [WORK] [LABEL]
+    PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/increment_100.py [DEMO_OUTPUT] [WORK] [LABEL] [STEPS]
 """
 import copy
 import json
@@ -26,13 +26,14 @@ first = Path(MeteoraModel.from_pretrained(every_row).training_summary["warm_star
 experts = [name for name, _ in state["train"]["outputs"]["experts"]]
 frozen = work / "checkpoint"
 label = sys.argv[3] if len(sys.argv) > 3 else "frozen"
+steps = int(sys.argv[4]) if len(sys.argv) > 4 else 60
 file = Path(__file__).with_suffix(".json")
 
 
 def train_frozen() -> None:
-    """The demo's increment again, copied rows frozen (demo: steps 60 = 30% of 200, batch 16, bf16, composites 25%)."""
+    """The demo's increment again, copied rows frozen (demo: batch 16, bf16, composites 25%; its steps: 30% of 200)."""
     subprocess.run([sys.executable, str(ROOT / "pipelines" / "train_gates.py"), f"registry={demo / 'store' / 'registry'}",
-                    f"experts=[{', '.join(experts)}]", f"init_from={first}", "freeze_old=true", "steps=60", "batch=16",
+                    f"experts=[{', '.join(experts)}]", f"init_from={first}", "freeze_old=true", f"steps={steps}", "batch=16",
                     "num_workers=2", "cpus_per_worker=1", "precision=bf16", "composite_fraction=0.25",
                     "name=freeze-old", f"storage_path={work / 'runs'}", f"output={frozen}"], check=True)
 
@@ -67,7 +68,7 @@ def main() -> None:
                       "time_vs_first": round(seconds[name] / seconds["first"], 3)}
                for name in checkpoints if name != "first"}
     out = {"command": "PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/increment_100.py "
-                      "[DEMO_OUTPUT] [WORK] [LABEL] (after rm -rf ~/.cache/meteora demo-output; make demo MODEL=smollm2)",
+                      "[DEMO_OUTPUT] [WORK] [LABEL] [STEPS] (after rm -rf ~/.cache/meteora demo-output; make demo MODEL=smollm2)",
            "samples_per_task": 100, "checkpoints": checkpoints,
            "train_seconds": seconds, "per_task_top2": table, "summary": summary}
     file.write_text(json.dumps(out, indent=2))
