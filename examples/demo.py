@@ -14,7 +14,7 @@
   7. shut down  Serve, the Ray head's process group, the S3 server: everything started here, nothing else
 
     python examples/demo.py [--model tinytasks|smollm2] [--out demo-output] [--s3] [--steps N] [--eval-samples N]
-tinytasks: 11-14 minutes for the first asset build on 2 cores, then about 4 minutes per run.
+tinytasks: 11-23 minutes for the first asset build on 2 cores (by CPU), then about 4 minutes per run.
 """
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     seconds["base"] = time.perf_counter() - started
     data = {task: split_samples(task, config.n_train, config.n_eval, config.seed) for task in config.tasks}
     _write_data(out, data)
-    items = _items(data, config)
+    items = adapter_items(data, config)
     for i, recipe in enumerate(tqdm(config.recipes, desc="training one adapter per task", disable=None)):
         begun = time.perf_counter()
         model = lora.lora_model(base, recipe.rank, recipe.targets, recipe.rslora, config.seed + i)
@@ -145,7 +145,7 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     (out / "manifest.yaml").write_text(yaml.safe_dump(_manifest(uri, gguf.name, config), sort_keys=False))
 
 
-def _items(data: dict, config: ChatTasksConfig) -> dict[str, list[lora.Item]]:
+def adapter_items(data: dict, config: ChatTasksConfig) -> dict[str, list[lora.Item]]:
     """Per task: its train samples alone, then composites of each among other tasks' problems (shuffled together)."""
     rng = random.Random(config.seed)
     items = {}
