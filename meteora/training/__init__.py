@@ -1,6 +1,7 @@
 """Gate training: base model and adapters frozen, the gates learn CE_LM + lambda * CE_gate.
 
     config.py      GateTrainingConfig: the method's settings
+    attention.py   the attention a training step runs (eager for short rows on CPU)
     loss.py        the MeteoRA loss and routing accuracy
     batches.py     task-labelled samples from a registry -> batches with per-token task labels; one step
     sampling.py    which items a worker trains on at each step (deterministic in seed, step, rank)
@@ -8,6 +9,7 @@
     state.py       the resumable training state (gates + optimizer)
     warm_start.py  incremental registration: gate rows copied from an earlier checkpoint
 """
+from .attention import training_attention
 from .batches import gate_batch, registry_samples, response_routing_accuracy
 from .config import GateTrainingConfig
 from .loss import MeteoraLoss, lm_labels, meteora_loss, routing_accuracy, task_labels
@@ -19,4 +21,4 @@ from .warm_start import WarmStart, init_gates_from
 __all__ = ["Collective", "GateTrainer", "GateTrainingConfig", "MeteoraLoss", "Sample", "WarmStart", "gate_batch",
            "init_gates_from", "learning_rate", "lm_labels", "load_train_state", "meteora_loss", "new_share",
            "registry_samples", "response_routing_accuracy", "routing_accuracy", "save_train_state", "shard", "shuffled",
-           "step_samples", "task_labels"]
+           "step_samples", "task_labels", "training_attention"]

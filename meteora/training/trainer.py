@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..model import MeteoraModel
+from .attention import training_attention
 from .batches import gate_batch, gate_step, response_routing_accuracy
 from .config import GateTrainingConfig
 from .sampling import Sample, new_share, step_samples
@@ -95,7 +96,8 @@ class GateTrainer:
                              self.new_experts, self.new_fraction, config.composite_fraction, config.composite_max)
         batch = gate_batch(self.tokenizer, items, self.model.prompt_format)
         self.optimizer.zero_grad()
-        metrics = gate_step(self.model, batch, config)
+        with training_attention(self.model.base_model, batch["input_ids"].shape):
+            metrics = gate_step(self.model, batch, config)
         self._average_gradients()
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, config)
