@@ -41,7 +41,7 @@ from .smollm2 import smollm2_files
 from .tasks import TASKS, split_samples
 
 log = logging.getLogger(__name__)
-BUILD_VERSION = 1  # bump when the recipe changes, so cached builds are not reused
+BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
 CHAT = PromptFormat("chat")
 QV, QKVO, QVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -80,6 +80,7 @@ class ChatTasksConfig:
     batch: int = 16
     composite_share: float = 0.5  # of each adapter's items: composites of 2..composite_max problems
     composite_max: int = 4
+    shots: int = 0  # worked composites before each composite item (the benchmark's composites are 2-shot)
     lora_b_rank: int = 16
     lora_b_steps: int = 60
     bf16: bool = True  # train under bf16 autocast (about twice as fast on CPUs with AMX; fp32 master weights)
@@ -133,7 +134,8 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     seconds["adapters"] = time.perf_counter() - started - sum(seconds.values())
     lora_b = lora.lora_model(base, config.lora_b_rank, QKVO + MLP, False, config.seed + 99)
     balanced = [item for task in config.tasks for item in items[task]]  # the same count of each task's
-    lora.train(lora_b, tokenizer, CHAT, balanced, config.lora_b_steps, config.lr, config.batch, config.seed + 99, config.bf16)
+    lora.train(lora_b, tokenizer, CHAT, balanced, config.lora_b_steps, config.lr, config.batch, config.seed + 99,
+               config.bf16)
     lora_b.save_pretrained(out / "baselines" / "lora-b")
     log.info("chattasks: LoRA-B trained (%d steps)", config.lora_b_steps)
     merged_adapter(base, out / "adapters", config.tasks).save_pretrained(out / "baselines" / "merged")
@@ -146,20 +148,30 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
 
 
 def adapter_items(data: dict, config: ChatTasksConfig) -> dict[str, list[lora.Item]]:
-    """Per task: its train samples alone, then composites of each among other tasks' problems (shuffled together)."""
+    """Per task: its train samples alone, then composites of each among other tasks' problems (shuffled together),
+    each composite after `config.shots` worked composites of as many problems, one of them this task's."""
     rng = random.Random(config.seed)
     items = {}
     for task, (train, _) in data.items():
         others = [s for other, (samples, _) in data.items() if other != task for s in samples]
-        singles = [([sample], 0) for sample in train]
+        singles = [lora.Item([sample]) for sample in train]
         composites = []
         for sample in rng.sample(train, round(config.composite_share * len(train))):
             problems = rng.sample(others, rng.randint(1, config.composite_max - 1))
             own = rng.randint(0, len(problems))
-            composites.append((problems[:own] + [sample] + problems[own:], own))
+            shots = tuple(_worked(data, task, len(problems) + 1, rng) for _ in range(config.shots))
+            composites.append(lora.Item(problems[:own] + [sample] + problems[own:], own, shots))
         items[task] = singles + composites
         rng.shuffle(items[task])
     return items
+
+
+def _worked(data: dict, task: str, n: int, rng: random.Random) -> tuple[str, str]:
+    """A worked composite of n train problems of different tasks, `task`'s among them, as a (prompt, response) turn."""
+    tasks = [task] + rng.sample([t for t in data if t != task], min(n, len(data)) - 1)
+    rng.shuffle(tasks)
+    joined = CHAT.composite([rng.choice(data[t][0]) for t in tasks])
+    return joined.prompt, joined.response
 
 
 def _write_data(out: Path, data: dict) -> None:

@@ -1,24 +1,36 @@
 """Training one PEFT LoRA on chat-format items, as an adapter author would (plain peft and transformers).
 
-An item is (samples, own): one sample asked alone (own = 0), or several asked as one composite in which only
-sample `own` is this adapter's task: the other problems and their answers are context, the loss is on the own
-answer's tokens only (its "k. " number, its text and the line end). So an adapter answers its problem wherever it
-stands among others, and knows nothing of their tasks. Three savings, none of which changes the loss: logits
-only where there are labels (the 49k-token output layer is most of a small model's cost); the prefix every row
-of a batch shares (the template's system prompt) computed once and its keys and values repeated for the rows;
-bf16 autocast when asked (fp32 master weights; twice as fast as fp32 on a CPU with AMX, such as this project's).
+An item is one sample asked alone, or several asked as one composite in which only sample `own` is this adapter's
+task: the other problems and their answers are context, the loss is on the own answer's tokens only (its "k. "
+number, its text and the line end). So an adapter answers its problem wherever it stands among others, and knows
+nothing of their tasks. An item may also carry worked examples (shots: earlier user / assistant turns, context
+only), as the paper's few-shot composite prompts have.
+
+Savings, none of which changes a step: logits only where there are labels (the 49k-token output layer is most of
+a small model's cost); each batch run in passes of rows of about one length, their gradients accumulated
+(step_gradients: little padding computed); the prefix every row of a pass shares (the template's system prompt)
+computed once and its keys and values repeated for the rows; eager attention for short rows
+(meteora.training.training_attention); bf16 autocast when asked (fp32 master weights; twice as fast as fp32 on a
+CPU with AMX, such as this project's).
 """
 from __future__ import annotations
 
 import copy
 import random
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from meteora.prompts import PromptFormat, encode_with_owners, pad_right
+from meteora.training import training_attention
 
-Item = tuple[list[dict], int]  # (samples asked in one prompt, the index of the one this adapter answers)
+
+@dataclass(frozen=True)
+class Item:
+    samples: list[dict]  # asked in one prompt (one: asked alone)
+    own: int = 0  # the index of the one this adapter answers
+    shots: tuple[tuple[str, str], ...] = ()  # worked (prompt, response) turns before it
 
 
 def lora_model(base, rank: int, targets: tuple[str, ...], rslora: bool, seed: int):
@@ -34,39 +46,55 @@ def lora_model(base, rank: int, targets: tuple[str, ...], rslora: bool, seed: in
 
 
 def train(model, tokenizer, fmt: PromptFormat, items: list[Item], steps: int, lr: float, batch: int, seed: int,
-          bf16: bool = False):
-    """AdamW with a short warm-up and linear decay; each step a random batch of `items`."""
+          bf16: bool = False, rows_per_pass: int = 8):
+    """AdamW with a short warm-up and linear decay; each step a random batch of `items` (step_gradients)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1,
                                                    anneal_strategy="linear")
+    encoded = [encode_item(tokenizer, fmt, item) for item in items]  # tokenized once
     rng = random.Random(seed)
     model.train()
     for _ in range(steps):
-        encoded = lm_batch(tokenizer, fmt, rng.sample(items, min(batch, len(items))))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = lm_loss(model, encoded)
         optimizer.zero_grad()
-        loss.backward()
+        step_gradients(model, rng.sample(encoded, min(batch, len(encoded))), tokenizer.pad_token_id, rows_per_pass, bf16)
         optimizer.step()
         schedule.step()
     return model.eval()
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def step_gradients(model, rows: list[tuple[list[int], list[int]]], pad: int, rows_per_pass: int = 8,
+                   bf16: bool = False) -> float:
+    """Accumulates the gradient of the batch's loss (the mean over all its labelled tokens) in passes of
+    rows_per_pass rows of about one length: one pass's gradient over the whole padded batch, without computing its
+    padding (about half of a batch of singles and composites). Returns the loss."""
+    rows = sorted(rows, key=lambda row: len(row[0]))
+    labelled = sum(label != -100 for _, labels in rows for label in labels)
+    total = 0.0
+    for start in range(0, len(rows), rows_per_pass):
+        part = padded_batch(rows[start:start + rows_per_pass], pad)
+        with training_attention(model, part["input_ids"].shape), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = lm_loss(model, part, reduction="sum") / labelled
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy on the labelled tokens of a right-padded batch (see the module docstring)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, S]
     start = int(batch["first_label"].min()) - 1  # the first position that predicts a label
     shared = min(_common_prefix(ids, mask), start)  # no position that predicts a label is in the shared prefix
-    cache = None
-    if shared > 1:
+    shared, cache = (shared if shared > 1 else 0), None  # a prefix of one token is not worth a pass of its own
+    if shared:
         cache = model(input_ids=ids[:1, :shared], use_cache=True).cache  # the prefix once: [1, heads, shared, dim]
         cache.batch_repeat_interleave(ids.shape[0])  # [B, heads, shared, dim]; the gradient sums over the rows
     positions = torch.arange(shared, ids.shape[1]).expand(ids.shape[0], -1)  # [B, S - shared]
     out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions, cache=cache,
                 use_cache=cache is not None, logits_to_keep=ids.shape[1] - start)
     labels = batch["labels"][:, start + 1:]  # position p predicts token p + 1
-    return torch.nn.functional.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                             reduction=reduction)
 
 
 def _common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -77,14 +105,20 @@ def _common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
 
 def lm_batch(tokenizer, fmt: PromptFormat, items: list[Item]) -> dict[str, torch.Tensor]:
     """input_ids / attention_mask / labels [B, S], right-padded; first_label [B]: the first labelled position."""
-    rows, labels = [], []
-    for samples, own in items:
-        joined = fmt.composite(samples)
-        prompt, _, response, owners = encode_with_owners(tokenizer, fmt, joined.prompt, joined.prompt_spans,
-                                                         joined.response, joined.response_spans)
-        rows.append(prompt + response)
-        labels.append([-100] * len(prompt) + [t if o == own else -100 for t, o in zip(response, owners)])
-    batch = pad_right(rows, tokenizer.pad_token_id)
-    batch["labels"] = pad_right(labels, -100)["input_ids"]
+    return padded_batch([encode_item(tokenizer, fmt, item) for item in items], tokenizer.pad_token_id)
+
+
+def encode_item(tokenizer, fmt: PromptFormat, item: Item) -> tuple[list[int], list[int]]:
+    """(token ids, labels): the labels -100 but on the own answer's tokens."""
+    joined = fmt.composite(item.samples)
+    prompt, _, response, owners = encode_with_owners(tokenizer, fmt, joined.prompt, joined.prompt_spans,
+                                                     joined.response, joined.response_spans, item.shots)
+    return prompt + response, [-100] * len(prompt) + [t if o == item.own else -100 for t, o in zip(response, owners)]
+
+
+def padded_batch(encoded: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Rows of encode_item as lm_batch's batch."""
+    batch = pad_right([ids for ids, _ in encoded], pad)
+    batch["labels"] = pad_right([labels for _, labels in encoded], -100)["input_ids"]
     batch["first_label"] = (batch["labels"] != -100).int().argmax(1)
     return batch

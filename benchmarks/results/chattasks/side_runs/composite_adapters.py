@@ -2,10 +2,10 @@
 oracle's 9.4 at composite-10 (2.1 of 2.8 at composite-3). Here each adapter alone (PEFT, no gates) answers its own
 line of the benchmark's composite-n prompts (2 shots, as in the benchmark) with every earlier line's gold answer
 given, so neither routing nor earlier mistakes count: its accuracy in context against asked alone (the same
-samples). Then the two adapters worst in composite-10 are retrained as the suite trains them but with composites of
-up to 10 problems (`ChatTasksConfig(composite_max=10)`; the suite's is 4), with the recipe's steps and twice them,
-and measured the same way: the remedy to rebuild the suite with, if it closes the gap. Entries of earlier calls
-are kept in the JSON (its "note" says which).
+samples). Then adapters are retrained as the suite trains them with changes to its recipe (VARIANTS: composites of
+up to 10 problems instead of 4, twice the steps, worked composites before each composite item) and measured the same way, and on all their task's eval samples: the remedy to rebuild the suite with,
+if it closes the gap, and what it costs to build. Entries of earlier calls are kept in the JSON (its "note" says
+which).
 
     PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/composite_adapters.py [SUITE_DIR] [COUNT]
 """
@@ -30,6 +30,13 @@ suite = Path(sys.argv[1] if len(sys.argv) > 1 else next((Path.home() / ".cache/m
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 20  # lines asked per task and n
 file = Path(__file__).with_suffix(".json")
 OLD = [r.task for r in RECIPES[:10]]  # the first registration's tasks: the benchmark's composites draw from them
+UP_TO_10 = "retrained, composites of up to 10"
+VARIANTS = (  # (name, changes to the suite's ChatTasksConfig, times the recipe's steps, tasks; None: the worst two)
+    (f"{UP_TO_10}, 1x the recipe's steps", {"composite_max": 10}, 1, None),
+    (f"{UP_TO_10}, 2x the recipe's steps", {"composite_max": 10}, 2, None),
+    (f"{UP_TO_10}, 2 worked composites before each, 1x the recipe's steps", {"composite_max": 10, "shots": 2}, 1,
+     ["list_max"]),
+)
 
 
 @torch.no_grad()
@@ -69,9 +76,9 @@ def measure(model, bench, task: str) -> dict:
     return result
 
 
-def retrain(bench, task: str, composite_max: int, steps_factor: int) -> tuple[object, float]:
-    """task's adapter trained as the suite trains it, but with composites of up to composite_max problems."""
-    config = ChatTasksConfig(composite_max=composite_max)
+def retrain(bench, task: str, changes: dict, steps_factor: int) -> tuple[object, float]:
+    """task's adapter trained as the suite trains it, with `changes` to its config and steps_factor x its steps."""
+    config = ChatTasksConfig(**changes)
     index = config.tasks.index(task)
     recipe = config.recipes[index]
     data = {t: split_samples(t, config.n_train, config.n_eval, config.seed) for t in config.tasks}
@@ -93,12 +100,13 @@ def main() -> None:
             suite_adapters[task] = measure(model, bench, task)
             file.write_text(json.dumps(results, indent=2))
     worst = sorted(OLD, key=lambda t: suite_adapters[t]["10"]["in_context"])[:2]
-    for factor in (1, 2):
-        variant = results.setdefault(f"retrained, composites of up to 10, {factor}x the recipe's steps", {})
-        for task in worst:
+    for name, changes, factor, tasks in VARIANTS:
+        variant = results.setdefault(name, {})
+        for task in tasks or worst:
             if task not in variant:
-                model, seconds = retrain(bench, task, 10, factor)
-                variant[task] = {**measure(model, bench, task), "train_seconds": round(seconds, 1)}
+                model, seconds = retrain(bench, task, changes, factor)
+                own = task_accuracy(model, bench.tokenizer, bench.eval_sets[task], bench.fmt, bench.metrics[task])
+                variant[task] = {**measure(model, bench, task), "own_eval": round(own, 3), "train_seconds": round(seconds, 1)}
                 file.write_text(json.dumps(results, indent=2))
     results["command"] = ("PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/composite_adapters.py "
                           f"[SUITE_DIR] {count}")

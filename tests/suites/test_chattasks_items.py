@@ -1,0 +1,86 @@
+"""chattasks' adapter training items: composites with worked examples (shots) before the question, and the loss
+on the adapter's own answer line only, never on a shot's answer (which the adapter must not learn to copy)."""
+import pytest
+import torch
+
+from meteora import load_base_model, load_tokenizer
+from suites.chattasks import ChatTasksConfig, split_samples
+from suites.chattasks.build import CHAT, adapter_items
+from suites.chattasks.lora import Item, encode_item, lm_batch, lora_model, step_gradients, train
+from tiny import write_tiny_gguf
+
+TASKS = ("iso_date", "larger", "list_max", "join_commas")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return {task: split_samples(task, 20, 5, 0) for task in TASKS}
+
+
+def config(**changes) -> ChatTasksConfig:
+    recipes = tuple(r for r in ChatTasksConfig().recipes if r.task in TASKS)
+    return ChatTasksConfig(recipes=recipes, n_train=20, n_eval=5, **changes)
+
+
+def test_each_composite_item_comes_after_shots_of_as_many_problems_one_of_them_its_tasks(data):
+    items = adapter_items(data, config(shots=2))["list_max"]
+    own_prompts = {sample["prompt"] for sample in data["list_max"][0]}
+    composites = [item for item in items if len(item.samples) > 1]
+    assert len(composites) == 10 and all(not item.shots for item in items if len(item.samples) == 1)
+    for item in composites:
+        assert len(item.shots) == 2
+        for prompt, response in item.shots:
+            lines = prompt.split("\n")
+            assert len(lines) == len(item.samples) == len(response.split("\n"))
+            assert any(line.split(". ", 1)[1] in own_prompts for line in lines), prompt
+    no_shots = adapter_items(data, config())["list_max"]
+    assert [item.samples for item in no_shots] == [Item(item.samples).samples for item in no_shots]
+    assert all(not item.shots for item in no_shots)
+
+
+def test_the_loss_is_on_the_own_answer_line_only_never_on_a_shot(tmp_path, monkeypatch):
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    tokenizer = load_tokenizer(write_tiny_gguf(tmp_path / "tiny.gguf"))
+    samples = [{"prompt": "add one: 41", "response": "42"}, {"prompt": "Shout: hey you", "response": "HEY YOU"}]
+    shot = ("1. add one: 9\n2. Shout: go", "1. 10\n2. GO")
+    batch = lm_batch(tokenizer, CHAT, [Item(samples, 1, (shot,)), Item(samples[:1])])
+    labelled = [tokenizer.decode([t for t in row.tolist() if t != -100]) for row in batch["labels"]]
+    assert labelled[0] == "2. HEY YOU<|im_end|>" and labelled[1] == "42<|im_end|>"
+    prompt = tokenizer.decode(batch["input_ids"][0][:int(batch["first_label"][0])])
+    assert prompt.index("1. add one: 9") < prompt.index("1. 10\n2. GO") < prompt.index("1. add one: 41")
+    assert "add one: 9" not in tokenizer.decode(batch["input_ids"][1])
+
+
+def test_a_step_in_passes_has_the_gradient_of_one_pass_over_the_padded_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model, tokenizer = lora_model(load_base_model(gguf), 4, ("q_proj", "v_proj"), False, seed=0), load_tokenizer(gguf)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)  # B starts at zero: give A a gradient too
+    samples = [{"prompt": f"add one: {i}" * (1 + i % 3), "response": str(i + 1)} for i in range(6)]
+    composites = [[samples[(i + j) % 6] for j in range(1 + i % 3)] for i in range(6)]  # of 1, 2 and 3 problems
+    rows = [encode_item(tokenizer, CHAT, Item(problems, i % len(problems))) for i, problems in enumerate(composites)]
+    gradients = {}
+    for rows_per_pass in (6, 2):  # one pass; three passes of rows of about one length
+        model.zero_grad()
+        loss = step_gradients(model, rows, tokenizer.pad_token_id, rows_per_pass)
+        gradients[rows_per_pass] = loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    (one_loss, one), (passes_loss, passes) = gradients[6], gradients[2]
+    assert passes_loss == pytest.approx(one_loss, rel=1e-5)
+    for a, b in zip(one, passes):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_moves_the_adapter_and_leaves_the_models_attention_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    base, tokenizer = load_base_model(gguf), load_tokenizer(gguf)
+    model = lora_model(base, 4, ("q_proj", "v_proj"), False, seed=0)
+    attention = model.config._attn_implementation
+    samples = [{"prompt": f"add one: {i}", "response": str(i + 1)} for i in range(8)]
+    items = [Item([s]) for s in samples] + [Item(samples[i:i + 3], 1) for i in range(5)]
+    train(model, tokenizer, CHAT, items, steps=3, lr=1e-2, batch=4, seed=0, rows_per_pass=2)
+    moved = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert moved and all(p.abs().sum() > 0 for p in moved)  # B starts at zero
+    assert model.config._attn_implementation == attention and not model.training
