@@ -1,8 +1,8 @@
 """Which attention a training step runs. On CPU, PyTorch's SDPA kernel is slow in the backward for short rows: on
 SmolLM2-135M with batches of 16 rows of ~100 tokens, eager attention trains a LoRA 1.3x and the gates 1.14x
-faster per step, with the same losses to bf16's rounding (benchmarks/NOTES.md). Eager keeps its attention weights [B, heads, S, S] in every layer for the
-backward, so a batch whose weights would pass EAGER_BYTES a layer keeps SDPA; so does any other device, and any
-model that does not run SDPA to begin with.
+faster per step, with the same losses to bf16's rounding (benchmarks/NOTES.md). Eager keeps its attention weights
+[B, heads, S, S] in every layer for the backward, so a batch whose weights would pass EAGER_BYTES a layer keeps
+SDPA; so does any other device, and any model that does not run SDPA to begin with.
 """
 from __future__ import annotations
 

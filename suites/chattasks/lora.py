@@ -103,11 +103,6 @@ def _common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
     return int(same.all(0).long().cumprod(0).sum())
 
 
-def lm_batch(tokenizer, fmt: PromptFormat, items: list[Item]) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / labels [B, S], right-padded; first_label [B]: the first labelled position."""
-    return padded_batch([encode_item(tokenizer, fmt, item) for item in items], tokenizer.pad_token_id)
-
-
 def encode_item(tokenizer, fmt: PromptFormat, item: Item) -> tuple[list[int], list[int]]:
     """(token ids, labels): the labels -100 but on the own answer's tokens."""
     joined = fmt.composite(item.samples)
@@ -117,7 +112,8 @@ def encode_item(tokenizer, fmt: PromptFormat, item: Item) -> tuple[list[int], li
 
 
 def padded_batch(encoded: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    """Rows of encode_item as lm_batch's batch."""
+    """Rows of encode_item as input_ids / attention_mask / labels [B, S], right-padded; first_label [B]: the first
+    labelled position."""
     batch = pad_right([ids for ids, _ in encoded], pad)
     batch["labels"] = pad_right([labels for _, labels in encoded], -100)["input_ids"]
     batch["first_label"] = (batch["labels"] != -100).int().argmax(1)

@@ -6,7 +6,7 @@ import torch
 from meteora import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig, split_samples
 from suites.chattasks.build import CHAT, adapter_items
-from suites.chattasks.lora import Item, encode_item, lm_batch, lora_model, step_gradients, train
+from suites.chattasks.lora import Item, encode_item, lora_model, padded_batch, step_gradients, train
 from tiny import write_tiny_gguf
 
 TASKS = ("iso_date", "larger", "list_max", "join_commas")
@@ -34,8 +34,7 @@ def test_each_composite_item_comes_after_shots_of_as_many_problems_one_of_them_i
             assert len(lines) == len(item.samples) == len(response.split("\n"))
             assert any(line.split(". ", 1)[1] in own_prompts for line in lines), prompt
     no_shots = adapter_items(data, config())["list_max"]
-    assert [item.samples for item in no_shots] == [Item(item.samples).samples for item in no_shots]
-    assert all(not item.shots for item in no_shots)
+    assert len(no_shots) == len(items) and all(not item.shots for item in no_shots)
 
 
 def test_the_loss_is_on_the_own_answer_line_only_never_on_a_shot(tmp_path, monkeypatch):
@@ -43,7 +42,8 @@ def test_the_loss_is_on_the_own_answer_line_only_never_on_a_shot(tmp_path, monke
     tokenizer = load_tokenizer(write_tiny_gguf(tmp_path / "tiny.gguf"))
     samples = [{"prompt": "add one: 41", "response": "42"}, {"prompt": "Shout: hey you", "response": "HEY YOU"}]
     shot = ("1. add one: 9\n2. Shout: go", "1. 10\n2. GO")
-    batch = lm_batch(tokenizer, CHAT, [Item(samples, 1, (shot,)), Item(samples[:1])])
+    batch = padded_batch([encode_item(tokenizer, CHAT, item) for item in (Item(samples, 1, (shot,)), Item(samples[:1]))],
+                         tokenizer.pad_token_id)
     labelled = [tokenizer.decode([t for t in row.tolist() if t != -100]) for row in batch["labels"]]
     assert labelled[0] == "2. HEY YOU<|im_end|>" and labelled[1] == "42<|im_end|>"
     prompt = tokenizer.decode(batch["input_ids"][0][:int(batch["first_label"][0])])

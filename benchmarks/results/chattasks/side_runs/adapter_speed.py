@@ -24,7 +24,8 @@ from bench_mixture import machine  # noqa: E402
 
 suite = Path(sys.argv[1] if len(sys.argv) > 1 else next((Path.home() / ".cache/meteora/suites").glob("chattasks-*")))
 TASKS = ("iso_date", "list_max", "int_commas")
-BEFORE, NOW = "one pass, SDPA (the build before)", "passes of 8 rows of about one length, eager for short rows (the build now)"
+BEFORE = "one pass, SDPA (the build before)"
+NOW = "passes of 8 rows of about one length, eager for short rows (the build now)"
 WAYS = {BEFORE: (16, False), NOW: (8, True)}  # (rows per pass, eager attention for short rows)
 EAGER = lora.training_attention
 REJECTED = {
@@ -55,7 +56,8 @@ def main() -> None:
             results[way][task] = {"train_seconds": round(seconds, 1), "own_eval": round(own, 3)}
             print(f"{task}, {way}: {seconds:.0f} s, own {own:.2f}", flush=True)
     first = results[BEFORE]
-    summary = {way: {"time_ratio_median": round(statistics.median(r[t]["train_seconds"] / first[t]["train_seconds"] for t in TASKS), 3),
+    ratio = lambda r: statistics.median(r[t]["train_seconds"] / first[t]["train_seconds"] for t in TASKS)
+    summary = {way: {"time_ratio_median": round(ratio(r), 3),
                      "own_eval_mean": round(statistics.mean(r[t]["own_eval"] for t in TASKS), 3)} for way, r in results.items()}
     out = {"command": "PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/adapter_speed.py [SUITE_DIR]",
            "machine": machine(), "suite": suite.name,
