@@ -10,7 +10,7 @@
     warm_start.py  incremental registration: gate rows copied from an earlier checkpoint
 """
 from .attention import training_attention
-from .batches import gate_batch, registry_samples, response_routing_accuracy
+from .batches import gate_batch, gate_step, registry_samples, response_routing_accuracy
 from .config import GateTrainingConfig
 from .loss import MeteoraLoss, lm_labels, meteora_loss, routing_accuracy, task_labels
 from .sampling import Sample, new_share, shard, shuffled, step_samples
@@ -19,6 +19,6 @@ from .trainer import Collective, GateTrainer, learning_rate
 from .warm_start import WarmStart, init_gates_from
 
 __all__ = ["Collective", "GateTrainer", "GateTrainingConfig", "MeteoraLoss", "Sample", "WarmStart", "gate_batch",
-           "init_gates_from", "learning_rate", "lm_labels", "load_train_state", "meteora_loss", "new_share",
+           "gate_step", "init_gates_from", "learning_rate", "lm_labels", "load_train_state", "meteora_loss", "new_share",
            "registry_samples", "response_routing_accuracy", "routing_accuracy", "save_train_state", "shard", "shuffled",
            "step_samples", "task_labels", "training_attention"]

@@ -3,8 +3,9 @@ oracle's 9.4 at composite-10 (2.1 of 2.8 at composite-3). Here each adapter alon
 line of the benchmark's composite-n prompts (2 shots, as in the benchmark) with every earlier line's gold answer
 given, so neither routing nor earlier mistakes count: its accuracy in context against asked alone (the same
 samples). Then adapters are retrained as the suite trains them with changes to its recipe (VARIANTS: composites of
-up to 10 problems instead of 4, twice the steps, worked composites before each composite item) and measured the same way, and on all their task's eval samples: the remedy to rebuild the suite with,
-if it closes the gap, and what it costs to build. Entries of earlier calls are kept in the JSON (its "note" says
+up to 10 problems instead of 4, twice the steps, worked composites before each composite item) and measured the
+same way, and on all their task's eval samples: the remedy to rebuild the suite with, if it closes the gap, and
+what it costs to build. Entries of earlier calls are kept in the JSON (its "note" says
 which).
 
     PATH=.venv/bin:$PATH python benchmarks/results/chattasks/side_runs/composite_adapters.py [SUITE_DIR] [COUNT]

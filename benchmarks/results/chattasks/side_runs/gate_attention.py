@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from meteora import MeteoraModel, lm_labels, load_tokenizer, meteora_loss
-from meteora.training import gate_batch, training_attention
+from meteora import MeteoraModel, load_tokenizer
+from meteora.training import GateTrainingConfig, gate_batch, gate_step, training_attention
 
 sys.path.insert(0, str(Path(__file__).parents[3]))  # benchmarks/
 from bench_mixture import machine  # noqa: E402
@@ -27,16 +27,10 @@ ROUNDS, STEPS = 3, 4
 
 
 def step(model, batch, context) -> float:
-    """One gate-training step's forward and backward (GateTrainer's, exclude_prompt on); its loss."""
-    labels = lm_labels(batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"])
-    start = int(batch["prompt_lengths"].min()) - 1
+    """One gate-training step's forward and backward, as GateTrainer runs it; its loss."""
     model.zero_grad()
-    with context, model.capture_gate_logits() as gate_logits:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    logits_to_keep=labels.shape[1] - start)
-        loss = meteora_loss(out.logits, labels[:, start:], gate_logits, batch["token_tasks"]).total
-        loss.backward()
-    return loss.item()
+    with context:
+        return gate_step(model, batch, GateTrainingConfig())["loss"]
 
 
 def main() -> None:
