@@ -118,14 +118,12 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     shutil.copyfile(license_file, out / "base" / "LICENSE")
     base, tokenizer = load_base_model(out / "base" / gguf.name).eval(), load_tokenizer(out / "base" / gguf.name)
     seconds["base"] = time.perf_counter() - started
-    data = {task: split_samples(task, config.n_train, config.n_eval, config.seed) for task in config.tasks}
+    data = task_data(config)
     _write_data(out, data)
     items = adapter_items(data, config)
     for i, recipe in enumerate(tqdm(config.recipes, desc="training one adapter per task", disable=None)):
         begun = time.perf_counter()
-        model = lora.lora_model(base, recipe.rank, recipe.targets, recipe.rslora, config.seed + i)
-        lora.train(model, tokenizer, CHAT, items[recipe.task], recipe.steps, config.lr, config.batch, config.seed + i,
-                   config.bf16)
+        model = train_adapter(base, tokenizer, config, recipe.task, items[recipe.task])
         model.save_pretrained(out / "adapters" / recipe.task)
         log.info("chattasks: adapter %d/%d (%s, r=%d on %s) trained in %.0f s", i + 1, len(config.recipes), recipe.task,
                  recipe.rank, ",".join(recipe.targets), time.perf_counter() - begun)
@@ -145,6 +143,23 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     report["seconds"] = {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(time.perf_counter() - started, 1)}
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
     (out / "manifest.yaml").write_text(yaml.safe_dump(_manifest(uri, gguf.name, config), sort_keys=False))
+
+
+def task_data(config: ChatTasksConfig) -> dict[str, tuple[list[dict], list[dict]]]:
+    """Per task: its (train, eval) samples."""
+    return {task: split_samples(task, config.n_train, config.n_eval, config.seed) for task in config.tasks}
+
+
+def train_adapter(base, tokenizer, config: ChatTasksConfig, task: str, items: list[lora.Item], steps: int | None = None,
+                  rows_per_pass: int = 8):
+    """task's adapter (a PEFT model on a copy of base) trained on items by its recipe (steps: the recipe's unless
+    given)."""
+    index = config.tasks.index(task)
+    recipe = config.recipes[index]
+    model = lora.lora_model(base, recipe.rank, recipe.targets, recipe.rslora, config.seed + index)
+    lora.train(model, tokenizer, CHAT, items, steps or recipe.steps, config.lr, config.batch, config.seed + index,
+               config.bf16, rows_per_pass)
+    return model
 
 
 def adapter_items(data: dict, config: ChatTasksConfig) -> dict[str, list[lora.Item]]:

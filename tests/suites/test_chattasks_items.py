@@ -5,8 +5,8 @@ import torch
 
 from meteora import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig, split_samples
-from suites.chattasks.build import CHAT, adapter_items
-from suites.chattasks.lora import Item, encode_item, lora_model, padded_batch, step_gradients, train
+from suites.chattasks.build import CHAT, adapter_items, train_adapter
+from suites.chattasks.lora import Item, encode_item, lora_model, padded_batch, step_gradients
 from tiny import write_tiny_gguf
 
 TASKS = ("iso_date", "larger", "list_max", "join_commas")
@@ -72,15 +72,17 @@ def test_a_step_in_passes_has_the_gradient_of_one_pass_over_the_padded_batch(tmp
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_training_moves_the_adapter_and_leaves_the_models_attention_as_it_was(tmp_path, monkeypatch):
+def test_an_adapter_trains_by_its_recipe_and_leaves_the_models_attention_as_it_was(tmp_path, monkeypatch):
     monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     base, tokenizer = load_base_model(gguf), load_tokenizer(gguf)
-    model = lora_model(base, 4, ("q_proj", "v_proj"), False, seed=0)
-    attention = model.config._attn_implementation
+    attention = base.config._attn_implementation
     samples = [{"prompt": f"add one: {i}", "response": str(i + 1)} for i in range(8)]
     items = [Item([s]) for s in samples] + [Item(samples[i:i + 3], 1) for i in range(5)]
-    train(model, tokenizer, CHAT, items, steps=3, lr=1e-2, batch=4, seed=0, rows_per_pass=2)
+    model = train_adapter(base, tokenizer, config(), "list_max", items, steps=3, rows_per_pass=2)
+    peft_config = model.peft_config["default"]
+    assert (peft_config.r, set(peft_config.target_modules), peft_config.use_rslora) == (16, {"q_proj", "v_proj"}, True)
     moved = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert moved and all(p.abs().sum() > 0 for p in moved)  # B starts at zero
     assert model.config._attn_implementation == attention and not model.training
+    assert not any("lora" in name for name, _ in base.named_parameters())  # a copy of the base was adapted

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from meteora.evaluation import load_benchmark, task_accuracy
 from meteora.registry import load_manifest
-from suites.chattasks import ChatTasksConfig, split_samples
+from suites.chattasks import ChatTasksConfig
 from suites.chattasks import lora
-from suites.chattasks.build import adapter_items
+from suites.chattasks.build import adapter_items, task_data, train_adapter
 
 sys.path.insert(0, str(Path(__file__).parents[3]))  # benchmarks/
 from bench_mixture import machine  # noqa: E402
@@ -39,18 +39,13 @@ REJECTED = {
 def main() -> None:
     config = ChatTasksConfig()
     bench = load_benchmark(load_manifest(str(suite / "manifest.yaml")), tasks=list(TASKS))
-    data = {t: split_samples(t, config.n_train, config.n_eval, config.seed) for t in config.tasks}
-    items = adapter_items(data, config)
+    items = adapter_items(task_data(config), config)
     results = {way: {} for way in WAYS}
     for task in TASKS:
-        index = config.tasks.index(task)
-        recipe = config.recipes[index]
         for way, (rows_per_pass, eager) in WAYS.items():
             lora.training_attention = EAGER if eager else lambda model, shape: contextlib.nullcontext()  # the model's SDPA
-            model = lora.lora_model(bench.base, recipe.rank, recipe.targets, recipe.rslora, config.seed + index)
             started = time.perf_counter()
-            lora.train(model, bench.tokenizer, bench.fmt, items[task], recipe.steps, config.lr, config.batch,
-                       config.seed + index, config.bf16, rows_per_pass)
+            model = train_adapter(bench.base, bench.tokenizer, config, task, items[task], rows_per_pass=rows_per_pass)
             seconds = time.perf_counter() - started
             own = task_accuracy(model, bench.tokenizer, bench.eval_sets[task], bench.fmt, bench.metrics[task])
             results[way][task] = {"train_seconds": round(seconds, 1), "own_eval": round(own, 3)}

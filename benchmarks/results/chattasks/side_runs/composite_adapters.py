@@ -23,9 +23,8 @@ from peft import PeftModel
 from meteora.evaluation import METRICS, composite_problems, composite_shots, load_benchmark, task_accuracy
 from meteora.prompts import pad_left
 from meteora.registry import load_manifest
-from suites.chattasks import RECIPES, ChatTasksConfig, split_samples
-from suites.chattasks import lora
-from suites.chattasks.build import adapter_items
+from suites.chattasks import RECIPES, ChatTasksConfig
+from suites.chattasks.build import adapter_items, task_data, train_adapter
 
 suite = Path(sys.argv[1] if len(sys.argv) > 1 else next((Path.home() / ".cache/meteora/suites").glob("chattasks-*")))
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 20  # lines asked per task and n
@@ -80,14 +79,10 @@ def measure(model, bench, task: str) -> dict:
 def retrain(bench, task: str, changes: dict, steps_factor: int) -> tuple[object, float]:
     """task's adapter trained as the suite trains it, with `changes` to its config and steps_factor x its steps."""
     config = ChatTasksConfig(**changes)
-    index = config.tasks.index(task)
-    recipe = config.recipes[index]
-    data = {t: split_samples(t, config.n_train, config.n_eval, config.seed) for t in config.tasks}
-    items = adapter_items(data, config)[task]
+    items = adapter_items(task_data(config), config)[task]
     started = time.perf_counter()
-    model = lora.lora_model(bench.base, recipe.rank, recipe.targets, recipe.rslora, config.seed + index)
-    lora.train(model, bench.tokenizer, bench.fmt, items, recipe.steps * steps_factor, config.lr, config.batch,
-               config.seed + index, config.bf16)
+    steps = config.recipes[config.tasks.index(task)].steps * steps_factor
+    model = train_adapter(bench.base, bench.tokenizer, config, task, items, steps)
     return model, time.perf_counter() - started
 
 
