@@ -4,6 +4,8 @@ format, with one PEFT adapter per task and the paper's baselines, built here and
     tasks.py    the tasks (instruction or form of the input), exactly scorable
     smollm2.py  where the installed package keeps the model's GGUF file and license
     lora.py     training one adapter on chat items (singles, and composites with the loss on its own line)
+    items.py    each adapter's items, from the tasks' seeded samples
+    jobs.py     the build's jobs (an adapter, a baseline, a measurement), run in worker processes
     build.py    building (or finding) the assets
 """
 from .build import RECIPES, ChatTasksConfig, Recipe, build

@@ -10,41 +10,39 @@ baselines, task data and a manifest, all offline on CPU, cached by content.
     lora-b    one LoRA on all tasks' items together, balanced, same formats (the paper's LoRA-B)
     merged    the uniform average of all adapters, as one PEFT adapter (peft's add_weighted_adapter, "cat")
     data      train / eval JSONL per task
-    build_report.json  base and own-adapter exact match measured at build time, seconds per phase
+    build_report.json  base and own-adapter exact match measured at build time, seconds per job
     manifest.yaml      an AdapterManifest (prompt_format: chat) over all of it, written last
+
+The training and measuring run as jobs in worker processes (jobs.py); what adapters train on is items.py.
 """
 from __future__ import annotations
 
-import copy
 import functools
-import gc
 import hashlib
 import json
 import logging
-import random
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm import tqdm
 
-from meteora import load_base_model, load_tokenizer
-from meteora.evaluation import accuracy_per_task
-from meteora.prompts import PromptFormat
+from meteora.model import model_dir
 
 from ..assets import cached_build
-from ..baselines import merged_adapter
-from . import lora
+from . import jobs
+from .items import task_data
+from .lora import MLP, QKVO, QV, QVO
 from .smollm2 import smollm2_files
-from .tasks import TASKS, split_samples
+from .tasks import TASKS
 
 log = logging.getLogger(__name__)
 BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
-CHAT = PromptFormat("chat")
-QV, QKVO, QVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -104,89 +102,51 @@ class ChatTasksConfig:
         return [r.task for r in self.recipes]
 
 
-def build(out_uri: str | None = None, config: ChatTasksConfig = ChatTasksConfig()) -> str:
-    """Build (or find) the suite under out_uri (default: the cache); returns the manifest's URI."""
+def build(out_uri: str | None = None, config: ChatTasksConfig = ChatTasksConfig(), workers: int = 2) -> str:
+    """Build (or find) the suite under out_uri (default: the cache); returns the manifest's URI. The training and
+    measuring run in `workers` processes at once, each on its share of this process's torch threads."""
     gguf, license_file, version = smollm2_files()
-    return cached_build(out_uri, "chattasks", config.key(version),
-                        functools.partial(_build_into, config=config, gguf=gguf, license_file=license_file))
+    return cached_build(out_uri, "chattasks", config.key(version), functools.partial(
+        _build_into, config=config, gguf=gguf, license_file=license_file, workers=workers))
 
 
-def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, license_file: Path) -> None:
-    seconds, started = {}, time.perf_counter()
+def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, license_file: Path, workers: int) -> None:
+    started = time.perf_counter()
     (out / "base").mkdir(parents=True)
     shutil.copyfile(gguf, out / "base" / gguf.name)
     shutil.copyfile(license_file, out / "base" / "LICENSE")
-    base, tokenizer = load_base_model(out / "base" / gguf.name).eval(), load_tokenizer(out / "base" / gguf.name)
-    seconds["base"] = time.perf_counter() - started
-    data = task_data(config)
-    _write_data(out, data)
-    items = adapter_items(data, config)
-    for i, recipe in enumerate(tqdm(config.recipes, desc="training one adapter per task", disable=None)):
-        begun = time.perf_counter()
-        model = train_adapter(base, tokenizer, config, recipe.task, items[recipe.task])
-        model.save_pretrained(out / "adapters" / recipe.task)
-        log.info("chattasks: adapter %d/%d (%s, r=%d on %s) trained in %.0f s", i + 1, len(config.recipes), recipe.task,
-                 recipe.rank, ",".join(recipe.targets), time.perf_counter() - begun)
-        del model
-        gc.collect()  # a PEFT model holds reference cycles: free this copy of the base before the next
-    seconds["adapters"] = time.perf_counter() - started - sum(seconds.values())
-    lora_b = lora.lora_model(base, config.lora_b_rank, QKVO + MLP, False, config.seed + 99)
-    balanced = [item for task in config.tasks for item in items[task]]  # the same count of each task's
-    lora.train(lora_b, tokenizer, CHAT, balanced, config.lora_b_steps, config.lr, config.batch, config.seed + 99,
-               config.bf16)
-    lora_b.save_pretrained(out / "baselines" / "lora-b")
-    log.info("chattasks: LoRA-B trained (%d steps)", config.lora_b_steps)
-    merged_adapter(base, out / "adapters", config.tasks).save_pretrained(out / "baselines" / "merged")
-    seconds["baselines"] = time.perf_counter() - started - sum(seconds.values())
-    report = {"config": asdict(config), "accuracy": _measure(base, tokenizer, out, data, config)}
-    seconds["measure"] = time.perf_counter() - started - sum(seconds.values())
-    report["seconds"] = {**{k: round(v, 1) for k, v in seconds.items()}, "total": round(time.perf_counter() - started, 1)}
+    model_dir(out / "base" / gguf.name)  # the GGUF file converted into the cache once, before the workers load it
+    seconds = {"base": time.perf_counter() - started}
+    _write_data(out, task_data(config))
+    threads = max(1, torch.get_num_threads() // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=jobs.start_worker,
+                             initargs=(out / "base" / gguf.name, config, threads)) as pool:
+        lora_b = pool.submit(jobs.lora_b_job, out)  # the longest job first
+        adapters = {task: pool.submit(jobs.adapter_job, out, task) for task in config.tasks}
+        base_accuracy = {task: pool.submit(jobs.measure_job, out, task, False) for task in config.tasks}
+        seconds["adapters"] = _results(adapters, "training one adapter per task")
+        merged = pool.submit(jobs.merged_job, out)
+        own_accuracy = {task: pool.submit(jobs.measure_job, out, task, True) for task in config.tasks}
+        accuracy = {"base": _results(base_accuracy, "measuring the base"),
+                    "own adapter": _results(own_accuracy, "measuring the own adapters")}
+        seconds.update({"lora-b": lora_b.result(), "merged": merged.result()})
+    seconds["total"] = time.perf_counter() - started
+    report = {"config": asdict(config), "workers": workers, "threads_per_worker": threads, "accuracy": accuracy,
+              "seconds": _rounded(seconds)}  # per job in its worker (jobs overlap); total: the build's
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
     (out / "manifest.yaml").write_text(yaml.safe_dump(_manifest(uri, gguf.name, config), sort_keys=False))
 
 
-def task_data(config: ChatTasksConfig) -> dict[str, tuple[list[dict], list[dict]]]:
-    """Per task: its (train, eval) samples."""
-    return {task: split_samples(task, config.n_train, config.n_eval, config.seed) for task in config.tasks}
+def _results(futures: dict[str, Future], description: str) -> dict[str, float]:
+    """Each task's job result, in the tasks' order, showing progress as they complete."""
+    for future in tqdm(as_completed(futures.values()), total=len(futures), desc=description, disable=None):
+        future.result()  # a failed job raises here
+    log.info("chattasks: %s done", description)
+    return {task: future.result() for task, future in futures.items()}
 
 
-def train_adapter(base, tokenizer, config: ChatTasksConfig, task: str, items: list[lora.Item], steps: int | None = None,
-                  rows_per_pass: int = 8):
-    """task's adapter (a PEFT model on a copy of base) trained on items by its recipe (steps: the recipe's unless
-    given)."""
-    index = config.tasks.index(task)
-    recipe = config.recipes[index]
-    model = lora.lora_model(base, recipe.rank, recipe.targets, recipe.rslora, config.seed + index)
-    lora.train(model, tokenizer, CHAT, items, steps or recipe.steps, config.lr, config.batch, config.seed + index,
-               config.bf16, rows_per_pass)
-    return model
-
-
-def adapter_items(data: dict, config: ChatTasksConfig) -> dict[str, list[lora.Item]]:
-    """Per task: its train samples alone, then composites of each among other tasks' problems (shuffled together),
-    each composite after `config.shots` worked composites of as many problems, one of them this task's."""
-    rng = random.Random(config.seed)
-    items = {}
-    for task, (train, _) in data.items():
-        others = [s for other, (samples, _) in data.items() if other != task for s in samples]
-        singles = [lora.Item([sample]) for sample in train]
-        composites = []
-        for sample in rng.sample(train, round(config.composite_share * len(train))):
-            problems = rng.sample(others, rng.randint(1, config.composite_max - 1))
-            own = rng.randint(0, len(problems))
-            shots = tuple(_worked(data, task, len(problems) + 1, rng) for _ in range(config.shots))
-            composites.append(lora.Item(problems[:own] + [sample] + problems[own:], own, shots))
-        items[task] = singles + composites
-        rng.shuffle(items[task])
-    return items
-
-
-def _worked(data: dict, task: str, n: int, rng: random.Random) -> tuple[str, str]:
-    """A worked composite of n train problems of different tasks, `task`'s among them, as a (prompt, response) turn."""
-    tasks = [task] + rng.sample([t for t in data if t != task], min(n, len(data)) - 1)
-    rng.shuffle(tasks)
-    joined = CHAT.composite([rng.choice(data[t][0]) for t in tasks])
-    return joined.prompt, joined.response
+def _rounded(value):
+    return {k: _rounded(v) for k, v in value.items()} if isinstance(value, dict) else round(value, 1)
 
 
 def _write_data(out: Path, data: dict) -> None:
@@ -195,18 +155,6 @@ def _write_data(out: Path, data: dict) -> None:
             path = out / "data" / task / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-
-
-def _measure(base, tokenizer, out: Path, data: dict, config: ChatTasksConfig) -> dict:
-    """Exact match of the base and of each task's own adapter on report_samples eval samples."""
-    from peft import PeftModel
-
-    eval_sets = {task: evaluation[:config.report_samples] for task, (_, evaluation) in data.items()}
-    result = {"base": accuracy_per_task(base, tokenizer, eval_sets, CHAT), "own adapter": {}}
-    for task in tqdm(config.tasks, desc="measuring", disable=None):
-        model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / task).eval()
-        result["own adapter"][task] = accuracy_per_task(model, tokenizer, {task: eval_sets[task]}, CHAT)[task]
-    return result
 
 
 def _manifest(uri: str, gguf_name: str, config: ChatTasksConfig) -> dict:

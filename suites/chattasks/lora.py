@@ -25,6 +25,10 @@ import torch
 from meteora.prompts import PromptFormat, encode_with_owners, pad_right
 from meteora.training import training_attention
 
+# target module sets (SmolLM2's names, as in LLaMA)
+QV, QKVO, QVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
 
 @dataclass(frozen=True)
 class Item:

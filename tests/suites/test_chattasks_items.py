@@ -5,7 +5,8 @@ import torch
 
 from meteora import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig, split_samples
-from suites.chattasks.build import CHAT, adapter_items, train_adapter
+from suites.chattasks.items import CHAT, adapter_items
+from suites.chattasks.jobs import train_adapter
 from suites.chattasks.lora import Item, encode_item, lora_model, padded_batch, step_gradients
 from tiny import write_tiny_gguf
 

@@ -17,7 +17,8 @@ from meteora.evaluation import load_benchmark, task_accuracy
 from meteora.registry import load_manifest
 from suites.chattasks import ChatTasksConfig
 from suites.chattasks import lora
-from suites.chattasks.build import adapter_items, task_data, train_adapter
+from suites.chattasks.items import adapter_items, task_data
+from suites.chattasks.jobs import train_adapter
 
 sys.path.insert(0, str(Path(__file__).parents[3]))  # benchmarks/
 from bench_mixture import machine  # noqa: E402

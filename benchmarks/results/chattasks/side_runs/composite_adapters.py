@@ -24,7 +24,8 @@ from meteora.evaluation import METRICS, composite_problems, composite_shots, loa
 from meteora.prompts import pad_left
 from meteora.registry import load_manifest
 from suites.chattasks import RECIPES, ChatTasksConfig
-from suites.chattasks.build import adapter_items, task_data, train_adapter
+from suites.chattasks.items import adapter_items, task_data
+from suites.chattasks.jobs import train_adapter
 
 suite = Path(sys.argv[1] if len(sys.argv) > 1 else next((Path.home() / ".cache/meteora/suites").glob("chattasks-*")))
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 20  # lines asked per task and n
