@@ -47,7 +47,9 @@ def train_adapter(base, tokenizer, config: ChatTasksConfig, task: str, items: li
 def adapter_job(out: Path, task: str) -> float:
     """Trains task's adapter into out/adapters/<task>; its seconds."""
     begun, w = time.perf_counter(), _WORKER
-    train_adapter(w["base"], w["tokenizer"], w["config"], task, w["items"][task]).save_pretrained(out / "adapters" / task)
+    model = train_adapter(w["base"], w["tokenizer"], w["config"], task, w["items"][task])
+    model.save_pretrained(out / "adapters" / task)
+    del model
     gc.collect()  # a PEFT model holds reference cycles: free this copy of the base before the next job
     return time.perf_counter() - begun
 
@@ -61,6 +63,7 @@ def lora_b_job(out: Path) -> float:
     lora.train(model, w["tokenizer"], CHAT, balanced, config.lora_b_steps, config.lr, config.batch, config.seed + 99,
                config.bf16)
     model.save_pretrained(out / "baselines" / "lora-b")
+    del model
     gc.collect()
     return time.perf_counter() - begun
 

@@ -10,11 +10,12 @@ Savings, none of which changes a step: logits only where there are labels (the 4
 a small model's cost); each batch run in passes of rows of about one length, their gradients accumulated
 (step_gradients: little padding computed); the prefix every row of a pass shares (the template's system prompt)
 computed once and its keys and values repeated for the rows; eager attention for short rows
-(meteora.training.training_attention); bf16 autocast when asked (fp32 master weights; twice as fast as fp32 on a
-CPU with AMX, such as this project's).
+(meteora.training.training_attention); bf16 autocast when asked (fp32 master weights; twice as fast as fp32 on
+a CPU with AMX, such as this project's), the frozen weights cast to bf16 once (frozen_weights_in_bf16).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import warnings
@@ -59,12 +60,31 @@ def train(model, tokenizer, fmt: PromptFormat, items: list[Item], steps: int, lr
     encoded = [encode_item(tokenizer, fmt, item) for item in items]  # tokenized once
     rng = random.Random(seed)
     model.train()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        step_gradients(model, rng.sample(encoded, min(batch, len(encoded))), tokenizer.pad_token_id, rows_per_pass, bf16)
-        optimizer.step()
-        schedule.step()
+    with frozen_weights_in_bf16(model) if bf16 else contextlib.nullcontext():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            step_gradients(model, rng.sample(encoded, min(batch, len(encoded))), tokenizer.pad_token_id, rows_per_pass,
+                           bf16)
+            optimizer.step()
+            schedule.step()
     return model.eval()
+
+
+@contextlib.contextmanager
+def frozen_weights_in_bf16(model):
+    """The frozen linear layers' weights in bf16 for a training under bf16 autocast, cast once, where autocast
+    would cast them again in every pass (the same values; 1.2x on SmolLM2-135M: side_runs/cast_once.py); their
+    fp32 weights back after. Weights tied to the input embeddings stay (the embeddings would be bf16 too)."""
+    tied = model.get_input_embeddings().weight
+    kept = [(m.weight, m.weight.data) for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight is not tied]
+    for weight, data in kept:
+        weight.data = data.to(torch.bfloat16)
+    try:
+        yield
+    finally:
+        for weight, data in kept:
+            weight.data = data
 
 
 def step_gradients(model, rows: list[tuple[list[int], list[int]]], pad: int, rows_per_pass: int = 8,

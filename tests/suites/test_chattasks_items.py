@@ -1,5 +1,7 @@
 """chattasks' adapter training items: composites with worked examples (shots) before the question, and the loss
 on the adapter's own answer line only, never on a shot's answer (which the adapter must not learn to copy)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from meteora import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig, split_samples
 from suites.chattasks.items import CHAT, adapter_items
 from suites.chattasks.jobs import train_adapter
-from suites.chattasks.lora import Item, encode_item, lora_model, padded_batch, step_gradients
+from suites.chattasks.lora import Item, encode_item, frozen_weights_in_bf16, lora_model, padded_batch, step_gradients
 from tiny import write_tiny_gguf
 
 TASKS = ("iso_date", "larger", "list_max", "join_commas")
@@ -71,6 +73,30 @@ def test_a_step_in_passes_has_the_gradient_of_one_pass_over_the_padded_batch(tmp
     assert passes_loss == pytest.approx(one_loss, rel=1e-5)
     for a, b in zip(one, passes):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_weights_cast_once_give_autocasts_loss_and_gradients_and_come_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    model, tokenizer = lora_model(load_base_model(gguf), 4, ("q_proj", "v_proj"), False, seed=0), load_tokenizer(gguf)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    samples = [{"prompt": f"add one: {i}" * (1 + i % 3), "response": str(i + 1)} for i in range(6)]
+    rows = [encode_item(tokenizer, CHAT, Item(samples[i:i + 2], i % 2)) for i in range(5)]
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    results = []
+    for cast_once in (False, True):
+        model.zero_grad()
+        with frozen_weights_in_bf16(model) if cast_once else contextlib.nullcontext():
+            k_proj = model.base_model.model.model.layers[0].self_attn.k_proj
+            assert k_proj.weight.dtype == (torch.bfloat16 if cast_once else torch.float32)
+            loss = step_gradients(model, rows, tokenizer.pad_token_id, bf16=True)
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (autocast_loss, autocast_grads), (once_loss, once_grads) = results
+    assert once_loss == autocast_loss and all(torch.equal(a, b) for a, b in zip(autocast_grads, once_grads))
+    after = model.state_dict()
+    assert all(after[name].dtype == value.dtype and torch.equal(after[name], value) for name, value in before.items())
 
 
 def test_an_adapter_trains_by_its_recipe_and_leaves_the_models_attention_as_it_was(tmp_path, monkeypatch):
