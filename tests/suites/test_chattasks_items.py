@@ -54,13 +54,19 @@ def test_the_loss_is_on_the_own_answer_line_only_never_on_a_shot(tmp_path, monke
     assert "add one: 9" not in tokenizer.decode(batch["input_ids"][1])
 
 
-def test_a_step_in_passes_has_the_gradient_of_one_pass_over_the_padded_batch(tmp_path, monkeypatch):
+def tiny_lora(tmp_path, monkeypatch):
+    """A LoRA on a tiny GGUF model, its B not zero (B starts at zero: this gives A a gradient too), and its tokenizer."""
     monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     model, tokenizer = lora_model(load_base_model(gguf), 4, ("q_proj", "v_proj"), False, seed=0), load_tokenizer(gguf)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.1)  # B starts at zero: give A a gradient too
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model, tokenizer
+
+
+def test_a_step_in_passes_has_the_gradient_of_one_pass_over_the_padded_batch(tmp_path, monkeypatch):
+    model, tokenizer = tiny_lora(tmp_path, monkeypatch)
     samples = [{"prompt": f"add one: {i}" * (1 + i % 3), "response": str(i + 1)} for i in range(6)]
     composites = [[samples[(i + j) % 6] for j in range(1 + i % 3)] for i in range(6)]  # of 1, 2 and 3 problems
     rows = [encode_item(tokenizer, CHAT, Item(problems, i % len(problems))) for i, problems in enumerate(composites)]
@@ -76,12 +82,7 @@ def test_a_step_in_passes_has_the_gradient_of_one_pass_over_the_padded_batch(tmp
 
 
 def test_frozen_weights_cast_once_give_autocasts_loss_and_gradients_and_come_back(tmp_path, monkeypatch):
-    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
-    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
-    model, tokenizer = lora_model(load_base_model(gguf), 4, ("q_proj", "v_proj"), False, seed=0), load_tokenizer(gguf)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.1)
+    model, tokenizer = tiny_lora(tmp_path, monkeypatch)
     samples = [{"prompt": f"add one: {i}" * (1 + i % 3), "response": str(i + 1)} for i in range(6)]
     rows = [encode_item(tokenizer, CHAT, Item(samples[i:i + 2], i % 2)) for i in range(5)]
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
