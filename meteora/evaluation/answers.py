@@ -16,6 +16,7 @@ from ..prompts import Composite, PromptFormat, pad_left, to_device
 from .metrics import METRICS
 
 Shots = tuple[tuple[str, str], ...]  # few-shot examples: (prompt, response) turns before the question
+ANSWER_TOKENS = 24  # new tokens generated for one answer unless said otherwise
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class CompositeProblem:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], fmt: PromptFormat, shots: Shots = (),
-                     max_new_tokens: int = 24, batch_size: int = 32) -> list[str]:
+                     max_new_tokens: int = ANSWER_TOKENS, batch_size: int = 32) -> list[str]:
     """Greedy answers, cut at the end token (batched, left-padded)."""
     answers = []
     for start in range(0, len(prompts), batch_size):
@@ -40,8 +41,18 @@ def generate_answers(model, tokenizer, prompts: list[str], fmt: PromptFormat, sh
 
 
 def task_accuracy(model, tokenizer, samples: list[dict], fmt: PromptFormat, metric: str = "exact_match") -> float:
-    answers = generate_answers(model, tokenizer, [s["prompt"] for s in samples], fmt)
+    budget = answer_budget(tokenizer, samples, metric)
+    answers = generate_answers(model, tokenizer, [s["prompt"] for s in samples], fmt, max_new_tokens=budget)
     return score(answers, samples, metric)
+
+
+def answer_budget(tokenizer, samples: list[dict], metric: str, most: int = ANSWER_TOKENS, margin: int = 4) -> int:
+    """New tokens worth generating for samples: under exact match an answer longer than the longest reference (by
+    a margin, for another tokenization or leading spaces) cannot score, so generating stops there; `most` else."""
+    if metric != "exact_match":
+        return most
+    longest = max(len(tokenizer(s["response"], add_special_tokens=False)["input_ids"]) for s in samples)
+    return min(most, longest + margin)
 
 
 def score(answers: list[str], samples: list[dict], metric: str) -> float:

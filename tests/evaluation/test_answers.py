@@ -1,0 +1,25 @@
+"""Exact match generates no further than an answer could still score: the longest reference (in tokens) plus a
+margin, and the answers are the full-length ones cut there."""
+from meteora.evaluation import generate_answers
+from meteora.evaluation.answers import ANSWER_TOKENS, answer_budget
+from meteora.prompts import prompt_format
+from suites.tinytasks import char_tokenizer
+from tiny import tiny_base
+
+TOKENIZER = char_tokenizer()  # one token per character
+PLAIN = prompt_format("plain")
+SAMPLES = [{"prompt": "reverse: abc\n", "response": "cba"}, {"prompt": "double: abcd\n", "response": "aabbccdd"}]
+
+
+def test_exact_match_generates_up_to_the_longest_reference_and_a_margin():
+    assert answer_budget(TOKENIZER, SAMPLES, "exact_match", margin=4) == 8 + 4
+    assert answer_budget(TOKENIZER, SAMPLES, "contains") == ANSWER_TOKENS  # a longer answer may still score
+    assert answer_budget(TOKENIZER, [{"prompt": "p", "response": "x" * 40}], "exact_match") == ANSWER_TOKENS
+
+
+def test_capped_answers_are_the_full_length_ones_cut():
+    model, prompts = tiny_base(vocab=len(TOKENIZER)), [s["prompt"] for s in SAMPLES]
+    full = generate_answers(model, TOKENIZER, prompts, PLAIN)
+    budget = answer_budget(TOKENIZER, SAMPLES, "exact_match")
+    capped = generate_answers(model, TOKENIZER, prompts, PLAIN, max_new_tokens=budget)
+    assert capped == [answer[:budget] for answer in full] and max(map(len, full)) > budget
