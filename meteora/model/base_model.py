@@ -67,6 +67,18 @@ def skeleton_from_config(config: dict) -> "PreTrainedModel":
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), trust_remote_code=False)
 
 
+def bf16_is_fast() -> bool:
+    """Whether bf16 runs faster than fp32 here: on CUDA, and on CPUs with AMX tiles (1.9x fp32's speed training
+    SmolLM2-135M); not on a Xeon with only AVX-512's bf16 instructions (0.68x:
+    benchmarks/results/chattasks/side_runs/precision.json). Other CPUs get fp32, the safe choice."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:  # not Linux: no way to tell here, fp32 is the safe choice
+        return False
+
+
 def runtime(precision: Precision = "auto", threads: float = 1, use_gpu: bool | None = None) -> tuple[torch.device, torch.dtype]:
     """Where and in which dtype a process runs the base model: CUDA when there is one (or use_gpu says so), bf16
     there and fp32 on CPU unless `precision` says otherwise; `threads` intra-op threads for CPU work."""
