@@ -32,15 +32,15 @@ def start_worker(base_file: Path, config: ChatTasksConfig, threads: int) -> None
                    data=data, items=adapter_items(data, config))
 
 
-def train_adapter(base, tokenizer, config: ChatTasksConfig, task: str, items: list[lora.Item], steps: int | None = None,
-                  rows_per_pass: int = 8):
+def train_adapter(base, tokenizer, config: ChatTasksConfig, task: str, items: list[lora.Item],
+                  steps: int | None = None):
     """task's adapter (a PEFT model on a copy of base) trained on items by its recipe (steps: the recipe's unless
     given)."""
     index = config.tasks.index(task)
     recipe = config.recipes[index]
     model = lora.lora_model(base, recipe.rank, recipe.targets, recipe.rslora, config.seed + index)
     lora.train(model, tokenizer, CHAT, items, steps or recipe.steps, config.lr, config.batch, config.seed + index,
-               config.bf16, rows_per_pass)
+               config.bf16, config.pass_cost)
     return model
 
 
@@ -61,7 +61,7 @@ def lora_b_job(out: Path) -> float:
     model = lora.lora_model(w["base"], config.lora_b_rank, lora.QKVO + lora.MLP, False, config.seed + 99)
     balanced = [item for task in config.tasks for item in w["items"][task]]
     lora.train(model, w["tokenizer"], CHAT, balanced, config.lora_b_steps, config.lr, config.batch, config.seed + 99,
-               config.bf16)
+               config.bf16, config.pass_cost)
     model.save_pretrained(out / "baselines" / "lora-b")
     del model
     gc.collect()
@@ -76,13 +76,14 @@ def merged_job(out: Path) -> float:
     return time.perf_counter() - begun
 
 
-def measure_job(out: Path, task: str, own: bool) -> float:
-    """Exact match on task's first report_samples eval samples: of its own adapter (own) or of the base."""
+def measure_job(out: Path, task: str, own: bool) -> tuple[float, float]:
+    """Exact match on task's first report_samples eval samples, of its own adapter (own) or of the base; its
+    seconds."""
     from peft import PeftModel
 
-    w = _WORKER
+    begun, w = time.perf_counter(), _WORKER
     model = w["base"]
     if own:
         model = PeftModel.from_pretrained(copy.deepcopy(model), out / "adapters" / task).eval()
     samples = w["data"][task][1][:w["config"].report_samples]
-    return task_accuracy(model, w["tokenizer"], samples, CHAT)
+    return task_accuracy(model, w["tokenizer"], samples, CHAT), time.perf_counter() - begun

@@ -7,16 +7,18 @@ nothing of their tasks. An item may also carry worked examples (shots: earlier u
 only), as the paper's few-shot composite prompts have.
 
 Savings, none of which changes a step: logits only where there are labels (the 49k-token output layer is most of
-a small model's cost); each batch run in passes of rows of about one length, their gradients accumulated
-(step_gradients: little padding computed); the prefix every row of a pass shares (the template's system prompt)
-computed once and its keys and values repeated for the rows; eager attention for short rows
-(meteora.training.training_attention); bf16 autocast when asked (fp32 master weights; twice as fast as fp32 on
-a CPU with AMX, such as this project's), the frozen weights cast to bf16 once (frozen_weights_in_bf16).
+a small model's cost); each batch run in passes of rows of about one length, cut where they cost least
+(passes), their gradients accumulated (step_gradients: little padding computed); the prefix every row of a pass
+shares (the template's system prompt) computed once and its keys and values repeated for the rows; eager
+attention for short rows (meteora.training.training_attention); bf16 autocast when asked (fp32 master weights;
+twice as fast as fp32 on a CPU with AMX, 0.68x without: meteora.model.bf16_is_fast), the frozen weights cast to
+bf16 once (frozen_weights_in_bf16).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import warnings
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from meteora.training import training_attention
 # target module sets (SmolLM2's names, as in LLaMA)
 QV, QKVO, QVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+PASS_COST = 40  # a training pass's fixed cost on SmolLM2-135M, in tokens of a row (side_runs/passes.py)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def lora_model(base, rank: int, targets: tuple[str, ...], rslora: bool, seed: in
 
 
 def train(model, tokenizer, fmt: PromptFormat, items: list[Item], steps: int, lr: float, batch: int, seed: int,
-          bf16: bool = False, rows_per_pass: int = 8):
+          bf16: bool = False, pass_cost: int = PASS_COST):
     """AdamW with a short warm-up and linear decay; each step a random batch of `items` (step_gradients)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -63,7 +66,7 @@ def train(model, tokenizer, fmt: PromptFormat, items: list[Item], steps: int, lr
     with frozen_weights_in_bf16(model) if bf16 else contextlib.nullcontext():
         for _ in range(steps):
             optimizer.zero_grad()
-            step_gradients(model, rng.sample(encoded, min(batch, len(encoded))), tokenizer.pad_token_id, rows_per_pass,
+            step_gradients(model, rng.sample(encoded, min(batch, len(encoded))), tokenizer.pad_token_id, pass_cost,
                            bf16)
             optimizer.step()
             schedule.step()
@@ -87,21 +90,38 @@ def frozen_weights_in_bf16(model):
             weight.data = data
 
 
-def step_gradients(model, rows: list[tuple[list[int], list[int]]], pad: int, rows_per_pass: int = 8,
+def step_gradients(model, rows: list[tuple[list[int], list[int]]], pad: int, pass_cost: int = PASS_COST,
                    bf16: bool = False) -> float:
-    """Accumulates the gradient of the batch's loss (the mean over all its labelled tokens) in passes of
-    rows_per_pass rows of about one length: one pass's gradient over the whole padded batch, without computing its
+    """Accumulates the gradient of the batch's loss (the mean over all its labelled tokens) in passes of rows of
+    about one length (passes): one pass's gradient over the whole padded batch, without computing most of its
     padding (about half of a batch of singles and composites). Returns the loss."""
     rows = sorted(rows, key=lambda row: len(row[0]))
     labelled = sum(label != -100 for _, labels in rows for label in labels)
     total = 0.0
-    for start in range(0, len(rows), rows_per_pass):
-        part = padded_batch(rows[start:start + rows_per_pass], pad)
+    for rows_of_pass in passes([len(ids) for ids, _ in rows], pass_cost):
+        part = padded_batch(rows[rows_of_pass], pad)
         with training_attention(model, part["input_ids"].shape), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = lm_loss(model, part, reduction="sum") / labelled
         loss.backward()
         total += loss.item()
     return total
+
+
+def passes(lengths: list[int], pass_cost: int) -> list[slice]:
+    """Rows of these lengths, sorted, cut into the passes that cost least: a pass computes each of its rows at its
+    longest row's length, plus pass_cost tokens' worth of fixed cost (every weight read, each layer's overheads).
+    The cheapest cuts by dynamic programming: best[end], the least cost of the first `end` rows."""
+    best, cut = [0] + [math.inf] * len(lengths), [0] * (len(lengths) + 1)
+    for end in range(1, len(lengths) + 1):
+        for start in range(end):
+            cost = best[start] + (end - start) * lengths[end - 1] + pass_cost
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    slices, end = [], len(lengths)
+    while end:
+        slices.append(slice(cut[end], end))
+        end = cut[end]
+    return slices[::-1]
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:

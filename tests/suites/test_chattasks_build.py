@@ -45,6 +45,7 @@ def test_two_workers_build_what_one_process_trains(tmp_path, monkeypatch):
     report = json.loads((suite / "build_report.json").read_text())
     assert list(report["accuracy"]["own adapter"]) == list(TASKS) and list(report["accuracy"]["base"]) == list(TASKS)
     assert (report["workers"], report["threads_per_worker"]) == (2, 1)
-    assert set(report["seconds"]["adapters"]) == set(TASKS) and report["seconds"]["total"] > 0
+    seconds = report["seconds"]
+    assert set(seconds["adapters"]) == set(TASKS) and seconds["total"] > seconds["measuring"] > 0
     manifest = yaml.safe_load((suite / "manifest.yaml").read_text())
     assert [a["name"] for a in manifest["adapters"]] == list(TASKS)

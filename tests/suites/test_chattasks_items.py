@@ -9,7 +9,8 @@ from meteora import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig, split_samples
 from suites.chattasks.items import CHAT, adapter_items
 from suites.chattasks.jobs import train_adapter
-from suites.chattasks.lora import Item, encode_item, frozen_weights_in_bf16, lora_model, padded_batch, step_gradients
+from suites.chattasks.lora import (Item, encode_item, frozen_weights_in_bf16, lora_model, padded_batch, passes,
+                                   step_gradients)
 from tiny import write_tiny_gguf
 
 TASKS = ("iso_date", "larger", "list_max", "join_commas")
@@ -65,19 +66,27 @@ def tiny_lora(tmp_path, monkeypatch):
     return model, tokenizer
 
 
+def test_a_batch_is_cut_into_the_cheapest_passes():
+    assert passes([2, 2, 9, 9], pass_cost=1) == [slice(0, 2), slice(2, 4)]  # 2 * 2 + 1 + 2 * 9 + 1 < 4 * 9 + 1
+    assert passes([2, 2, 9, 9], pass_cost=100) == [slice(0, 4)]  # 4 * 9 + 100 < 2 * 2 + 2 * 9 + 200
+    assert passes([5], pass_cost=40) == [slice(0, 1)]
+
+
 def test_a_step_in_passes_has_the_gradient_of_one_pass_over_the_padded_batch(tmp_path, monkeypatch):
     model, tokenizer = tiny_lora(tmp_path, monkeypatch)
     samples = [{"prompt": f"add one: {i}" * (1 + i % 3), "response": str(i + 1)} for i in range(6)]
     composites = [[samples[(i + j) % 6] for j in range(1 + i % 3)] for i in range(6)]  # of 1, 2 and 3 problems
     rows = [encode_item(tokenizer, CHAT, Item(problems, i % len(problems))) for i, problems in enumerate(composites)]
     gradients = {}
-    for rows_per_pass in (6, 2):  # one pass; three passes of rows of about one length
+    lengths = sorted(len(ids) for ids, _ in rows)
+    assert len(passes(lengths, 10**6)) == 1 and len(passes(lengths, 0)) > 1
+    for pass_cost in (10**6, 0):  # one pass; passes of rows of one length
         model.zero_grad()
-        loss = step_gradients(model, rows, tokenizer.pad_token_id, rows_per_pass)
-        gradients[rows_per_pass] = loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    (one_loss, one), (passes_loss, passes) = gradients[6], gradients[2]
+        loss = step_gradients(model, rows, tokenizer.pad_token_id, pass_cost)
+        gradients[pass_cost] = loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    (one_loss, one), (passes_loss, in_passes) = gradients[10**6], gradients[0]
     assert passes_loss == pytest.approx(one_loss, rel=1e-5)
-    for a, b in zip(one, passes):
+    for a, b in zip(one, in_passes):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -107,7 +116,7 @@ def test_an_adapter_trains_by_its_recipe_and_leaves_the_models_attention_as_it_w
     attention = base.config._attn_implementation
     samples = [{"prompt": f"add one: {i}", "response": str(i + 1)} for i in range(8)]
     items = [Item([s]) for s in samples] + [Item(samples[i:i + 3], 1) for i in range(5)]
-    model = train_adapter(base, tokenizer, config(), "list_max", items, steps=3, rows_per_pass=2)
+    model = train_adapter(base, tokenizer, config(pass_cost=0), "list_max", items, steps=3)
     peft_config = model.peft_config["default"]
     assert (peft_config.r, set(peft_config.target_modules), peft_config.use_rslora) == (16, {"q_proj", "v_proj"}, True)
     moved = [p for name, p in model.named_parameters() if "lora_B" in name]
