@@ -167,7 +167,8 @@ def main() -> None:
     ray.init(**LOCAL_RAY)
     port = free_ports(1)[0]
     common = [f"registry={work / 'registry'}", f"work_dir={work}", f"train.steps={args.steps}", "train.batch=16",
-              "train.cpus_per_worker=1", f"train.precision={'bf16' if bf16_is_fast() else 'fp32'}", f"train.composite_fraction={args.composite_fraction}",
+              "train.cpus_per_worker=1", f"train.precision={'bf16' if bf16_is_fast() else 'fp32'}",
+              f"train.composite_fraction={args.composite_fraction}",
               "incremental_steps=0.25",  # the increment's target is <= 30% of the first training's time, startup included
               f"evaluate.samples={args.samples}", f"evaluate.composite_count={args.composites}",
               f"evaluate.composite_shots={args.shots}", f"evaluate.composite_temperature={args.temperature}",

@@ -16,8 +16,6 @@ from .report import markdown_table, plot_accuracy, plot_routing
 from .teacher import teacher_routed_answers, teacher_routed_scores, teacher_routed_tokens
 
 __all__ = ["Benchmark", "CompositeProblem", "CompositeSettings", "METRICS", "accuracy_per_task", "answer_budget",
-           "composite_oracle_scores",
-           "composite_problems",
-           "composite_scores", "composite_shots", "evaluate", "generate_answers", "load_benchmark", "markdown_table",
-           "plot_accuracy", "plot_routing", "task_accuracy", "teacher_routed_answers", "teacher_routed_scores",
-           "teacher_routed_tokens"]
+           "composite_oracle_scores", "composite_problems", "composite_scores", "composite_shots", "evaluate",
+           "generate_answers", "load_benchmark", "markdown_table", "plot_accuracy", "plot_routing", "task_accuracy",
+           "teacher_routed_answers", "teacher_routed_scores", "teacher_routed_tokens"]
