@@ -45,8 +45,21 @@ def evaluate_manifest(manifest: Manifest, checkpoint: str | None, settings: Eval
 @ray.remote(num_cpus=1)
 def evaluate_task(manifest: Manifest, checkpoint: str, settings: EvaluateSettings, out_dir: str) -> dict:
     """evaluate_manifest in a Ray task (the workflow's evaluate stage): the tables, without the routing example."""
+    _print_progress()
     results = evaluate_manifest(manifest, checkpoint, settings, out_dir)
     return {"per_task": results["per_task"], "composite": results["composite"]}
+
+
+def _print_progress() -> None:
+    """The harness's progress lines printed by this Ray worker (Ray sends them to the driver), whose root logger
+    lets only errors through (pipelines.common.LOCAL_RAY)."""
+    logger = logging.getLogger("meteora.evaluation")
+    if not logger.handlers:  # a worker may run several evaluations
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[evaluate] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,18 @@
               on a single task that is the own adapter)
     outputs   results.json, results.md, accuracy.png, routing.png (one composite generation: tokens x experts)
 Every variant answers the same prompts, in the manifest's prompt format (the composites too: meteora.prompts).
+Progress: one INFO line on this module's logger per variant scored (its mean or summed score, its seconds).
 """
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -86,18 +89,18 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites:
             model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base))
             model.configure(top_k=k)
             variants[f"meteora top-{k}"] = model
-    per_task = {name: accuracy_per_task(model, bench.tokenizer, bench.eval_sets, bench.fmt, bench.metrics)
-                for name, model in variants.items()}
-    per_task["own adapter"] = {}
-    for task, samples in bench.eval_sets.items():
-        with fused.force_experts([task]):
-            per_task["own adapter"][task] = task_accuracy(fused, bench.tokenizer, samples, bench.fmt, bench.metrics[task])
+    per_task = {name: _logged(f"{name}, per task", lambda model=model: accuracy_per_task(
+        model, bench.tokenizer, bench.eval_sets, bench.fmt, bench.metrics)) for name, model in variants.items()}
+    per_task["own adapter"] = _logged("own adapter, per task", lambda: _own_accuracy(fused, bench))
     results = {"per_task": per_task, "composite": _composites(bench, variants, fused, composites),
                "checkpoint": str(checkpoint) if checkpoint else None, "prompt_format": bench.fmt.name}
     router = variants.get("meteora top-2", fused)
     if checkpoint is not None:
         items = [(sample, router.expert_names.index(task)) for task, samples in bench.eval_sets.items() for sample in samples]
+        started = time.perf_counter()
         results["routing_accuracy"] = response_routing_accuracy(router, bench.tokenizer, items, bench.fmt)
+        log.info("routing accuracy on eval responses: %.3f (%.0f s)", results["routing_accuracy"],
+                 time.perf_counter() - started)
     results["routing_example"] = _routing_example(router, bench, max(composites.sizes, default=2))
     if out_dir is not None:
         _write(results, Path(out_dir), trained=checkpoint is not None)
@@ -111,17 +114,39 @@ def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings:
         problems = composite_problems(bench.eval_sets, n, settings.count, bench.fmt)
         shots = composite_shots(bench.eval_sets, n, settings.shots, bench.fmt) if settings.shots else ()
         args = (bench.tokenizer, problems, bench.metrics, bench.fmt)
+
+        def scored(name: str, scoring: Callable[[], dict]) -> None:
+            results.setdefault(name, {})[str(n)] = _logged(f"{name}, composite-{n}", scoring, composite=True)
+
         for name, model in variants.items():
-            results[name][str(n)] = composite_scores(model, *args, shots)
+            scored(name, lambda model=model: composite_scores(model, *args, shots))
         routed = variants.get("meteora top-2")
         if routed is not None:
             if settings.temperature is not None:
                 routed.configure(temperature=settings.temperature)
-                results.setdefault(f"meteora top-2 T={settings.temperature:g}", {})[str(n)] = composite_scores(routed, *args, shots)
+                scored(f"meteora top-2 T={settings.temperature:g}", lambda: composite_scores(routed, *args, shots))
                 routed.configure(temperature=1.0)
-            results.setdefault("perfect routing", {})[str(n)] = teacher_routed_scores(routed, *args, shots)
-        results.setdefault("own adapter", {})[str(n)] = composite_oracle_scores(fused, *args)
+            scored("perfect routing", lambda: teacher_routed_scores(routed, *args, shots))
+        scored("own adapter", lambda: composite_oracle_scores(fused, *args))
     return results
+
+
+def _own_accuracy(fused: MeteoraModel, bench: Benchmark) -> dict[str, float]:
+    """{task: accuracy} with each task's own expert forced: the oracle on single tasks."""
+    accuracy = {}
+    for task, samples in bench.eval_sets.items():
+        with fused.force_experts([task]):
+            accuracy[task] = task_accuracy(fused, bench.tokenizer, samples, bench.fmt, bench.metrics[task])
+    return accuracy
+
+
+def _logged(label: str, scoring: Callable[[], dict], composite: bool = False) -> dict:
+    """scoring()'s result, and a progress line: a composite's summed score, or the mean over the tasks."""
+    started = time.perf_counter()
+    scores = scoring()
+    value = scores["summed"] if composite else sum(scores.values()) / len(scores)
+    log.info("%s: %.3f (%.0f s)", label, value, time.perf_counter() - started)
+    return scores
 
 
 def _peft(base, path: Path):

@@ -1,6 +1,7 @@
 """The embedded benchmark on a tiny instance: tasks, build (cached), manifest into the registry, the harness."""
 import copy
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -115,7 +116,8 @@ def test_merged_baseline_is_the_uniform_average_of_the_adapters(built):
         torch.testing.assert_close(fused(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path):
+def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="meteora.evaluation")
     _, manifest = built
     bench = load_benchmark(load_manifest(manifest), samples=6)
     checkpoint = tmp_path / "ckpt"
@@ -132,6 +134,9 @@ def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path):
         assert (tmp_path / "eval" / file).stat().st_size > 0
     example = results["routing_example"]
     assert len(example["expert_weights"]) == len(example["tokens"]) and len(example["expert_weights"][0]) == 3
+    summed = results["composite"]["perfect routing"]["3"]["summed"]  # progress: one line per variant scored
+    assert f"perfect routing, composite-3: {summed:.3f} (" in caplog.text
+    assert len([line for line in caplog.text.splitlines() if ", per task: " in line]) == len(results["per_task"])
 
 
 def test_the_evaluate_command_writes_tables_and_plots(built, tmp_path, capsys):
