@@ -43,7 +43,6 @@ import yaml  # noqa: E402
 from bench_mixture import decode_tokens_per_s, machine, prefill_tokens_per_s  # noqa: E402
 from meteora import MeteoraModel, load_base_model  # noqa: E402
 from meteora.evaluation import markdown_table  # noqa: E402
-from meteora.model import bf16_is_fast  # noqa: E402
 from meteora.registry import load_manifest  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402
 from pipelines.local_cluster import free_ports  # noqa: E402
@@ -167,7 +166,7 @@ def main() -> None:
     ray.init(**LOCAL_RAY)
     port = free_ports(1)[0]
     common = [f"registry={work / 'registry'}", f"work_dir={work}", f"train.steps={args.steps}", "train.batch=16",
-              "train.cpus_per_worker=1", f"train.precision={'bf16' if bf16_is_fast() else 'fp32'}",
+              "train.cpus_per_worker=1", "train.precision=fast",
               f"train.composite_fraction={args.composite_fraction}",
               "incremental_steps=0.25",  # the increment's target is <= 30% of the first training's time, startup included
               f"evaluate.samples={args.samples}", f"evaluate.composite_count={args.composites}",

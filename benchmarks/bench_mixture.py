@@ -92,7 +92,7 @@ def machine() -> dict:
     info = Path("/proc/cpuinfo").read_text().splitlines()
     cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "amx": "amx_tile" in flags,  # bf16 speed
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "amx": "amx_bf16" in flags,  # bf16 speed
             "cores": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform()}
 

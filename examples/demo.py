@@ -38,14 +38,11 @@ import ray  # noqa: E402
 import yaml  # noqa: E402
 
 from meteora.evaluation import composite_problems, load_benchmark, markdown_table  # noqa: E402
-from meteora.model import bf16_is_fast  # noqa: E402
 from meteora.registry import Manifest, load_manifest  # noqa: E402
 from meteora.store import open_store  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402
 from pipelines.workflow import StageFailed, load_workflow_config, run  # noqa: E402
-
-FAST_PRECISION = f"train.precision={'bf16' if bf16_is_fast() else 'fp32'}"  # the real model's gates: bf16 where faster
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,7 @@ def chattasks() -> str:
 SUITES = {
     "tinytasks": Suite(tinytasks, 6, 1000, ("evaluate.composite=[3, 5]", "evaluate.composite_count=16"),
                        {"messages": [{"role": "user", "content": "reverse: abcd"}]}),
-    "smollm2": Suite(chattasks, 10, 200, (FAST_PRECISION, "train.composite_fraction=0.25", "train.batch=16",
+    "smollm2": Suite(chattasks, 10, 200, ("train.precision=fast", "train.composite_fraction=0.25", "train.batch=16",
                                           "evaluate.composite=[3, 5, 10]", "evaluate.composite_count=10",
                                           "evaluate.composite_shots=2", "evaluate.composite_temperature=2"),
                      {"messages": [{"role": "user", "content": "2023-07-14"}]}),

@@ -11,10 +11,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from meteora.model import Precision
 from meteora.training import GateTrainingConfig
 
 from .common import ROOT, load_config
@@ -39,7 +38,7 @@ class TrainGatesConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(3, ge=0)  # worker-group restarts from the latest checkpoint before giving up
     keep_checkpoints: int = Field(2, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 base weights on GPU, fp32 on CPU
+    precision: Precision = "auto"  # the base weights: auto = bf16 on GPU, fp32 on CPU; fast = bf16 where faster
 
     training: GateTrainingConfig = GateTrainingConfig()  # the flat keys steps=, batch=, lr=, ... land here
 

@@ -13,7 +13,7 @@
 """
 from .adapters import ExpertInfo, LoraAdapter, LoraModule, load_adapter
 from .backends import BACKENDS
-from .base_model import bf16_is_fast, load_base_model, load_tokenizer, model_dir, runtime, skeleton_from_config
+from .base_model import Precision, bf16_is_fast, load_base_model, load_tokenizer, model_dir, runtime, skeleton_from_config
 from .checkpoint import CheckpointMeta, checkpoint_digest, checkpoint_exists, read_checkpoint, read_checkpoint_config
 from .config import NAME_PATTERN, MeteoraConfig
 from .experts import ExpertStack
@@ -37,6 +37,7 @@ __all__ = [
     "MeteoraLinear",
     "MeteoraModel",
     "NAME_PATTERN",
+    "Precision",
     "RoutingTrace",
     "bf16_is_fast",
     "checkpoint_digest",

@@ -19,7 +19,7 @@ from .gguf import gguf_model_dir, is_gguf
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fast", "fp32", "bf16"]
 
 
 def load_base_model(uri: str | Path, dtype: torch.dtype | None = None) -> "PreTrainedModel":
@@ -71,18 +71,23 @@ def bf16_is_fast() -> bool:
     """Whether bf16 runs faster than fp32 here: on CUDA, and on CPUs with AMX tiles (1.9x fp32's speed training
     SmolLM2-135M); not on a Xeon with only AVX-512's bf16 instructions (0.68x:
     benchmarks/results/chattasks/side_runs/precision.json). Other CPUs get fp32, the safe choice."""
-    if torch.cuda.is_available():
-        return True
+    return torch.cuda.is_available() or _cpu_has_amx()
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX's bf16 tiles (read from /proc/cpuinfo; False where there is none)."""
     try:
         return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:  # not Linux: no way to tell here, fp32 is the safe choice
+    except OSError:  # not Linux: no way to tell here
         return False
 
 
 def runtime(precision: Precision = "auto", threads: float = 1, use_gpu: bool | None = None) -> tuple[torch.device, torch.dtype]:
-    """Where and in which dtype a process runs the base model: CUDA when there is one (or use_gpu says so), bf16
-    there and fp32 on CPU unless `precision` says otherwise; `threads` intra-op threads for CPU work."""
+    """Where and in which dtype a process runs the base model: CUDA when there is one (or use_gpu says so). dtype:
+    "auto" is bf16 on CUDA and fp32 on CPU; "fast" is bf16 wherever it runs faster (CUDA, a CPU with AMX), else
+    fp32; "fp32" and "bf16" say it. `threads` intra-op threads for CPU work."""
     torch.set_num_threads(max(1, int(threads)))
     device = torch.device("cuda" if (torch.cuda.is_available() if use_gpu is None else use_gpu) else "cpu")
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    bf16 = (precision == "bf16" or (precision in ("auto", "fast") and device.type == "cuda")
+            or (precision == "fast" and _cpu_has_amx()))
     return device, torch.bfloat16 if bf16 else torch.float32
