@@ -23,8 +23,8 @@ def markdown_table(per_task: dict[str, dict[str, float]], composite: dict[str, d
     for task in tasks:
         lines.append(f"| {task} | " + " | ".join(f"{per_task[v][task]:.2f}" for v in variants) + " |")
     lines.append("| **mean** | " + " | ".join(f"{_mean(per_task[v]):.2f}" for v in variants) + " |")
-    if composite:
-        sizes = sorted({n for results in composite.values() for n in results}, key=int)
+    sizes = sorted({n for results in composite.values() for n in results}, key=int)
+    if sizes:  # no composite evaluated: every variant's entry is empty
         lines += ["", "| composite: summed sub-answer accuracy (max n) and per position | " + " | ".join(f"n={n}" for n in sizes) + " |",
                   "|---" * (len(sizes) + 1) + "|"]
         for variant, results in composite.items():
