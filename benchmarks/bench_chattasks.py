@@ -17,7 +17,7 @@ with Ray Train, 2 CPU workers -> evaluate -> deploy on Ray Serve):
   scaling    gate-training samples/s with 1 and with 2 workers
 Writes benchmarks/results/chattasks/: results.json (with the command and the machine), results.md, plots.
 
-    python benchmarks/bench_chattasks.py [--steps 300] [--samples 30] [--composites 10] [--shots 2]
+    python benchmarks/bench_chattasks.py [--steps 300] [--lr 0.01] [--samples 30] [--composites 10] [--shots 2]
 """
 from __future__ import annotations
 
@@ -135,6 +135,7 @@ def mean(values) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="gate-training steps of the first registration")
+    parser.add_argument("--lr", type=float, default=0.01, help="the gates' learning rate (0.005 before 2026-12-04)")
     parser.add_argument("--composite-fraction", type=float, default=0.25, help="share of gate-training items that are composites")
     parser.add_argument("--samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("--composites", type=int, default=10, help="composites per n")
@@ -166,7 +167,7 @@ def main() -> None:
     ray.init(**LOCAL_RAY)
     port = free_ports(1)[0]
     common = [f"registry={work / 'registry'}", f"work_dir={work}", f"train.steps={args.steps}", "train.batch=16",
-              "train.cpus_per_worker=1", "train.precision=fast",
+              f"train.lr={args.lr}", "train.cpus_per_worker=1", "train.precision=fast",
               f"train.composite_fraction={args.composite_fraction}",
               "incremental_steps=0.25",  # the increment's target is <= 30% of the first training's time, startup included
               f"evaluate.samples={args.samples}", f"evaluate.composite_count={args.composites}",
