@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from meteora.model import Precision
