@@ -17,7 +17,7 @@ with Ray Train, 2 CPU workers -> evaluate -> deploy on Ray Serve):
   scaling    gate-training samples/s with 1 and with 2 workers
 Writes benchmarks/results/chattasks/: results.json (with the command and the machine), results.md, plots.
 
-    python benchmarks/bench_chattasks.py [--steps 300] [--lr 0.01] [--samples 30] [--composites 10] [--shots 2]
+    python benchmarks/bench_chattasks.py [--steps 300] [--lr 0.01] [--samples 30] [--composites 10] [--shots 0]
 """
 from __future__ import annotations
 
@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--composite-fraction", type=float, default=0.25, help="share of gate-training items that are composites")
     parser.add_argument("--samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("--composites", type=int, default=10, help="composites per n")
-    parser.add_argument("--shots", type=int, default=2, help="worked composites before each composite question")
+    parser.add_argument("--shots", type=int, default=0,  # the adapters copy worked examples' answers (benchmarks/NOTES.md)
+                        help="worked composites before each composite question (the paper: 2; 2 before 2026-12-05)")
     parser.add_argument("--temperature", type=float, default=2.0, help="MeteoRA top-2 routing temperature on composites")
     parser.add_argument("--fresh-cache", action="store_true", help="build the suite from an empty cache")
     parser.add_argument("--work", default="/tmp/bench-chattasks")
