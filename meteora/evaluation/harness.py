@@ -123,9 +123,8 @@ def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings:
         routed = variants.get("meteora top-2")
         if routed is not None:
             if settings.temperature is not None:
-                routed.configure(temperature=settings.temperature)
-                scored(f"meteora top-2 T={settings.temperature:g}", lambda: composite_scores(routed, *args, shots))
-                routed.configure(temperature=1.0)
+                with routed.configured(temperature=settings.temperature):
+                    scored(f"meteora top-2 T={settings.temperature:g}", lambda: composite_scores(routed, *args, shots))
             scored("perfect routing", lambda: teacher_routed_scores(routed, *args, shots))
         scored("own adapter", lambda: composite_oracle_scores(fused, *args))
     return results
