@@ -31,7 +31,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meteora import RequestError
-from meteora.errors import Busy, InvalidRequest, PromptTooLong, UnknownExpert
+from meteora.errors import Busy, GenerationFailed, InvalidRequest, PromptTooLong, UnknownExpert
 from meteora.model import checkpoint_exists
 from meteora.serving import MeteoraService, SamplingParams, ServingLimits, TokenEvent
 from meteora.store import absolute_uri
@@ -111,7 +111,7 @@ STATUS = {InvalidRequest: (400, "invalid_request_error"), UnknownExpert: (404, "
 
 
 def api_error(error: RequestError) -> APIError:
-    status, kind = STATUS[type(error)]
+    status, kind = next((STATUS[c] for c in type(error).__mro__ if c in STATUS), STATUS[InvalidRequest])
     return APIError(status, error.message, error.param, error.code, kind)
 
 
@@ -227,7 +227,7 @@ async def _respond(service: MeteoraService, body: GenerationRequest, prompts: li
         async for batch in service.streams(prompts, params):
             for index, event in batch:
                 events[index].append(event)
-    except RuntimeError as error:
+    except GenerationFailed as error:
         raise APIError(503, str(error), None, "generation_failed", "server_error") from None
     choices = [_choice(kind, i, evs, body.return_routing) for i, evs in enumerate(events)]
     return {**header, "object": kind, "choices": choices, "usage": _usage(prompts, events)}
@@ -277,7 +277,7 @@ async def _sse_chunks(service, prompts, params, kind, header, routing: bool, inc
                 if routing:
                     choice["routing"] = _routing(events)
                 yield chunk(choice)
-    except RuntimeError as error:
+    except GenerationFailed as error:
         yield f"data: {json.dumps({'error': {'message': str(error), 'type': 'server_error', 'param': None, 'code': 'generation_failed'}})}\n\n"
     if include_usage:
         prompt_tokens = sum(map(len, prompts))

@@ -1,7 +1,8 @@
 """The exceptions meteora raises for user mistakes, in one place: each names the file, field, adapter or request
-value that is wrong. All but StoreError are ValueErrors, so callers can catch them broadly."""
+value that is wrong. All but StoreError are ValueErrors, so callers can catch them broadly; GenerationFailed is the
+server's own failure, not the request's."""
 
-__all__ = ["AdapterError", "Busy", "CheckpointError", "InvalidRequest", "ManifestError", "PromptTooLong", "RegistryError", "RequestError", "StoreError", "UnknownExpert"]
+__all__ = ["AdapterError", "Busy", "CheckpointError", "GenerationFailed", "InvalidRequest", "ManifestError", "PromptTooLong", "RegistryError", "RequestError", "StoreError", "UnknownExpert"]
 
 
 class AdapterError(ValueError):
@@ -47,3 +48,7 @@ class PromptTooLong(RequestError):
 
 class Busy(RequestError):
     """Too many requests wait already: retry later (HTTP 429)."""
+
+
+class GenerationFailed(RuntimeError):
+    """The generation engine failed while serving a request (not the request's fault: HTTP 503); it lives on."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FORMATS", "Composite", "PromptFormat", "chat_ids", "composite", "encode_with_owners", "fill_owners", "pad_left", "pad_right",
+__all__ = ["FORMATS", "Composite", "PromptFormat", "chat_ids", "composite", "encode_with_owners", "fill_owners", "pad_left", "pad_right", "position_ids",
            "prompt_format", "to_device", "training_batch"]
 
 FORMATS = ("plain", "chat")
@@ -149,6 +149,11 @@ def pad_left(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     width = max(map(len, rows))
     return {"input_ids": torch.tensor([[pad] * (width - len(row)) + row for row in rows]),  # [B, S]
             "attention_mask": torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])}
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, S] of left-padded rows: 0 at each row's first real token (and on its padding)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -24,21 +24,28 @@ from pathlib import Path, PurePosixPath
 
 from .errors import StoreError
 
-__all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir", "is_remote", "local_dir", "open_store", "split_uri"]
+__all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir", "checked_uri", "is_remote", "local_dir", "open_store", "split_uri"]
 
 MULTIPART_THRESHOLD = 64 * 2**20
 
 
 def open_store(uri: str | Path, endpoint_url: str | None = None) -> "LocalStore | S3Store":
-    text = str(uri)
-    if text.startswith("s3://"):
+    text = checked_uri(uri)
+    if is_remote(text):
         bucket, _, prefix = text.removeprefix("s3://").partition("/")
         if len(bucket) < 3:
             raise ValueError(f"{text!r}: an S3 URI needs a bucket name of 3 or more characters")
         return S3Store(bucket, prefix.strip("/"), endpoint_url)
-    if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"{text!r}: unsupported URI scheme (use a local path, file://, or s3://)")
     return LocalStore(Path(text.removeprefix("file://")))
+
+
+def checked_uri(uri: str | Path) -> str:
+    """`uri` as text, if it is a local path, file:// or s3:// (ValueError naming it otherwise: pathlib would
+    take gs://b/x for the local directory gs:/b/x)."""
+    text = str(uri)
+    if "://" in text and not text.startswith(("file://", "s3://")):
+        raise ValueError(f"{text!r}: unsupported URI scheme (use a local path, file://, or s3://)")
+    return text
 
 
 def is_remote(uri: str | Path) -> bool:
@@ -47,7 +54,8 @@ def is_remote(uri: str | Path) -> bool:
 
 def absolute_uri(uri: str | Path) -> str:
     """The URI to hand to other processes: s3:// as it is, a local path (or file://) made absolute."""
-    return str(uri) if is_remote(uri) else str(Path(str(uri).removeprefix("file://")).resolve())
+    text = checked_uri(uri)
+    return text if is_remote(text) else str(Path(text.removeprefix("file://")).resolve())
 
 
 def atomic_write(target: str | Path, data: bytes | Callable[[str], None]) -> None:

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     accuracy = report["accuracy"]
     print(f"manifest: {manifest}   (built in {report['build_seconds']} s)")
-    print(f"{'task':<10}{'base':>6}{'own':>6}{'worst other adapter':>21}{'lora-b':>8}{'merged':>8}")
+    print(f"{'task':<10}{'base':>6}{'own':>6}{'best other adapter':>21}{'lora-b':>8}{'merged':>8}")
     for task, base in accuracy["base"].items():
         others = max(row[task] for name, row in accuracy["adapters"].items() if name != task)
         print(f"{task:<10}{base:>6.2f}{accuracy['adapters'][task][task]:>6.2f}{others:>21.2f}"

@@ -23,23 +23,27 @@ from meteora.evaluation import CompositeSettings, evaluate, load_benchmark, mark
 from meteora.registry import Manifest, load_manifest  # noqa: E402
 
 
+DEFAULTS = CompositeSettings()
+
+
 class EvaluateSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True  # (the workflow's switch for this stage)
     tasks: list[str] | None = None  # a subset of the manifest's adapters; None: all
-    composite: list[int] = [3, 5]  # composite-n sizes
-    composite_count: int = Field(40, ge=1)  # composite prompts per n
-    composite_shots: int = Field(0, ge=0)  # worked composites before each question (chat format; the paper: 2)
-    composite_temperature: float | None = Field(None, gt=0)  # also MeteoRA top-2 at this routing temperature
+    composite: list[int] = list(DEFAULTS.sizes)  # composite-n sizes
+    composite_count: int = Field(DEFAULTS.count, ge=1)  # composite prompts per n
+    composite_shots: int = Field(DEFAULTS.shots, ge=0)  # worked composites before each question (chat format; the paper: 2)
+    composite_temperature: float | None = Field(DEFAULTS.temperature, gt=0)  # also MeteoRA top-2 at this routing temperature
     samples: int | None = Field(None, ge=1)  # eval samples per task; None = all
+
+    def composites(self) -> CompositeSettings:
+        return CompositeSettings(tuple(self.composite), self.composite_count, self.composite_shots, self.composite_temperature)
 
 
 def evaluate_manifest(manifest: Manifest, checkpoint: str | None, settings: EvaluateSettings, out_dir: str | Path) -> dict:
     """Every variant per task and on composites; results.json, results.md and the plots in `out_dir`."""
     bench = load_benchmark(manifest, settings.tasks, settings.samples)
-    composites = CompositeSettings(tuple(settings.composite), settings.composite_count, settings.composite_shots,
-                                   settings.composite_temperature)
-    return evaluate(bench, checkpoint, composites, out_dir)
+    return evaluate(bench, checkpoint, settings.composites(), out_dir)
 
 
 @ray.remote(num_cpus=1)
@@ -67,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", default=None)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the manifest's adapters")
-    parser.add_argument("--composite", default="3,5", help="composite sizes n (empty for none)")
-    parser.add_argument("--composite-count", type=int, default=40, help="composite prompts per n")
-    parser.add_argument("--composite-shots", type=int, default=0, help="worked composites before each (chat format)")
+    parser.add_argument("--composite", default=None, help=f"composite sizes n (empty for none; default {DEFAULTS.sizes})")
+    parser.add_argument("--composite-count", type=int, default=None, help=f"composite prompts per n (default {DEFAULTS.count})")
+    parser.add_argument("--composite-shots", type=int, default=None, help=f"worked composites before each (chat format; default {DEFAULTS.shots})")
     parser.add_argument("--composite-temperature", type=float, default=None, help="also top-2 at this routing temperature")
     parser.add_argument("--samples", type=int, default=None, help="eval samples per task (default: all)")
     parser.add_argument("--out", default="eval-output")
@@ -80,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             from suites.tinytasks import build
 
             args.manifest = build()
-        settings = EvaluateSettings(tasks=args.tasks.split(",") if args.tasks else None,
-                                    composite=[int(n) for n in args.composite.split(",") if n],
-                                    composite_count=args.composite_count, composite_shots=args.composite_shots,
-                                    composite_temperature=args.composite_temperature,
-                                    samples=args.samples)
+        given = {"tasks": args.tasks.split(",") if args.tasks else None,
+                 "composite": [int(n) for n in args.composite.split(",") if n] if args.composite is not None else None,
+                 "composite_count": args.composite_count, "composite_shots": args.composite_shots,
+                 "composite_temperature": args.composite_temperature, "samples": args.samples}
+        settings = EvaluateSettings(**{key: value for key, value in given.items() if value is not None})
         results = evaluate_manifest(load_manifest(args.manifest), args.checkpoint, settings, args.out)
     except (ManifestError, StoreError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from meteora.model import Precision
+from meteora.store import checked_uri
 from meteora.training import GateTrainingConfig
 
 from .common import ROOT, load_config
@@ -60,6 +61,9 @@ class TrainGatesConfig(BaseModel):
             raise ValueError(f"name {self.name!r} must be 1-64 letters, digits, '_', '.' or '-' (it becomes a path)")
         if self.training.freeze_old and not self.init_from:
             raise ValueError("freeze_old needs init_from (there are no old gate rows to freeze)")
+        for field in ("registry", "output", "init_from", "storage_path"):
+            if getattr(self, field) is not None:
+                checked_uri(getattr(self, field))
         return self
 
     def flat(self) -> dict:

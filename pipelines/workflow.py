@@ -28,6 +28,7 @@ import logging
 import math
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/workflow
 import ray  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 
-from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
+from meteora import RegistryError, StoreError  # noqa: E402
 from meteora.model import checkpoint_digest, checkpoint_exists  # noqa: E402
 from meteora.registry import Manifest, Registry, load_manifest  # noqa: E402
-from meteora.store import atomic_write  # noqa: E402
+from meteora.store import atomic_write, checked_uri  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
 from pipelines.common import ROOT, ConfigError, load_config, ray_connection, runtime_env  # noqa: E402
 from pipelines.evaluate import EvaluateSettings, evaluate_task  # noqa: E402
@@ -80,6 +81,9 @@ class WorkflowConfig(BaseModel):
         unexpected = sorted(SET_BY_WORKFLOW & set(self.train))
         if unexpected:
             raise ValueError(f"train: {unexpected} are set by the workflow itself")
+        checked_uri(self.registry)
+        if self.artifacts is not None:
+            checked_uri(self.artifacts)
         self.train_config()  # the training settings are checked now, not when the train stage starts
         return self
 
@@ -136,7 +140,10 @@ class State:
 
     def __init__(self, work_dir: Path):
         self.path = work_dir / STATE_FILE
-        self.records = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        try:
+            self.records = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{self.path}: not a workflow state file ({err}); move it away to run every stage again") from err
 
     def outputs(self, stage: str, inputs: str | None = None):
         """The stage's recorded outputs (only if they were made from `inputs`, when given), or None."""
@@ -298,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(args.manifest)  # a bad manifest fails before Ray starts
         with ray_connection() as started_here:
             outputs = run(manifest, config, can_deploy=not started_here)
-    except (ConfigError, ManifestError, StoreError) as err:
+    except (ValueError, StoreError) as err:  # meteora's and the config's user errors, each naming what is wrong
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StageFailed as err:
+        if not isinstance(err.__cause__, (ValueError, OSError)):  # not a user error: a bug, shown with its traceback
+            traceback.print_exception(err.__cause__)
         print(f"error: {err}\n(the stages before it are recorded; run again to resume at '{err.stage}')", file=sys.stderr)
         return 1
     summary = {stage: {k: v for k, v in dataclasses.asdict(out).items() if k != "experts"} for stage, out in outputs.items()}

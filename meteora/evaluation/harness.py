@@ -24,7 +24,7 @@ import torch
 
 from ..model import MeteoraModel, load_base_model, load_tokenizer
 from ..prompts import PromptFormat, pad_left, prompt_format
-from ..registry import Manifest
+from ..registry import Manifest, read_samples
 from ..store import local_dir, open_store, split_uri
 from ..training import response_routing_accuracy
 from .answers import (accuracy_per_task, composite_oracle_scores, composite_problems, composite_scores, composite_shots,
@@ -58,16 +58,18 @@ def load_benchmark(manifest: Manifest, tasks: list[str] | None = None, samples: 
     """A manifest's base model, adapters and eval data (from any store); the baselines/ beside it if present."""
     specs = [s for s in manifest.adapters if tasks is None or s.name in tasks]
     missing = sorted(set(tasks or []) - {s.name for s in specs})
-    if missing or any(not (s.data or {}).get("eval") for s in specs):
-        raise ValueError(f"{manifest.path}: unknown tasks {missing}, or an adapter without eval data")
+    if missing:
+        raise ValueError(f"{manifest.path}: unknown tasks {missing}; the manifest has {manifest.names}")
+    no_eval = [s.name for s in specs if not (s.data or {}).get("eval")]
+    if no_eval:
+        raise ValueError(f"{manifest.path}: adapters {no_eval} have no eval data (data.eval)")
     formats = sorted({s.prompt_format for s in specs})
     if len(formats) != 1:
         raise ValueError(f"{manifest.path}: the adapters mix prompt formats {formats}")
     eval_sets = {}
     for spec in specs:
         parent, key = split_uri(spec.data["eval"])
-        lines = open_store(parent).read_bytes(key).decode().splitlines()
-        eval_sets[spec.name] = [json.loads(line) for line in lines if line.strip()][:samples]
+        eval_sets[spec.name] = read_samples(open_store(parent).read_bytes(key), f"eval data {spec.data['eval']}")[:samples]
     root = local_dir(f"{split_uri(manifest.path)[0]}/baselines")  # beside a remote manifest: mirrored
     return Benchmark(
         tokenizer=load_tokenizer(manifest.base_uri),
@@ -123,9 +125,8 @@ def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings:
         routed = variants.get("meteora top-2")
         if routed is not None:
             if settings.temperature is not None:
-                routed.configure(temperature=settings.temperature)
-                scored(f"meteora top-2 T={settings.temperature:g}", lambda: composite_scores(routed, *args, shots))
-                routed.configure(temperature=1.0)
+                with routed.configured(temperature=settings.temperature):
+                    scored(f"meteora top-2 T={settings.temperature:g}", lambda: composite_scores(routed, *args, shots))
             scored("perfect routing", lambda: teacher_routed_scores(routed, *args, shots))
         scored("own adapter", lambda: composite_oracle_scores(fused, *args))
     return results

@@ -45,7 +45,7 @@ def plot_accuracy(per_task: dict[str, dict[str, float]], file: Path) -> None:
         ax.bar([t + i * width for t in range(len(tasks))], [per_task[variant][task] for task in tasks], width, label=variant)
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("exact match on the eval split")
+    ax.set_ylabel("score on the eval split (the task's metric)")
     ax.set_title("accuracy per task")
     ax.legend(fontsize=8, ncols=min(len(variants), 4), loc="upper center", bbox_to_anchor=(0.5, -0.25))
     fig.tight_layout()

@@ -15,7 +15,7 @@ import re
 import torch
 
 from ..model import MeteoraModel
-from ..prompts import PromptFormat, encode_with_owners, pad_left
+from ..prompts import PromptFormat, encode_with_owners, pad_left, position_ids
 from .answers import CompositeProblem, Shots, composite_summary
 
 LINE_NUMBER = re.compile(r"^\s*(\d+)")  # a line being written that starts "3" already continues answer 3
@@ -56,7 +56,7 @@ def _generate(model, tokenizer, problems, fmt, shots, max_new_tokens) -> list[li
     batch = pad_left(rows, tokenizer.pad_token_id)
     device, mask = model.device, batch["attention_mask"]
     routing = pad_left(routes, -1)["input_ids"]  # [B, P]; padding: the gates (masked out anyway)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(mask)
     with model.route_tokens(routing):
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device),
                     position_ids=positions.to(device), use_cache=True, logits_to_keep=1)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..store import is_remote, local_dir
+from ..store import checked_uri, is_remote, local_dir
 from .gguf import gguf_model_dir, is_gguf
 
 if TYPE_CHECKING:
@@ -44,9 +44,7 @@ def load_tokenizer(uri: str | Path) -> "PreTrainedTokenizerBase":
 def model_dir(uri: str | Path) -> Path:
     """A local directory holding the base model of `uri` (file://, a local path, or s3:// mirrored locally; a GGUF
     file converted into the cache)."""
-    text = str(uri)
-    if "://" in text and not text.startswith(("file://", "s3://")):
-        raise ValueError(f"base model URI {text!r}: use a local directory or GGUF file, file:// or s3://")
+    text = checked_uri(uri)
     if is_gguf(text):
         return gguf_model_dir(text)
     path = local_dir(text) if is_remote(text) else Path(text.removeprefix("file://"))

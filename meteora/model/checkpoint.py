@@ -1,8 +1,9 @@
 """The MeteoRA checkpoint directory: what is stored, and reading/writing it safely.
 
     meteora_config.json   format_version, base_model {name, uri, fingerprint, probe}, experts [{name, sha256,
-                          rank, alpha, scaling, target_modules, source}], target_modules, top_k, temperature,
-                          training (the summary of the run that trained the gates)
+                          rank, alpha, scaling, target_modules, source, prompt_format}], target_modules, top_k,
+                          temperature, training (the summary of the run that trained the gates), files {the
+                          two tensor files' sha256}
     experts.safetensors   "<layer>.A" [R, d_in], "<layer>.B_t" [R, d_out] (scaling_e * B_e^T), "<layer>.ranks" [E],
                           "<layer>.scaling" [E]; experts' rows in expert order at their own ranks, no padding
     gates.safetensors     "<layer>.gate" [E, d_in]

@@ -3,7 +3,7 @@
     y = base_layer(x) + sum_j w_j * s_e * B_e (A_e x),  (e, w) = top-k of softmax(G x / T)
 
 The base layer is kept as `base_layer`, frozen and untouched. Trainable state is the gate only
-(`meteora_gate`); the experts are buffers in `meteora_experts`. Shapes and symbols: meteora/experts.py.
+(`meteora_gate`); the experts are buffers in `meteora_experts`. Shapes and symbols: meteora/model/experts.py.
 """
 from __future__ import annotations
 

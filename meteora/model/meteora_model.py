@@ -164,6 +164,16 @@ class MeteoraModel(nn.Module):
         return [self.expert_names.index(n) for n in names]
 
     @contextlib.contextmanager
+    def configured(self, top_k: int | None = None, temperature: float | None = None, backend: str | None = None):
+        """configure(...) inside the block only: the settings before it are back on exit."""
+        before = (self.routing.top_k, self.routing.temperature, self.routing.backend)
+        self.configure(top_k, temperature, backend)
+        try:
+            yield self
+        finally:
+            self.routing.top_k, self.routing.temperature, self.routing.backend = before
+
+    @contextlib.contextmanager
     def force_experts(self, names: Sequence[str]):
         """Bypass the gates inside the block: every token uses `names` with equal weights."""
         ids = self.expert_ids(names)

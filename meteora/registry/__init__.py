@@ -5,9 +5,9 @@
     collection.py  fetch-and-check of one adapter, and the plan of a registry's next index (no scheduling:
                    pipelines/collect_adapters.py runs it on Ray)
 """
-from .collection import Collected, fetch_adapter, inspect_base, plan_index
+from .collection import Collected, fetch_adapter, inspect_base, plan_index, read_samples
 from .manifest import DATA_SPLITS, METRICS, AdapterSpec, Manifest, load_manifest
 from .registry import Registry
 
 __all__ = ["AdapterSpec", "Collected", "DATA_SPLITS", "METRICS", "Manifest", "Registry", "fetch_adapter", "inspect_base",
-           "load_manifest", "plan_index"]
+           "load_manifest", "plan_index", "read_samples"]

@@ -1,11 +1,11 @@
 """Collecting a manifest's adapters into a registry: the steps, without any scheduling (the Ray driver in
 pipelines/collect_adapters.py runs `fetch_adapter` in parallel tasks).
 
-    inspect_base(manifest)        the base model's config -> a weightless skeleton and its structure hash
-    fetch_adapter(spec, config)   read one adapter (and its data) from its store and check everything;
-                                  -> Collected: the registry entry and the content-addressed files, or why not
-    plan_index(registry, ...)     the new index and a summary row per adapter (added / unchanged / new version /
-                                  updated / rejected)
+    inspect_base(manifest)              the base model's config -> a weightless skeleton and its structure hash
+    fetch_adapter(spec, base_config)    read one adapter (and its data) from its store and check everything;
+                                        -> Collected: the registry entry and the content-addressed files, or why not
+    plan_index(registry, ...)           the new index and a summary row per adapter (added / unchanged / new
+                                        version / updated / rejected)
 Nothing here writes to the registry: the driver commits only when every adapter was accepted.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
     for split, uri in (spec.data or {}).items():
         parent, key = split_uri(uri)
         content = open_store(parent).read_bytes(key)
-        check_jsonl(content, f"{split} data {uri}")
+        read_samples(content, f"{split} data {uri}")
         data[split] = hashlib.sha256(content).hexdigest()
         files[data_key(data[split])] = content
     entry = {"sha256": sha, "config_sha256": config_sha, "content_sha256": content_sha, "rank": adapter.rank, "alpha": adapter.alpha, "target_modules": adapter.target_modules,
@@ -83,11 +83,13 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
     return Collected(spec.name, entry=entry, files=files)
 
 
-def check_jsonl(content: bytes, where: str) -> None:
-    """Every line is a JSON object with string "prompt" and "response" (blank lines are not allowed)."""
+def read_samples(content: bytes, where: str) -> list[dict]:
+    """The samples of task data (JSONL): every line a JSON object with string "prompt" and "response" (blank
+    lines are not allowed). ValueError naming `where` and the line otherwise."""
     lines = content.decode("utf-8", errors="replace").splitlines()
     if not lines:
         raise ValueError(f"{where} is empty")
+    samples = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
@@ -95,6 +97,8 @@ def check_jsonl(content: bytes, where: str) -> None:
             raise ValueError(f"{where}: line {number} is not valid JSON ({err.msg})") from None
         if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)):
             raise ValueError(f"{where}: line {number} needs string fields 'prompt' and 'response'")
+        samples.append(record)
+    return samples
 
 
 def plan_index(registry: Registry, base: dict, results: list[Collected]) -> tuple[dict | None, list[dict]]:

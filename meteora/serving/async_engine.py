@@ -12,6 +12,7 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
 
+from ..errors import GenerationFailed
 from .engine import GenerationEngine
 from .requests import SamplingParams, TokenEvent
 
@@ -69,7 +70,7 @@ class AsyncEngine:
                 events = self.engine.step()
             except Exception as error:  # noqa: BLE001 - handed to every waiting request, the thread lives on
                 for request_id in self.engine.abort_all():
-                    self._deliver(request_id, RuntimeError(f"generation failed: {error}"))
+                    self._deliver(request_id, GenerationFailed(f"generation failed: {error}"))
                 continue
             if self.on_step is not None:
                 self.on_step(events)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import MeteoraModel
+from ..prompts import pad_left, position_ids
 from .batched_cache import BatchedCache
 from .requests import FinishReason, SamplingParams, ServingLimits, TokenEvent, check_request
 
@@ -137,11 +138,10 @@ class GenerationEngine:
             groups.setdefault(request.params.experts, []).append(request)
         events = []
         for key, requests in groups.items():
-            width = max(len(r.prompt) for r in requests)
-            ids = torch.tensor([[self.pad_id] * (width - len(r.prompt)) + r.prompt for r in requests])  # [n, P]
-            mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in requests])  # [n, P]
+            batch = pad_left([r.prompt for r in requests], self.pad_id)  # [n, P]
+            mask = batch["attention_mask"]
             cache = BatchedCache.empty(mask)
-            logits, routing = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache, key)
+            logits, routing = self._forward(batch["input_ids"], mask, position_ids(mask), cache, key)
             events += [self._emit(r, logits[i], routing[i]) for i, r in enumerate(requests)]
             alive = [i for i, r in enumerate(requests) if r.finish_reason is None]
             if alive:

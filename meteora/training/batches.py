@@ -16,13 +16,11 @@ exact match (top-2 0.88 either way; benchmarks/NOTES.md). Samples are encoded in
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 from ..model import MeteoraModel
 from ..prompts import PromptFormat, encode_with_owners, fill_owners, pad_right, to_device
-from ..registry import Registry
+from ..registry import Registry, read_samples
 from .config import GateTrainingConfig
 from .loss import IGNORE, lm_labels, meteora_loss, routing_accuracy
 from .sampling import Item, Sample
@@ -32,8 +30,8 @@ def registry_samples(registry: Registry, expert_names: list[str], split: str) ->
     """(sample, expert index) for every sample of every expert's `split` data in the registry."""
     samples = []
     for index, name in enumerate(expert_names):
-        lines = registry.data_file(name, split).read_text().splitlines()
-        samples += [(json.loads(line), index) for line in lines if line.strip()]
+        path = registry.data_file(name, split)
+        samples += [(sample, index) for sample in read_samples(path.read_bytes(), f"{name}'s {split} data {path}")]
     return samples
 
 

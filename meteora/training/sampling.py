@@ -6,7 +6,7 @@ exactly the batches an uninterrupted run would have drawn from step s + 1 on: no
 With `new_experts` (incremental training), a fixed share of every batch comes from the new experts' samples
 (new_share), the rest from the old ones, so the new gate rows learn while the old tasks keep being seen.
 With `composite_fraction`, that share of the items are composites: 2..composite_max samples of different
-tasks asked in one prompt (gate_training.gate_batch labels their tokens per segment).
+tasks asked in one prompt (batches.gate_batch labels their tokens per segment).
 """
 from __future__ import annotations
 

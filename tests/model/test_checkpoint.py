@@ -113,3 +113,18 @@ def test_damaged_checkpoint_fails_clearly(saved, damage):
     mutate(root / "ckpt")
     with pytest.raises(CheckpointError, match=message):
         MeteoraModel.from_pretrained(root / "ckpt", base_model=tiny_base(layers=3))
+
+
+def test_configured_changes_routing_inside_the_block_only(saved):
+    """The evaluation's raised-temperature row must leave the checkpoint's own settings (here T=2) for the next rows."""
+    model, _ = saved
+    ids = random_ids(batch=1, length=8)
+    with torch.no_grad():
+        before = model(ids).logits
+        with model.configured(top_k=1, temperature=0.5):
+            assert (model.routing.top_k, model.routing.temperature) == (1, 0.5)
+            assert not torch.allclose(model(ids).logits, before)
+        with pytest.raises(RuntimeError), model.configured(temperature=4.0):
+            raise RuntimeError("a failed row")
+        assert (model.routing.top_k, model.routing.temperature) == (2, 2.0)
+        assert torch.equal(model(ids).logits, before)

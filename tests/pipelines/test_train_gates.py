@@ -56,6 +56,8 @@ def test_bad_config_is_refused_before_anything_starts(registry, tmp_path, capsys
         load_train_config(None, ["freeze_old=true"])
     with pytest.raises(ConfigError, match="name"):
         load_train_config(None, ["name=../escape"])
+    with pytest.raises(ConfigError, match="'gs://bucket/runs': unsupported URI scheme"):
+        load_train_config(None, ["storage_path=gs://bucket/runs"])  # not a local directory "gs:"
     for argv, message in [(["experts=[reverse, nope]"], "nope"),
                           (["registry=" + str(tmp_path / "empty")], "holds no adapters"),
                           (["--init-from", str(tmp_path / "missing")], "not a MeteoRA checkpoint")]:

@@ -133,3 +133,15 @@ def test_bad_config_or_manifest_is_refused_before_anything_runs(tmp_path, capsys
     assert main(["--manifest", str(tmp_path / "bad.yaml"), f"work_dir={tmp_path / 'w'}", f"registry={tmp_path / 'r'}"]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
+    with pytest.raises(ConfigError, match="unsupported URI scheme"):
+        load_workflow_config(None, ["registry=S3://bucket/r", "work_dir=w"])  # not a local directory "S3:"
+
+
+def test_a_corrupt_state_file_is_named_and_left_as_it_was(tmp_path, capsys):
+    manifest = write_world(tmp_path / "world", {"reverse": 4})
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "workflow_state.json").write_text("{not json")
+    assert main(["--manifest", str(manifest), f"work_dir={tmp_path / 'w'}", f"registry={tmp_path / 'r'}"]) == 2
+    assert "workflow_state.json: not a workflow state file" in capsys.readouterr().err
+    assert (tmp_path / "w" / "workflow_state.json").read_text() == "{not json"
+    assert not (tmp_path / "r").exists()

@@ -315,3 +315,41 @@ def test_back_pressure_answers_429_when_too_many_requests_wait(tmp_path):
         assert reply.status_code == 429 and reply.json()["error"]["code"] == "server_busy"
     finally:
         service.close()
+
+
+def test_a_failing_engine_step_answers_503_and_the_next_request_is_served(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import serve_app
+
+    settings = serve_app.ServeSettings(checkpoint=str(tiny_checkpoint(tmp_path)))
+    service = MeteoraService.load(**serve_app.service_settings(settings))
+    step, failures = service.engine.step, [1]
+
+    def failing_once():
+        if failures:
+            failures.pop()
+            raise RuntimeError("out of memory")
+        return step()
+
+    service.engine.step = failing_once
+    try:
+        app = TestClient(serve_app.create_app(service, settings))
+        body = {"model": "meteora", "prompt": "reverse: abc\n", "max_tokens": 4, "temperature": 0}
+        reply = app.post("/v1/completions", json=body)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "generation_failed"
+        assert "out of memory" in reply.json()["error"]["message"]
+        assert app.post("/v1/completions", json=body).status_code == 200
+    finally:
+        service.close()
+
+
+def test_every_request_error_maps_to_an_openai_4xx():
+    import serve_app
+    from meteora.errors import RequestError, UnknownExpert
+
+    class Subclassed(UnknownExpert):
+        pass
+
+    assert serve_app.api_error(Subclassed("m", "model")).status == 404
+    assert serve_app.api_error(RequestError("m")).status == 400

@@ -2,7 +2,7 @@
 
     delta[t] = sum_j weights[t, j] * scaling[e] * B_e (A_e x[t]),  e = ids[t, j]
 
-Two steps (symbols: meteora/experts.py):
+Two steps (symbols: meteora/model/experts.py):
   shrink  h[t, j, c] = A_e[c] . x[t] for each picked expert e = ids[t, j]; 0 in slots c >= r_e     [T, k, r_max]
   expand  one F.embedding_bag over the rows of B_t: token t's bag holds the rows of its k experts,
           each row (scaling folded in) weighted by weights[t, j] * h[t, j, c]. It reads only the picked
