@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import ray
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+from meteora.store import checked_uri
 
 ROOT = Path(__file__).parents[1]
 # A local Ray without a dashboard (no fixed ports to collide with); Ray's own processes log errors only: the
@@ -22,6 +24,7 @@ ROOT = Path(__file__).parents[1]
 LOCAL_RAY = {"include_dashboard": False, "logging_config": ray.LoggingConfig(log_level="ERROR")}
 
 Config = TypeVar("Config", bound=BaseModel)
+Uri = Annotated[str, AfterValidator(checked_uri)]  # a config field naming a store: local path, file:// or s3://
 
 
 class ConfigError(ValueError):

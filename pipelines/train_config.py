@@ -15,10 +15,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from meteora.model import Precision
-from meteora.store import checked_uri
 from meteora.training import GateTrainingConfig
 
-from .common import ROOT, load_config
+from .common import ROOT, Uri, load_config
 
 DEFAULT_CONFIG = ROOT / "configs" / "train_gates.yaml"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -28,13 +27,13 @@ TRAINING_KEYS = {f.name for f in dataclasses.fields(GateTrainingConfig)}
 class TrainGatesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    registry: str | None = None  # registry URI (local or s3://); None: the embedded tinytasks registry
+    registry: Uri | None = None  # registry URI (local or s3://); None: the embedded tinytasks registry
     experts: list[str] | None = None  # registry adapters to fuse, in expert order; None: all of them
-    output: str | None = None  # MeteoRA checkpoint URI; None: <storage_path>/<name>/meteora
-    init_from: str | None = None  # a MeteoRA checkpoint whose gate rows start the experts and modules it shares
+    output: Uri | None = None  # MeteoRA checkpoint URI; None: <storage_path>/<name>/meteora
+    init_from: Uri | None = None  # a MeteoRA checkpoint whose gate rows start the experts and modules it shares
 
     name: str = "meteora-gates"  # run name: a run with the same name and storage_path resumes
-    storage_path: str | None = None  # Ray Train checkpoints: local dir or s3://; None: <cache>/ray_results
+    storage_path: Uri | None = None  # Ray Train checkpoints: local dir or s3://; None: <cache>/ray_results
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -61,9 +60,6 @@ class TrainGatesConfig(BaseModel):
             raise ValueError(f"name {self.name!r} must be 1-64 letters, digits, '_', '.' or '-' (it becomes a path)")
         if self.training.freeze_old and not self.init_from:
             raise ValueError("freeze_old needs init_from (there are no old gate rows to freeze)")
-        for field in ("registry", "output", "init_from", "storage_path"):
-            if getattr(self, field) is not None:
-                checked_uri(getattr(self, field))
         return self
 
     def flat(self) -> dict:

@@ -41,9 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 from meteora import RegistryError, StoreError  # noqa: E402
 from meteora.model import checkpoint_digest, checkpoint_exists  # noqa: E402
 from meteora.registry import Manifest, Registry, load_manifest  # noqa: E402
-from meteora.store import atomic_write, checked_uri  # noqa: E402
+from meteora.store import atomic_write  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
-from pipelines.common import ROOT, ConfigError, load_config, ray_connection, runtime_env  # noqa: E402
+from pipelines.common import ROOT, ConfigError, Uri, load_config, ray_connection, runtime_env  # noqa: E402
 from pipelines.evaluate import EvaluateSettings, evaluate_task  # noqa: E402
 from pipelines.train_config import TrainGatesConfig  # noqa: E402
 from pipelines.train_gates import print_training_summary, train  # noqa: E402
@@ -67,9 +67,9 @@ class DeploySettings(BaseModel):
 
 class WorkflowConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    registry: str  # where the manifest's adapters are registered (local dir or s3://)
+    registry: Uri  # where the manifest's adapters are registered (local dir or s3://)
     work_dir: str  # local: the state file and the evaluations
-    artifacts: str | None = None  # Ray Train runs and checkpoints (s3:// on a multi-node cluster); None: work_dir
+    artifacts: Uri | None = None  # Ray Train runs and checkpoints (s3:// on a multi-node cluster); None: work_dir
     train: dict = {}  # pipelines/train_gates settings (configs/train_gates.yaml keys) but the ones the workflow sets
     incremental_steps: float = Field(0.25, gt=0, le=1)  # share of train.steps when training starts from the last one
     incremental_freeze_old: bool = True  # then: the copied gate rows stay fixed, only fresh rows and new gates train
@@ -81,9 +81,6 @@ class WorkflowConfig(BaseModel):
         unexpected = sorted(SET_BY_WORKFLOW & set(self.train))
         if unexpected:
             raise ValueError(f"train: {unexpected} are set by the workflow itself")
-        checked_uri(self.registry)
-        if self.artifacts is not None:
-            checked_uri(self.artifacts)
         self.train_config()  # the training settings are checked now, not when the train stage starts
         return self
 
