@@ -20,12 +20,12 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from meteora import RequestError
 from meteora.errors import Busy, GenerationFailed, InvalidRequest, PromptTooLong, UnknownExpert
 from meteora.model import checkpoint_exists
+from meteora.model.backends import check_backend
 from meteora.serving import MeteoraService, SamplingParams, ServingLimits, TokenEvent
 from meteora.store import absolute_uri
 
@@ -46,7 +47,7 @@ class ServeSettings(BaseModel):
     checkpoint: str  # MeteoRA checkpoint: a directory or s3:// prefix
     base_model: str | None = None  # default: the base model URI the checkpoint records
     model_name: str = Field("meteora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    backend: Literal["auto", "torch", "triton", "loop"] = "auto"  # auto: Triton on GPU, vectorized torch on CPU
+    backend: Annotated[str, AfterValidator(check_backend)] = "auto"  # auto: Triton on GPU, vectorized torch on CPU
     max_batch_size: int = Field(16, ge=1)  # requests decoded together per replica
     max_waiting: int = Field(64, ge=0)  # requests queued behind a full batch before 429
     max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts: 413

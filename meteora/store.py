@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import StoreError
 
-__all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir", "checked_uri", "is_remote", "local_dir", "open_store", "split_uri"]
+__all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir", "checked_uri", "is_remote", "local_dir", "open_store", "read_uri", "split_uri"]
 
 MULTIPART_THRESHOLD = 64 * 2**20
 
@@ -101,6 +101,12 @@ def split_uri(uri: str) -> tuple[str, str]:
     """'s3://b/p/x.json' -> ('s3://b/p', 'x.json'): the parent as a store URI and the last name as its key."""
     parent, _, name = str(uri).rstrip("/").rpartition("/")
     return parent or ".", name
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes at `uri`: a local file, file:// or s3:// object (StoreError if it cannot be read)."""
+    parent, key = split_uri(checked_uri(uri))
+    return open_store(parent).read_bytes(key)
 
 
 def check_key(key: str) -> str:

@@ -9,6 +9,7 @@ training that `make demo MODEL=smollm2` starts next was killed for memory on a 2
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import tempfile
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from meteora.store import absolute_uri, cache_dir, open_store
@@ -48,3 +50,22 @@ def cached_build(out_uri: str | None, name: str, key: str, build_into: Callable[
             store.write_bytes(f"{root}/{path.relative_to(local).as_posix()}", path.read_bytes())
         store.write_bytes(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())  # last: marks it complete
     return manifest_uri
+
+
+def write_task_data(out: Path, data: dict[str, tuple[list[dict], list[dict]]]) -> None:
+    """<out>/data/<task>/{train,eval}.jsonl: each task's (train, eval) samples, one JSON object a line."""
+    for task, (train, evaluation) in data.items():
+        for split, samples in (("train", train), ("eval", evaluation)):
+            path = out / "data" / task / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+
+
+def write_manifest(out: Path, uri: str, base_model: dict, descriptions: dict[str, str], **shared) -> None:
+    """<out>/manifest.yaml: an AdapterManifest over the build's adapters/<task>/ and data/<task>/ as they will lie
+    under `uri`, one entry per task in `descriptions` (task -> description); `shared`: fields every entry has."""
+    adapters = [{"name": task, "uri": f"{uri}/adapters/{task}/", "description": description,
+                 "data": {"train": f"{uri}/data/{task}/train.jsonl", "eval": f"{uri}/data/{task}/eval.jsonl"},
+                 "metric": "exact_match", **shared} for task, description in descriptions.items()]
+    manifest = {"apiVersion": "meteora/v1", "kind": "AdapterManifest", "base_model": base_model, "adapters": adapters}
+    (out / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))

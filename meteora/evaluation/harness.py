@@ -25,7 +25,7 @@ import torch
 from ..model import MeteoraModel, load_base_model, load_tokenizer
 from ..prompts import PromptFormat, pad_left, prompt_format
 from ..registry import Manifest, read_samples
-from ..store import local_dir, open_store, split_uri
+from ..store import local_dir, read_uri, split_uri
 from ..training import response_routing_accuracy
 from .answers import (accuracy_per_task, composite_oracle_scores, composite_problems, composite_scores, composite_shots,
                       task_accuracy)
@@ -68,8 +68,7 @@ def load_benchmark(manifest: Manifest, tasks: list[str] | None = None, samples: 
         raise ValueError(f"{manifest.path}: the adapters mix prompt formats {formats}")
     eval_sets = {}
     for spec in specs:
-        parent, key = split_uri(spec.data["eval"])
-        eval_sets[spec.name] = read_samples(open_store(parent).read_bytes(key), f"eval data {spec.data['eval']}")[:samples]
+        eval_sets[spec.name] = read_samples(read_uri(spec.data["eval"]), f"eval data {spec.data['eval']}")[:samples]
     root = local_dir(f"{split_uri(manifest.path)[0]}/baselines")  # beside a remote manifest: mirrored
     return Benchmark(
         tokenizer=load_tokenizer(manifest.base_uri),

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from ..errors import StoreError
 from ..model import is_gguf, model_dir, skeleton_from_config, structure_hash
 from ..model.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, adapter_from_bytes, pickle_only_error
-from ..store import open_store, split_uri
+from ..store import open_store, read_uri
 from .manifest import AdapterSpec, Manifest
 from .registry import Registry, adapter_key, data_key
 
@@ -72,8 +72,7 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
     files = {adapter_key(content_sha, CONFIG_FILE): config_bytes, adapter_key(content_sha, WEIGHTS_FILE): weights}
     data = {}
     for split, uri in (spec.data or {}).items():
-        parent, key = split_uri(uri)
-        content = open_store(parent).read_bytes(key)
+        content = read_uri(uri)
         read_samples(content, f"{split} data {uri}")
         data[split] = hashlib.sha256(content).hexdigest()
         files[data_key(data[split])] = content

@@ -29,12 +29,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from meteora.model import bf16_is_fast, model_dir
 
-from ..assets import cached_build
+from ..assets import cached_build, write_manifest, write_task_data
 from . import jobs, lora
 from .items import task_data
 from .lora import MLP, QKVO, QV, QVO
@@ -78,7 +77,7 @@ class ChatTasksConfig:
     batch: int = 16
     composite_share: float = 0.5  # of each adapter's items: composites of 2..composite_max problems
     composite_max: int = 4
-    shots: int = 0  # worked composites before each composite item (the benchmark's composites are 2-shot)
+    shots: int = 0  # worked composites before each composite item (the paper asked composites 2-shot)
     lora_b_rank: int = 16
     lora_b_steps: int = 60
     bf16: bool = field(default_factory=bf16_is_fast)  # under bf16 autocast (fp32 master weights) where it is faster
@@ -118,7 +117,7 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     shutil.copyfile(license_file, out / "base" / "LICENSE")
     model_dir(out / "base" / gguf.name)  # the GGUF file converted into the cache once, before the workers load it
     seconds = {"base": time.perf_counter() - started}
-    _write_data(out, task_data(config))
+    write_task_data(out, task_data(config))
     threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=jobs.start_worker,
                              initargs=(out / "base" / gguf.name, config, threads)) as pool:
@@ -137,7 +136,8 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     report = {"config": asdict(config), "workers": workers, "threads_per_worker": threads, "accuracy": accuracy,
               "seconds": _rounded(seconds)}  # per job in its worker (jobs overlap); total: the build's
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
-    (out / "manifest.yaml").write_text(yaml.safe_dump(_manifest(uri, gguf.name, config), sort_keys=False))
+    write_manifest(out, uri, {"name": "smollm2-135m-instruct", "uri": f"{uri}/base/{gguf.name}"},
+                   {task: f"chattasks: {TASKS[task].example}" for task in config.tasks}, prompt_format="chat")
 
 
 def _results(futures: dict[str, Future], description: str) -> dict:
@@ -151,24 +151,5 @@ def _results(futures: dict[str, Future], description: str) -> dict:
 def _rounded(value):
     return {k: _rounded(v) for k, v in value.items()} if isinstance(value, dict) else round(value, 1)
 
-
-def _write_data(out: Path, data: dict) -> None:
-    for task, (train, evaluation) in data.items():
-        for split, samples in (("train", train), ("eval", evaluation)):
-            path = out / "data" / task / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-
-
-def _manifest(uri: str, gguf_name: str, config: ChatTasksConfig) -> dict:
-    return {
-        "apiVersion": "meteora/v1",
-        "kind": "AdapterManifest",
-        "base_model": {"name": "smollm2-135m-instruct", "uri": f"{uri}/base/{gguf_name}"},
-        "adapters": [{"name": task, "uri": f"{uri}/adapters/{task}/",
-                      "description": f"chattasks: {TASKS[task].example}",
-                      "data": {"train": f"{uri}/data/{task}/train.jsonl", "eval": f"{uri}/data/{task}/eval.jsonl"},
-                      "metric": "exact_match", "prompt_format": "chat"} for task in config.tasks],
-    }
 
 

@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -41,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from meteora.evaluation import accuracy_per_task
 from meteora.prompts import PromptFormat, composite, training_batch
 
-from ..assets import cached_build
+from ..assets import cached_build, write_manifest, write_task_data
 from ..baselines import merged_adapter
 from .char_tokenizer import char_tokenizer
 from .tasks import ALL_TASKS, DEFAULT_TASKS, prompt, split_samples
@@ -100,11 +99,7 @@ def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
     started = time.perf_counter()
     tokenizer = char_tokenizer()
     data = {task: split_samples(task, config.n_train, config.n_eval, config.seed) for task in config.tasks}
-    for task, (train, evaluation) in data.items():
-        for split, samples in (("train", train), ("eval", evaluation)):
-            path = out / "data" / task / f"{split}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    write_task_data(out, data)
     base = _train_base(tokenizer, config)
     base.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
@@ -120,7 +115,8 @@ def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
               "accuracy": _measure(base, tokenizer, out, {t: ev for t, (_, ev) in data.items()}),
               "build_seconds": round(time.perf_counter() - started, 1)}
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
-    (out / "manifest.yaml").write_text(yaml.safe_dump(_manifest(uri, config), sort_keys=False))
+    write_manifest(out, uri, {"name": f"tinytasks-base-{config.key()}", "uri": f"{uri}/base/"},
+                   {task: f"tinytasks: {ALL_TASKS[task].instruction}" for task in config.tasks})
 
 
 def _train_base(tokenizer, config: TinyTasksConfig) -> LlamaForCausalLM:
@@ -254,13 +250,3 @@ def _measure(base, tokenizer, out: Path, eval_sets: dict[str, list[dict]]) -> di
         result[name] = accuracy_per_task(model, tokenizer, eval_sets, PLAIN)
     return result
 
-
-def _manifest(uri: str, config: TinyTasksConfig) -> dict:
-    return {
-        "apiVersion": "meteora/v1",
-        "kind": "AdapterManifest",
-        "base_model": {"name": f"tinytasks-base-{config.key()}", "uri": f"{uri}/base/"},
-        "adapters": [{"name": task, "uri": f"{uri}/adapters/{task}/", "description": f"tinytasks: {ALL_TASKS[task].instruction}",
-                      "data": {"train": f"{uri}/data/{task}/train.jsonl", "eval": f"{uri}/data/{task}/eval.jsonl"},
-                      "metric": "exact_match"} for task in config.tasks],
-    }

@@ -15,6 +15,7 @@ import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config  # private API: pinned by this test
+from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 import serve_app
@@ -47,6 +48,12 @@ def test_serve_config_is_a_valid_serve_config_with_valid_settings():
     serve_app.ServeSettings.model_validate(app["args"])
     scaling = app["deployments"][0]["autoscaling_config"]
     assert app["deployments"][0]["max_ongoing_requests"] > scaling["target_ongoing_requests"]
+
+
+def test_serve_settings_refuse_an_unknown_backend_naming_the_choices():
+    args = {**load("configs/serve.yaml")["applications"][0]["args"], "backend": "trition"}
+    with pytest.raises(ValidationError, match=r"backend[\s\S]*'trition'[\s\S]*'loop', 'torch', 'triton'"):
+        serve_app.ServeSettings.model_validate(args)
 
 
 def test_kuberay_rayservice_serves_the_same_application():
