@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from meteora.registry.manifest import API_VERSION, KIND
 from meteora.store import absolute_uri, cache_dir, open_store
 
 log = logging.getLogger(__name__)
@@ -67,5 +68,5 @@ def write_manifest(out: Path, uri: str, base_model: dict, descriptions: dict[str
     adapters = [{"name": task, "uri": f"{uri}/adapters/{task}/", "description": description,
                  "data": {"train": f"{uri}/data/{task}/train.jsonl", "eval": f"{uri}/data/{task}/eval.jsonl"},
                  "metric": "exact_match", **shared} for task, description in descriptions.items()]
-    manifest = {"apiVersion": "meteora/v1", "kind": "AdapterManifest", "base_model": base_model, "adapters": adapters}
+    manifest = {"apiVersion": API_VERSION, "kind": KIND, "base_model": base_model, "adapters": adapters}
     (out / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))

@@ -150,6 +150,3 @@ def _results(futures: dict[str, Future], description: str) -> dict:
 
 def _rounded(value):
     return {k: _rounded(v) for k, v in value.items()} if isinstance(value, dict) else round(value, 1)
-
-
-
