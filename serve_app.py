@@ -32,8 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meteora import RequestError
 from meteora.errors import Busy, GenerationFailed, InvalidRequest, PromptTooLong, UnknownExpert
-from meteora.model import checkpoint_exists
-from meteora.model.backends import check_backend
+from meteora.model import check_backend, checkpoint_exists
 from meteora.serving import MeteoraService, SamplingParams, ServingLimits, TokenEvent
 from meteora.store import absolute_uri
 

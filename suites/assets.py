@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from meteora.registry.manifest import API_VERSION, KIND
+from meteora.registry import API_VERSION, KIND
 from meteora.store import absolute_uri, cache_dir, open_store
 
 log = logging.getLogger(__name__)

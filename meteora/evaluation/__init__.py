@@ -8,7 +8,7 @@
     report.py    markdown tables and PNG plots (matplotlib, imported when plotting)
 """
 from .answers import (CompositeProblem, accuracy_per_task, answer_budget, composite_oracle_scores, composite_problems,
-                      composite_scores, composite_shots, generate_answers, task_accuracy)
+                      composite_scores, composite_shots, composite_summary, generate_answers, task_accuracy)
 from .harness import Benchmark, CompositeSettings, evaluate, load_benchmark
 from .metrics import METRICS
 from .report import markdown_table, plot_accuracy, plot_routing
@@ -16,6 +16,7 @@ from .report import markdown_table, plot_accuracy, plot_routing
 from .teacher import teacher_routed_answers, teacher_routed_scores, teacher_routed_tokens
 
 __all__ = ["Benchmark", "CompositeProblem", "CompositeSettings", "METRICS", "accuracy_per_task", "answer_budget",
-           "composite_oracle_scores", "composite_problems", "composite_scores", "composite_shots", "evaluate",
+           "composite_oracle_scores", "composite_problems", "composite_scores", "composite_shots", "composite_summary",
+           "evaluate",
            "generate_answers", "load_benchmark", "markdown_table", "plot_accuracy", "plot_routing", "task_accuracy",
            "teacher_routed_answers", "teacher_routed_scores", "teacher_routed_tokens"]

@@ -12,7 +12,7 @@
     checkpoint.py    the checkpoint's files
 """
 from .adapters import ExpertInfo, LoraAdapter, LoraModule, load_adapter
-from .backends import BACKENDS
+from .backends import BACKENDS, check_backend
 from .base_model import Precision, bf16_is_fast, load_base_model, load_tokenizer, model_dir, runtime, skeleton_from_config
 from .checkpoint import CheckpointMeta, checkpoint_digest, checkpoint_exists, read_checkpoint, read_checkpoint_config
 from .config import NAME_PATTERN, MeteoraConfig
@@ -40,6 +40,7 @@ __all__ = [
     "Precision",
     "RoutingTrace",
     "bf16_is_fast",
+    "check_backend",
     "checkpoint_digest",
     "checkpoint_exists",
     "is_gguf",

@@ -6,8 +6,8 @@
                    pipelines/collect_adapters.py runs it on Ray)
 """
 from .collection import Collected, fetch_adapter, inspect_base, plan_index, read_samples
-from .manifest import DATA_SPLITS, METRICS, AdapterSpec, Manifest, load_manifest
+from .manifest import API_VERSION, DATA_SPLITS, KIND, METRICS, AdapterSpec, Manifest, load_manifest
 from .registry import Registry
 
-__all__ = ["AdapterSpec", "Collected", "DATA_SPLITS", "METRICS", "Manifest", "Registry", "fetch_adapter", "inspect_base",
+__all__ = ["API_VERSION", "AdapterSpec", "Collected", "DATA_SPLITS", "KIND", "METRICS", "Manifest", "Registry", "fetch_adapter", "inspect_base",
            "load_manifest", "plan_index", "read_samples"]

@@ -16,10 +16,7 @@ import sys
 from collections import Counter
 
 from meteora import MeteoraModel
-from meteora.evaluation import composite_problems, load_benchmark
-from meteora.evaluation.answers import generate_answers
-from meteora.evaluation.metrics import METRICS
-from meteora.evaluation.teacher import teacher_routed_answers
+from meteora.evaluation import METRICS, composite_problems, generate_answers, load_benchmark, teacher_routed_answers
 from meteora.registry import load_manifest
 
 KINDS = ("right", "missing", "borrowed", "other's input", "own input", "format slip", "cut short", "wrong")

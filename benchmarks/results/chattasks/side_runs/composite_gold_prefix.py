@@ -14,8 +14,7 @@ from collections import defaultdict
 import torch
 
 from meteora import MeteoraModel
-from meteora.evaluation import composite_problems, load_benchmark
-from meteora.evaluation.answers import composite_oracle_scores, composite_summary
+from meteora.evaluation import composite_oracle_scores, composite_problems, composite_summary, load_benchmark
 from meteora.prompts import encode_with_owners, pad_left, position_ids, to_device
 from meteora.registry import load_manifest
 

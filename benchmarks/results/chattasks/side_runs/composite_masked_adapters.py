@@ -12,18 +12,19 @@ Each LABEL=DIR names a set of retrained adapters (DIR/<task>/); OUT keeps the va
 import copy
 import json
 import os
+import re
 import sys
 
 import torch
 from peft import PeftModel
 
 from context_masked_adapter import CHAT, MASKS, mask_lora
-from meteora.evaluation import composite_problems, load_benchmark, task_accuracy
-from meteora.evaluation.answers import composite_summary
-from meteora.evaluation.teacher import _answer_index
+from meteora.evaluation import composite_problems, composite_summary, load_benchmark, task_accuracy
 from meteora.prompts import encode_with_owners, pad_left, position_ids
 from meteora.registry import load_manifest, read_samples
 from meteora.store import read_uri
+
+LINE_NUMBER = re.compile(r"^\s*(\d+)")
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def perfect_routing(model, bench, problems, adapter_of: dict[str, str], batch_si
             done |= token == tokenizer.eos_token_id
             if done.all():
                 break
-            current = [p.tasks[_answer_index(CHAT, tokenizer.decode(g, skip_special_tokens=True), n)] for p, g in zip(part, generated)]
+            current = [p.tasks[_answer_index(tokenizer.decode(g, skip_special_tokens=True), n)] for p, g in zip(part, generated)]
             for task, adapter in adapter_of.items():
                 MASKS[adapter] = torch.tensor([float(c == task) for c in current]).view(-1, 1, 1)
             mask = torch.cat([mask, torch.ones(len(part), 1, dtype=mask.dtype)], dim=1)
@@ -61,6 +62,12 @@ def perfect_routing(model, bench, problems, adapter_of: dict[str, str], batch_si
         MASKS.clear()
         answers += [CHAT.answers(tokenizer.decode(g, skip_special_tokens=True), n) for g in generated]
     return answers
+
+
+def _answer_index(text: str, n: int) -> int:
+    """Which answer (0-based) the next token continues: the last "k." line written so far (as teacher.py reads it)."""
+    numbers = [int(m[1]) for m in map(LINE_NUMBER.match, text.split("\n")) if m]
+    return min(max(numbers[-1] - 1, 0), n - 1) if numbers else 0
 
 
 def main() -> None:

@@ -24,8 +24,7 @@ import time
 import torch
 from peft import PeftModel
 
-from meteora.evaluation import composite_problems, load_benchmark, task_accuracy
-from meteora.evaluation.metrics import METRICS
+from meteora.evaluation import METRICS, composite_problems, load_benchmark, task_accuracy
 from meteora.prompts import PromptFormat, encode_with_owners, pad_left, pad_right, position_ids
 from meteora.registry import load_manifest, read_samples
 from meteora.store import read_uri
