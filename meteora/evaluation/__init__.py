@@ -17,6 +17,5 @@ from .teacher import teacher_routed_answers, teacher_routed_scores, teacher_rout
 
 __all__ = ["Benchmark", "CompositeProblem", "CompositeSettings", "METRICS", "accuracy_per_task", "answer_budget",
            "composite_oracle_scores", "composite_problems", "composite_scores", "composite_shots", "composite_summary",
-           "evaluate",
-           "generate_answers", "load_benchmark", "markdown_table", "plot_accuracy", "plot_routing", "task_accuracy",
-           "teacher_routed_answers", "teacher_routed_scores", "teacher_routed_tokens"]
+           "evaluate", "generate_answers", "load_benchmark", "markdown_table", "plot_accuracy", "plot_routing",
+           "task_accuracy", "teacher_routed_answers", "teacher_routed_scores", "teacher_routed_tokens"]

@@ -9,5 +9,5 @@ from .collection import Collected, fetch_adapter, inspect_base, plan_index, read
 from .manifest import API_VERSION, DATA_SPLITS, KIND, METRICS, AdapterSpec, Manifest, load_manifest
 from .registry import Registry
 
-__all__ = ["API_VERSION", "AdapterSpec", "Collected", "DATA_SPLITS", "KIND", "METRICS", "Manifest", "Registry", "fetch_adapter", "inspect_base",
-           "load_manifest", "plan_index", "read_samples"]
+__all__ = ["API_VERSION", "AdapterSpec", "Collected", "DATA_SPLITS", "KIND", "METRICS", "Manifest", "Registry",
+           "fetch_adapter", "inspect_base", "load_manifest", "plan_index", "read_samples"]
