@@ -201,7 +201,12 @@ def create_app(service: MeteoraService, settings: ServeSettings) -> FastAPI:
         experts = forced_experts(body.model, body.experts, model_ids)
         prompts = [service.encode_chat([{"role": m.role, "content": m.content} for m in body.messages])]
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = service.sampling(prompts, max_tokens, settings.max_tokens_limit, "messages", **_options(body, experts))
+        try:
+            params = service.sampling(prompts, max_tokens, settings.max_tokens_limit, "messages", **_options(body, experts))
+        except RequestError as error:
+            if body.max_completion_tokens and error.param == "max_tokens":
+                error.param = "max_completion_tokens"  # name the field this request sent
+            raise
         return await _respond(service, body, prompts, params, "chat.completion")
 
     return app

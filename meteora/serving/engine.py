@@ -53,6 +53,7 @@ class GenerationEngine:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._cohorts: dict[tuple[str, ...], _Cohort] = {}
+        self._live: set[str] = set()  # submitted and not yet finished, cancelled or aborted: what abort_all reaches
 
     # ---- called from any thread ----------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
@@ -67,6 +68,7 @@ class GenerationEngine:
         request = _Request(request_id, list(prompt_ids), params, torch.Generator().manual_seed(seed))
         with self._lock:
             self._waiting.append(request)
+            self._live.add(request_id)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
@@ -90,12 +92,16 @@ class GenerationEngine:
         events = []
         for key in list(self._cohorts):
             events += self._decode(key)
-        return events + self._admit()
+        events += self._admit()
+        with self._lock:  # a request is live until its last event is out: a step that raises reaches it still
+            self._live.difference_update(e.request_id for e in events if e.finish_reason is not None)
+        return events
 
     def abort_all(self) -> list[str]:
-        """Forget every request (after a failed step); returns their ids."""
+        """Forget every request (after a failed step), also those the failed step had taken up; returns their ids."""
         with self._lock:
-            ids = [r.id for r in self._waiting] + [r.id for c in self._cohorts.values() for r in c.requests]
+            ids = sorted(self._live)
+            self._live.clear()
             self._waiting.clear()
             self._cancelled.clear()
         self._cohorts.clear()
@@ -115,6 +121,7 @@ class GenerationEngine:
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
             self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
+            self._live -= cancelled
         for key, cohort in list(self._cohorts.items()):
             keep = [i for i, r in enumerate(cohort.requests) if r.id not in cancelled]
             self._keep(key, keep)
@@ -192,7 +199,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     """logits [V] fp32 -> a token id: greedy at temperature 0, else nucleus sampling."""
     if params.temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # a tiny temperature: -inf, not NaN
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(0) - sorted_probs >= params.top_p  # tokens after the nucleus is full

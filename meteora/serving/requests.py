@@ -3,6 +3,7 @@ request against both and the model (typed errors a server maps to its status cod
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InvalidRequest, PromptTooLong
@@ -24,9 +25,11 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}", "max_tokens", "invalid_max_tokens")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}",
-                                 "temperature", "invalid_sampling")
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise InvalidRequest(f"temperature must be finite and >= 0, got {self.temperature}", "temperature",
+                                 "invalid_sampling")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p", "invalid_sampling")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise InvalidRequest(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings", "stop", "invalid_stop")
 

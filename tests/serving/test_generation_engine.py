@@ -124,6 +124,38 @@ def test_cancelled_requests_leave_and_the_batch_size_is_bounded(fused):
     assert "0" not in seen and finished == {"1", "2", "3", "4"}
 
 
+def test_a_failed_step_aborts_every_request_it_had_taken_up(fused, monkeypatch):
+    """Requests being prefilled, and one that finished earlier in the failed step, are aborted too: none is lost."""
+    engine = GenerationEngine(fused, TOKENIZER)
+    forward, calls = engine._forward, []
+
+    def failing_at(n: int):
+        def patched(*args):
+            calls.append(1)
+            if len(calls) == n:
+                raise RuntimeError("out of memory")
+            return forward(*args)
+        return patched
+
+    engine.submit("new", ids(PROMPTS[0]), SamplingParams(max_tokens=5, temperature=0))
+    monkeypatch.setattr(engine, "_forward", failing_at(1))  # its prefill fails
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert engine.abort_all() == ["new"] and not engine.has_work()
+
+    calls.clear()
+    monkeypatch.setattr(engine, "_forward", failing_at(4))  # step 2: "short" finishes, then the forced cohort fails
+    engine.submit("short", ids(PROMPTS[1]), SamplingParams(max_tokens=2, temperature=0))
+    engine.submit("long", ids(PROMPTS[2]), SamplingParams(max_tokens=5, temperature=0, experts=("alpha",)))
+    assert [e.request_id for e in engine.step()] == ["short", "long"]
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert engine.abort_all() == ["long", "short"]
+
+    monkeypatch.setattr(engine, "_forward", forward)  # and the engine carries on
+    assert engine.generate([ids(PROMPTS[0])], SamplingParams(max_tokens=3, temperature=0))[0][-1].finish_reason == "length"
+
+
 def test_requests_are_checked_against_the_context_window_and_the_experts(fused):
     engine = GenerationEngine(fused, TOKENIZER)
     window = fused.base_model.config.max_position_embeddings

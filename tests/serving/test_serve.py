@@ -13,6 +13,7 @@ import torch
 from schemathesis.checks import not_a_server_error
 
 from meteora import MeteoraModel
+from meteora.errors import InvalidRequest
 from meteora.prompts import prompt_format
 from meteora.serving import MeteoraService, SamplingParams
 from pipelines.local_cluster import free_ports
@@ -342,6 +343,30 @@ def test_a_failing_engine_step_answers_503_and_the_next_request_is_served(tmp_pa
         assert app.post("/v1/completions", json=body).status_code == 200
     finally:
         service.close()
+
+
+def test_errors_name_the_field_sent_and_a_tiny_temperature_is_greedy(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import serve_app
+
+    settings = serve_app.ServeSettings(checkpoint=str(tiny_checkpoint(tmp_path)))
+    service = MeteoraService.load(**serve_app.service_settings(settings))
+    try:
+        app = TestClient(serve_app.create_app(service, settings))
+        chat = {"model": "meteora", "messages": [{"role": "user", "content": "reverse: abc"}]}
+        reply = app.post("/v1/chat/completions", json=chat | {"max_completion_tokens": settings.max_tokens_limit + 1})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_completion_tokens"
+        body = {"model": "meteora", "prompt": "reverse: abc\n", "max_tokens": 4}
+        texts = [app.post("/v1/completions", json=body | {"temperature": t}).json()["choices"][0]["text"] for t in (1e-40, 0)]
+        assert texts[0] == texts[1]
+    finally:
+        service.close()
+    with pytest.raises(InvalidRequest, match="top_p") as error:
+        SamplingParams(top_p=0)
+    assert error.value.param == "top_p"
+    with pytest.raises(InvalidRequest, match="temperature"):
+        SamplingParams(temperature=float("nan"))
 
 
 def test_every_request_error_maps_to_an_openai_4xx():
