@@ -7,18 +7,19 @@ Keys are "/"-separated paths below the store's root, checked so that none escape
 are atomic: a temporary file renamed into place locally, a single PUT (or one completed multipart upload) on
 S3. `write_if_unchanged` is a compare-and-swap for small objects several writers share (the registry index): a
 lock on the directory locally, a conditional PUT (If-Match / If-None-Match) on S3. S3 uses boto3's usual
-credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (boto3 reads them) or the
-`endpoint_url` argument; retries with exponential backoff are botocore's "standard" mode (AWS_MAX_ATTEMPTS
-overrides the attempts); files above 64 MiB go up and down in parts. boto3 is imported when an S3 store opens.
+credential chain; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (boto3 reads them); retries
+with exponential backoff are botocore's "standard" mode (AWS_MAX_ATTEMPTS overrides the attempts); files above
+64 MiB go up and down in parts. boto3 is imported when an S3 store opens.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import io
+import json
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -29,13 +30,13 @@ __all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir",
 MULTIPART_THRESHOLD = 64 * 2**20
 
 
-def open_store(uri: str | Path, endpoint_url: str | None = None) -> "LocalStore | S3Store":
+def open_store(uri: str | Path) -> "LocalStore | S3Store":
     text = checked_uri(uri)
     if is_remote(text):
         bucket, _, prefix = text.removeprefix("s3://").partition("/")
         if len(bucket) < 3:
             raise ValueError(f"{text!r}: an S3 URI needs a bucket name of 3 or more characters")
-        return S3Store(bucket, prefix.strip("/"), endpoint_url)
+        return S3Store(bucket, prefix.strip("/"))
     return LocalStore(Path(text.removeprefix("file://")))
 
 
@@ -63,8 +64,8 @@ def atomic_write(target: str | Path, data: bytes | Callable[[str], None]) -> Non
     rename it into place: readers see the old file or the new one, never a part."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = str(target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, as for any new file
     try:
         if isinstance(data, bytes):
             Path(tmp).write_bytes(data)
@@ -82,18 +83,25 @@ def cache_dir() -> Path:
 
 
 def local_dir(uri: str) -> Path:
-    """A local directory with the objects under `uri`: the directory itself, or a mirror of an S3 prefix."""
+    """A local directory with the objects under `uri`: the directory itself, or a mirror of an S3 prefix that
+    fetches what is new or changed (by ETag) since the last call and drops what the prefix no longer holds."""
     store = open_store(uri)
     if isinstance(store, LocalStore):
         return store.root
     target = cache_dir() / "mirror" / store.bucket / store.prefix
-    for key in store.list():
-        if not key or key.endswith("/"):  # "folder" marker objects some S3 tools create
-            continue
-        path = target / key
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            store.download(key, path)
+    record = cache_dir() / "mirror" / ".etags" / f"{Path(store.bucket, store.prefix)}.json"  # {key: ETag} held
+    try:
+        held = json.loads(record.read_text())
+    except (OSError, ValueError):
+        held = {}
+    listed = {key: tag for key, tag in store.etags().items() if not key.endswith("/")}  # not "folder" markers
+    for key in held.keys() - listed.keys():
+        (target / key).unlink(missing_ok=True)
+    for key, tag in listed.items():
+        if held.get(key) != tag or not (target / key).is_file():
+            atomic_write(target / key, lambda tmp, key=key: store.download(key, Path(tmp)))
+    if listed != held:
+        atomic_write(record, json.dumps(listed, indent=1, sort_keys=True).encode())
     return target
 
 
@@ -160,15 +168,14 @@ class LocalStore:
         except OSError as err:
             raise StoreError(f"cannot read {self._path(key)}: {err.strerror or err}") from None
 
-    def list(self, prefix: str = "") -> list[str]:
-        base = self.root / prefix if prefix else self.root
-        if not base.is_dir():
+    def list(self) -> list[str]:
+        if not self.root.is_dir():
             return []
-        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+        return sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*") if p.is_file())
 
 
 class S3Store:
-    def __init__(self, bucket: str, prefix: str, endpoint_url: str | None = None):
+    def __init__(self, bucket: str, prefix: str):
         self.bucket, self.prefix = bucket, prefix
         self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
         import boto3
@@ -177,7 +184,7 @@ class S3Store:
         from botocore.exceptions import BotoCoreError, ClientError
 
         config = Config(retries={"mode": "standard"}, connect_timeout=5, read_timeout=60)
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        self.client = boto3.client("s3", config=config)
         self._transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
         self._ClientError, self._failures = ClientError, (ClientError, BotoCoreError)
 
@@ -186,11 +193,12 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     @contextlib.contextmanager
-    def _errors(self, action: str, key: str):
+    def _errors(self, action: str, key: str | None):
         try:
             yield
         except self._failures as err:
-            raise StoreError(f"cannot {action} s3://{self.bucket}/{self._key(key)}: {err}") from None
+            where = self.uri if key is None else f"s3://{self.bucket}/{self._key(key)}"
+            raise StoreError(f"cannot {action} {where}: {err}") from None
 
     def exists(self, key: str) -> bool:
         with self._errors("check", key):
@@ -233,8 +241,12 @@ class S3Store:
         with self._errors("read", key):
             self.client.download_file(self.bucket, self._key(key), str(path), Config=self._transfer)
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self) -> list[str]:
+        return sorted(self.etags())
+
+    def etags(self) -> dict[str, str]:
+        """Every key under the prefix -> its ETag (which changes when the object does)."""
         root = f"{self.prefix}/" if self.prefix else ""
-        with self._errors("list", prefix):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root + prefix)
-            return sorted(obj["Key"].removeprefix(root) for page in pages for obj in page.get("Contents", []))
+        with self._errors("list", None):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root)
+            return {obj["Key"].removeprefix(root): obj["ETag"] for page in pages for obj in page.get("Contents", [])}
