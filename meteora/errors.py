@@ -1,6 +1,6 @@
 """The exceptions meteora raises for user mistakes, in one place: each names the file, field, adapter or request
-value that is wrong. All but StoreError are ValueErrors, so callers can catch them broadly; GenerationFailed is the
-server's own failure, not the request's."""
+value that is wrong. All but StoreError and GenerationFailed are ValueErrors, so callers can catch them broadly;
+GenerationFailed is the server's own failure, not the request's."""
 
 __all__ = ["AdapterError", "Busy", "CheckpointError", "GenerationFailed", "InvalidRequest", "ManifestError", "PromptTooLong", "RegistryError", "RequestError", "StoreError", "UnknownExpert"]
 

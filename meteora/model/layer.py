@@ -1,6 +1,6 @@
 """MeteoraLinear: a base nn.Linear plus N LoRA experts, mixed per token by a learned gate.
 
-    y = base_layer(x) + sum_j w_j * s_e * B_e (A_e x),  (e, w) = top-k of softmax(G x / T)
+    y = base_layer(x) + sum_j w_j * s_e * B_e (A_e x),  e = top-k of G x,  w = softmax((G x)[e] / T)
 
 The base layer is kept as `base_layer`, frozen and untouched. Trainable state is the gate only
 (`meteora_gate`); the experts are buffers in `meteora_experts`. Shapes and symbols: meteora/model/experts.py.

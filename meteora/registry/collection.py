@@ -83,8 +83,8 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
 
 
 def read_samples(content: bytes, where: str) -> list[dict]:
-    """The samples of task data (JSONL): every line a JSON object with string "prompt" and "response" (blank
-    lines are not allowed). ValueError naming `where` and the line otherwise."""
+    """The samples of task data (JSONL): every line a JSON object with non-empty strings "prompt" and "response"
+    (blank lines are not allowed). ValueError naming `where` and the line otherwise."""
     lines = content.decode("utf-8", errors="replace").splitlines()
     if not lines:
         raise ValueError(f"{where} is empty")
@@ -96,6 +96,8 @@ def read_samples(content: bytes, where: str) -> list[dict]:
             raise ValueError(f"{where}: line {number} is not valid JSON ({err.msg})") from None
         if not (isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str)):
             raise ValueError(f"{where}: line {number} needs string fields 'prompt' and 'response'")
+        if not (record["prompt"] and record["response"]):
+            raise ValueError(f"{where}: line {number} has an empty 'prompt' or 'response'")
         samples.append(record)
     return samples
 

@@ -5,8 +5,9 @@ that shard by a generator seeded with (seed, s, r). A run resumed from the check
 exactly the batches an uninterrupted run would have drawn from step s + 1 on: no step repeated or skipped.
 With `new_experts` (incremental training), a fixed share of every batch comes from the new experts' samples
 (new_share), the rest from the old ones, so the new gate rows learn while the old tasks keep being seen.
-With `composite_fraction`, that share of the items are composites: 2..composite_max samples of different
-tasks asked in one prompt (batches.gate_batch labels their tokens per segment).
+With `composite_fraction`, about that share of the items are composites: the item's sample among 1..composite_max - 1
+others drawn from the pool, those of its own task dropped (an item whose draws were all of its task stays single),
+asked in one prompt (batches.gate_batch labels their tokens per segment).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def new_share(new_fraction: float | None, new_experts: int, experts: int) -> flo
 
 
 def _composite_around(sample: Sample, pool: list[Sample], rng: random.Random, composite_max: int) -> list[Sample]:
-    """`sample` at a random place among 1..composite_max - 1 samples of other tasks."""
+    """`sample` at a random place among 1..composite_max - 1 samples drawn from `pool`, less those of its task."""
     others = [rng.choice(pool) for _ in range(rng.randint(1, composite_max - 1))]
     items = [s for s in others if s[1] != sample[1]] + [sample]
     rng.shuffle(items)

@@ -73,6 +73,13 @@ def test_bf16_experts_accumulate_in_fp32(backend, tokens, ranks):
     assert _max_relative(delta, _reference(x.float(), ids, weights, rounded)) < 2e-2  # and near the unrounded formula
 
 
+@pytest.mark.parametrize("backend", ["loop", "torch"])
+def test_no_tokens_give_an_empty_delta(backend):
+    stack, _ = _stack(RANKS[0])
+    delta = BACKENDS[backend](torch.zeros(0, 48), torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), stack)
+    assert delta.shape == (0, 40) and delta.dtype == torch.float32
+
+
 def _reference_stacked(x, ids, weights, stack):
     """The formula in float64 from the stack's own stored factors (A_e and scaling_e * B_e^T as stored)."""
     out = torch.zeros(x.shape[0], stack.B_t.shape[1], dtype=torch.float64)

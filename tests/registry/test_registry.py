@@ -147,6 +147,7 @@ BAD = {  # case -> (manifest entries or raw text, message in the error / rejecti
     "wrong_sha256": ([entry("reverse", sha256="0" * 64)], "the manifest says"),
     "other_base": ([entry("other-base")], "shape mismatch"),
     "broken_data_line": ([entry("reverse") | {"data": {"eval": "s3://world/data/broken.jsonl"}}], "line 2 is not valid JSON"),
+    "empty_prompt": ([entry("reverse") | {"data": {"train": "s3://world/data/empty.jsonl"}}], "line 2 has an empty 'prompt'"),
     "truncated": (lambda w: [_bad_object(w, "truncated", _truncate)], "truncated or corrupt"),
     "pickle_only": (lambda w: [_bad_object(w, "pickled", _pickle_only)], "pickle"),
 }
@@ -158,6 +159,7 @@ def populated(world, tmp_path):
     registry_dir = tmp_path / "registry"
     assert collect_file(write_manifest(tmp_path / "seed.yaml", [entry("sort")]), str(registry_dir)).committed
     world["s3"].put_object(Bucket="world", Key="data/broken.jsonl", Body=b'{"prompt": "a", "response": "b"}\n{"prompt": \n')
+    world["s3"].put_object(Bucket="world", Key="data/empty.jsonl", Body=b'{"prompt": "a", "response": "b"}\n{"prompt": "", "response": "b"}\n')
     return registry_dir
 
 

@@ -39,6 +39,8 @@ def vectorized_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, 
     """x [T, d_in], ids [T, k] int64, weights [T, k] fp32 -> delta [T, d_out] fp32."""
     T, k = ids.shape
     x = x.float()
+    if T == 0:
+        return x.new_zeros(0, experts.B_t.shape[1])
     if 2 * T * k * experts.r_max > experts.total_rank and T * experts.total_rank <= DENSE_SHRINK_MAX:
         return _dense_delta(x, ids, weights, experts)
     rows = experts.row_table.index_select(0, ids.reshape(-1)).view(T, -1)  # [T, k * r_max]; R where padded
