@@ -67,10 +67,17 @@ class TrainGatesConfig(BaseModel):
         values = self.model_dump(exclude={"training"})
         return {**values, **dataclasses.asdict(self.training)}
 
+    def run_settings(self) -> dict:
+        """The settings that change the gates a run trains: all of `training` but what only watches it
+        (checkpoint_every, eval_samples), and the precision. A resumed run must share them, whatever its workers."""
+        watching = {"checkpoint_every", "eval_samples"}
+        return {**{k: v for k, v in dataclasses.asdict(self.training).items() if k not in watching}, "precision": self.precision}
+
     def run_fingerprint(self, experts: list[tuple[str, str]]) -> str:
-        """What a resumed run must share with the run it resumes: the experts (name, sha256), the warm start, the seed."""
-        key = {"experts": experts, "init_from": self.init_from, "seed": self.training.seed}
-        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+        """What a resumed run must share with the run it resumes: the experts (name, sha256), the warm start, the
+        settings."""
+        key = {"experts": experts, "init_from": self.init_from, "settings": self.run_settings()}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainGatesConfig:

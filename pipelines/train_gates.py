@@ -10,7 +10,7 @@
    a lost worker is replaced and the group resumes from the latest checkpoint (`max_failures` times)
 4. rank 0 writes the MeteoRA checkpoint to `output`; the summary is printed and kept in its config
 Running again with the same `name` and `storage_path` resumes the run (after a driver restart, say); a name
-that already holds a run over other experts is refused. Uses the cluster of RAY_ADDRESS (or the job's
+that already holds a run over other experts, another warm start or other settings is refused. Uses the cluster of RAY_ADDRESS (or the job's
 cluster under `ray job submit`), else starts a local Ray and stops it at the end.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import ray.train  # noqa: E402
 from pyarrow.fs import S3FileSystem  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from meteora import CheckpointError, RegistryError, StoreError  # noqa: E402
+from meteora import CheckpointError, StoreError  # noqa: E402
 from meteora.model import read_checkpoint_config  # noqa: E402
 from meteora.registry import Registry, load_manifest  # noqa: E402
 from meteora.store import absolute_uri, cache_dir, open_store  # noqa: E402
@@ -47,7 +47,9 @@ PEER_TIMEOUT_S = 120  # a dead peer fails the step after this long instead of Ra
 
 def train(config: TrainGatesConfig) -> dict:
     """Run the whole job on the connected Ray cluster; returns the training summary of the written checkpoint."""
-    registry = Registry(absolute_uri(config.registry) if config.registry else embedded_registry())
+    registry = Registry(absolute_uri(config.registry or embedded_registry()))
+    if config.init_from:  # the workers run in Ray Train's own directories: a relative path must not reach them
+        config = config.model_copy(update={"init_from": absolute_uri(config.init_from)})
     experts = _check_experts(registry, config.experts)
     storage = absolute_uri(config.storage_path or cache_dir() / "ray_results")
     output = absolute_uri(config.output or f"{storage.rstrip('/')}/{config.name}/meteora")
@@ -111,15 +113,21 @@ def _check_init_from(config: TrainGatesConfig, registry: Registry) -> None:
 
 
 def _claim_run(storage: str, config: TrainGatesConfig, experts: list[tuple[str, str]]) -> None:
-    """Record which experts the run name trains; refuse to resume a run of other experts under the same name."""
+    """Record what the run name trains; refuse to resume a run of other experts, warm start or settings under it."""
     store = open_store(f"{storage.rstrip('/')}/{config.name}")
     claim = {"fingerprint": config.run_fingerprint(experts), "experts": [name for name, _ in experts],
-             "init_from": config.init_from}
+             "init_from": config.init_from, "settings": config.run_settings()}
     if store.exists(RUN_FILE):
-        held = json.loads(store.read_bytes(RUN_FILE))
+        try:
+            held = dict(json.loads(store.read_bytes(RUN_FILE)))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{store.uri}/{RUN_FILE} is not a run record ({err}): choose another name=") from None
         if held.get("fingerprint") != claim["fingerprint"]:
+            settings = held.get("settings") or {}
+            changed = sorted(k for k, v in claim["settings"].items() if k in settings and settings[k] != v)
             raise ConfigError(f"run '{config.name}' in {storage} already trains experts {held.get('experts')} "
-                              f"(init_from {held.get('init_from')}): choose another name= to start a new run")
+                              f"(init_from {held.get('init_from')}{f'; other {changed}' if changed else ''}): "
+                              "resume it with its own settings, or choose another name= to start a new run")
         log.info("run '%s' exists in %s: resuming from its latest checkpoint", config.name, storage)
         return
     store.write_bytes(RUN_FILE, json.dumps(claim, indent=2).encode())
@@ -131,6 +139,7 @@ def _storage_location(storage: str) -> tuple[str, S3FileSystem | None]:
         return storage, None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     options = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"), "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+               "session_token": os.environ.get("AWS_SESSION_TOKEN"),
                "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"}
     if endpoint:
         parsed = urlparse(endpoint)
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         with ray_connection():
             summary = train(config)
-    except (ConfigError, RegistryError, CheckpointError, StoreError) as err:
+    except (ValueError, StoreError) as err:  # meteora's and the config's user errors, each naming what is wrong
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ray.train.TrainingFailedError as err:

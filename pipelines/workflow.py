@@ -5,10 +5,11 @@
 
 stage     its inputs (hashed)                                 what it runs
 collect   the manifest's bytes, the registry and its index    collect_adapters.collect (Ray tasks)
-train     the manifest's experts (name, sha256) in order,     train_gates.train (Ray Train); incremental when an earlier
-          the base model, the training settings               training on the same base shares experts with this one
-                                                              (adapters added, updated or removed): --init-from its
-                                                              checkpoint, incremental_steps of the steps
+train     the manifest's experts in order (weights, config,  train_gates.train (Ray Train); incremental when the last
+          data, prompt format), the base model, the settings  training, on the same base and settings, had other
+          that change the gates                               experts but shares some with these (adapters added,
+                                                              updated or removed): --init-from its checkpoint,
+                                                              incremental_steps of the steps
                                                               (incremental_freeze_old: copied rows fixed)
 evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task: tables, plots
 deploy    the checkpoint's content, the serving settings      serve.run: a running application is updated in place (new
@@ -102,6 +103,7 @@ class Trained:
     incremental: bool
     train_seconds: float
     eval_routing_accuracy: float | None
+    settings: str = ""  # digest of the settings that change the gates (TrainGatesConfig.run_settings)
 
 
 @dataclass
@@ -173,8 +175,9 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     outputs = {"collect": _stage(state, "collect", _collect_inputs(manifest, config), lambda: _collect(manifest, config))}
     registry = Registry(config.registry)
     experts = [(name, registry.entry(name)["sha256"]) for name in manifest.names]
-    train_key = digest(experts, registry.base_model["fingerprint"], config.train, config.incremental_steps,
-                       config.incremental_freeze_old)
+    train_key = digest(experts, [_trained_on(registry.entry(name)) for name in manifest.names],
+                       registry.base_model["fingerprint"], config.train_config().run_settings(),
+                       config.incremental_steps, config.incremental_freeze_old)
     recorded = state.outputs("train", train_key)
     if recorded and not checkpoint_exists(recorded.checkpoint):
         state.forget("train")  # recorded, but its checkpoint is gone: train again
@@ -225,13 +228,18 @@ def _collect(manifest: Manifest, config: WorkflowConfig) -> StageResult:
                        inputs=_collect_inputs(manifest, config))  # the index as this commit left it
 
 
+def _trained_on(entry: dict) -> dict:
+    """What of a registry entry the gates learn from besides the weights: the whole adapter (its config's alpha
+    too), its task data and its prompt format."""
+    return {key: entry.get(key) for key in ("content_sha256", "data", "prompt_format")}
+
+
 def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list[tuple[str, str]], key: str,
            previous: Trained | None) -> StageResult:
     settings = config.train_config()
     artifacts = (config.artifacts or str(work)).rstrip("/")
-    values = {"registry": registry.uri, "experts": [name for name, _ in experts], "name": f"gates-{key[:12]}",
-              "storage_path": f"{artifacts}/runs", "output": f"{artifacts}/checkpoints/gates-{key[:12]}"}
-    if _can_start_from(previous, experts, registry):
+    values = {"registry": registry.uri, "experts": [name for name, _ in experts], "storage_path": f"{artifacts}/runs"}
+    if _can_start_from(previous, experts, registry, digest(settings.run_settings())):
         steps = max(1, math.ceil(config.incremental_steps * settings.training.steps))
         values.update(init_from=previous.checkpoint, steps=steps, freeze_old=config.incremental_freeze_old)
         added = [n for n, sha in experts if (n, sha) not in previous.experts]
@@ -239,19 +247,24 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
         print(f"[train] incremental from {previous.checkpoint}, {steps} steps: fresh gate rows for {added or 'none'}, "
               f"rows dropped for {removed or 'none'}{', copied rows frozen' if config.incremental_freeze_old else ''}",
               flush=True)
+    run_name = f"gates-{digest(key, values.get('init_from'))[:12]}"  # a retry resumes it; a new warm start is a new run
+    values.update(name=run_name, output=f"{artifacts}/checkpoints/{run_name}")
     started = time.perf_counter()
     summary = train(config.train_config(**values))
     print_training_summary(summary, time.perf_counter() - started)
     outputs = Trained(summary["output"], experts, registry.base_model["fingerprint"], "init_from" in values,
-                      summary["train_seconds"], (summary.get("final") or {}).get("eval_routing_accuracy"))
+                      summary["train_seconds"], (summary.get("final") or {}).get("eval_routing_accuracy"),
+                      digest(settings.run_settings()))
     return StageResult(outputs, f"checkpoint {outputs.checkpoint} ({summary['steps']} steps, "
                                 f"{outputs.train_seconds} s of training)")
 
 
-def _can_start_from(previous: Trained | None, experts: list[tuple[str, str]], registry: Registry) -> bool:
-    """An earlier training on the same base that shares experts (same name and weights) with this one."""
-    return (previous is not None and previous.base == registry.base_model["fingerprint"]
-            and checkpoint_exists(previous.checkpoint) and bool(set(previous.experts) & set(experts)))
+def _can_start_from(previous: Trained | None, experts: list[tuple[str, str]], registry: Registry, settings: str) -> bool:
+    """An earlier training on the same base and settings whose experts differ from these (adapters added, updated
+    or removed) but share some (same name and weights). Other settings, or the same experts, train in full."""
+    return (previous is not None and previous.base == registry.base_model["fingerprint"] and previous.settings == settings
+            and checkpoint_exists(previous.checkpoint) and set(previous.experts) != set(experts)
+            and bool(set(previous.experts) & set(experts)))
 
 
 def _evaluate(manifest: Manifest, checkpoint: str, config: WorkflowConfig, work: Path) -> StageResult:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from meteora import MeteoraModel
-from meteora.registry import load_manifest
+from meteora.registry import Registry, load_manifest
 from pipelines.collect_adapters import collect
 from pipelines.common import ConfigError
 from pipelines.train_config import load_train_config
@@ -143,12 +143,24 @@ def test_a_restarted_driver_resumes_the_run(registry, tmp_path, local_ray):
     assert history_steps(summary) == list(range(20, 161, 20))
 
 
-def test_a_run_name_is_not_reused_for_other_experts(registry, tmp_path, capsys):
+def test_a_run_name_is_not_reused_for_other_experts_or_settings(registry, tmp_path, capsys):
     storage = tmp_path / "runs" / "taken"
     storage.mkdir(parents=True)
     (storage / "meteora_run.json").write_text(json.dumps({"fingerprint": "other", "experts": ["x"]}))
     assert main(settings(registry, tmp_path, "taken")) == 2
     assert "already trains experts ['x']" in capsys.readouterr().err
+
+    other = load_train_config(None, settings(registry, tmp_path, "taken", lr=0.05, checkpoint_every=5))
+    experts = [(name, Registry(registry).entry(name)["sha256"]) for name in TASKS]
+    (storage / "meteora_run.json").write_text(json.dumps({"fingerprint": other.run_fingerprint(experts),
+                                                          "experts": list(TASKS), "settings": other.run_settings()}))
+    assert other.run_fingerprint(experts) == load_train_config(None, settings(registry, tmp_path, "taken", lr=0.05)).run_fingerprint(experts)
+    assert main(settings(registry, tmp_path, "taken")) == 2  # lr 0.02: the finished run's gates would come back
+    assert "other ['lr']" in capsys.readouterr().err
+
+    (storage / "meteora_run.json").write_text("[not a record")
+    assert main(settings(registry, tmp_path, "taken")) == 2
+    assert "meteora_run.json is not a run record" in capsys.readouterr().err
 
 
 def test_ray_job_submit_against_make_cluster_up_on_a_machine_without_a_token(registry, tmp_path):

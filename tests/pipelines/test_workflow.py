@@ -118,6 +118,12 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         warm = shrunk_model.training_summary["warm_start"]  # the kept experts' rows copied from the third run's
         assert warm["init_from"] == third["train"].checkpoint and set(warm["experts"].values()) == {"copied"}
         assert_serves(fourth["train"].checkpoint)
+
+        other_lr = every_row.model_copy(update={"train": {**every_row.train, "lr": 0.03},
+                                                "evaluate": every_row.evaluate.model_copy(update={"enabled": False})})
+        fifth = run(load_manifest(shrunk_manifest), other_lr, can_deploy=False)  # the same experts, another lr
+        assert stages_said(capsys.readouterr().out)["train"] == "running"
+        assert not fifth["train"].incremental and fifth["train"].checkpoint != fourth["train"].checkpoint
     finally:
         serve.shutdown()  # Serve keeps its HTTP port for the Ray cluster's life: later tests start their own
 
