@@ -47,9 +47,10 @@ class TrainGatesConfig(BaseModel):
     @classmethod
     def _gather_training_keys(cls, values):
         if isinstance(values, dict):
-            training = {k: values.pop(k) for k in list(values) if k in TRAINING_KEYS}
-            if training:
-                values = {**values, "training": {**dataclasses.asdict(values.get("training", GateTrainingConfig())), **training}}
+            if "training" in values:
+                raise ValueError("training: set its keys flat (steps=, lr=, ...), as configs/train_gates.yaml does")
+            training = {k: v for k, v in values.items() if k in TRAINING_KEYS}
+            values = {**{k: v for k, v in values.items() if k not in TRAINING_KEYS}, "training": training}
         return values
 
     @model_validator(mode="after")

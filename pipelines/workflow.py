@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/workflow.py` from anywhere
 
 import ray  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator  # noqa: E402
 
 from meteora import RegistryError, StoreError  # noqa: E402
 from meteora.model import checkpoint_digest, checkpoint_exists  # noqa: E402
@@ -64,6 +64,16 @@ class DeploySettings(BaseModel):
     http_port: int = Field(8000, ge=1, le=65535)
     settings: dict = {}  # serve_app.ServeSettings besides checkpoint
     deployment: dict = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "max_surge_percent": 100}
+
+    @model_validator(mode="after")
+    def _serve_settings(self) -> "DeploySettings":
+        import serve_app  # the application's own checks, when the config loads rather than after training
+
+        try:
+            serve_app.ServeSettings.model_validate({**self.settings, "checkpoint": "set by the workflow"})
+        except ValidationError as err:
+            raise ValueError("; ".join(f"settings.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        return self
 
 
 class WorkflowConfig(BaseModel):

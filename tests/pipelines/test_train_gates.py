@@ -58,6 +58,8 @@ def test_bad_config_is_refused_before_anything_starts(registry, tmp_path, capsys
         load_train_config(None, ["name=../escape"])
     with pytest.raises(ConfigError, match="'gs://bucket/runs': unsupported URI scheme"):
         load_train_config(None, ["storage_path=gs://bucket/runs"])  # not a local directory "gs:"
+    with pytest.raises(ConfigError, match="set its keys flat"):
+        load_train_config(None, ["training={lr: 0.03}", "steps=3"])
     for argv, message in [(["experts=[reverse, nope]"], "nope"),
                           (["registry=" + str(tmp_path / "empty")], "holds no adapters"),
                           (["--init-from", str(tmp_path / "missing")], "not a MeteoRA checkpoint")]:
