@@ -135,6 +135,14 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def tag(self, key: str) -> str | None:
+        """A tag that changes when the object does (size and modification time), None if it is missing."""
+        try:
+            status = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return f"{status.st_size}-{status.st_mtime_ns}"
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
@@ -201,14 +209,17 @@ class S3Store:
             raise StoreError(f"cannot {action} {where}: {err}") from None
 
     def exists(self, key: str) -> bool:
+        return self.tag(key) is not None
+
+    def tag(self, key: str) -> str | None:
+        """The object's ETag (it changes when the object does), None if it is missing."""
         with self._errors("check", key):
             try:
-                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ETag"]
             except self._ClientError as err:
                 if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                    return False
+                    return None
                 raise
-        return True
 
     def read_bytes(self, key: str) -> bytes:
         with self._errors("read", key):

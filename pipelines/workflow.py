@@ -4,7 +4,8 @@
     ray job submit --address http://HEAD:PORT --working-dir . -- python pipelines/workflow.py --manifest M
 
 stage     its inputs (hashed)                                 what it runs
-collect   the manifest's bytes, the registry and its index    collect_adapters.collect (Ray tasks)
+collect   the manifest's bytes, its objects' tags, the        collect_adapters.collect (Ray tasks)
+          registry and its index
 train     the manifest's experts in order (weights, config,  train_gates.train (Ray Train); incremental when the last
           data, prompt format), the base model, the settings  training, on the same base and settings, had other
           that change the gates                               experts but shares some with these (adapters added,
@@ -41,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from meteora import RegistryError, StoreError  # noqa: E402
 from meteora.model import checkpoint_digest, checkpoint_exists  # noqa: E402
-from meteora.registry import Manifest, Registry, load_manifest  # noqa: E402
+from meteora.registry import Manifest, Registry, load_manifest, source_tags  # noqa: E402
 from meteora.store import atomic_write  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
 from pipelines.common import ROOT, ConfigError, Uri, load_config, ray_connection, runtime_env  # noqa: E402
@@ -225,7 +226,8 @@ def _stage(state: State, stage: str, inputs: str, action: Callable[[], StageResu
 
 
 def _collect_inputs(manifest: Manifest, config: WorkflowConfig) -> str:
-    return digest(manifest.digest, config.registry, Registry(config.registry).digest)
+    """The manifest, the objects it names as they are now (replaced in place: collected again), the registry."""
+    return digest(manifest.digest, source_tags(manifest), config.registry, Registry(config.registry).digest)
 
 
 def _collect(manifest: Manifest, config: WorkflowConfig) -> StageResult:

@@ -1,5 +1,5 @@
-"""The local mirror of an S3 prefix follows the prefix (changed, added and removed objects), and atomic writes
-give files the mode any new file gets."""
+"""The local mirror of an S3 prefix follows the prefix (changed, added and removed objects), atomic writes give
+files the mode any new file gets, and an object's tag changes when it does."""
 import os
 
 import boto3
@@ -39,3 +39,13 @@ def test_atomic_writes_get_the_umasks_mode_and_leave_no_temporary_file(tmp_path)
         os.umask(old)
     assert [oct(p.stat().st_mode & 0o777) for p in sorted(tmp_path.iterdir())] == ["0o644", "0o644"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.json", "weights.bin"]
+
+
+def test_a_local_objects_tag_changes_when_it_is_rewritten(tmp_path):
+    store = open_store(tmp_path)
+    assert store.tag("data/train.jsonl") is None and not store.exists("data/train.jsonl")
+    store.write_bytes("data/train.jsonl", b"one line\n")
+    first = store.tag("data/train.jsonl")
+    assert first == store.tag("data/train.jsonl") and store.exists("data/train.jsonl")
+    store.write_bytes("data/train.jsonl", b"one line\nanother\n")
+    assert store.tag("data/train.jsonl") not in (None, first)

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from ..errors import StoreError
 from ..model import is_gguf, model_dir, skeleton_from_config, structure_hash
 from ..model.adapters import CONFIG_FILE, PICKLE_WEIGHTS_FILE, WEIGHTS_FILE, adapter_from_bytes, pickle_only_error
-from ..store import open_store, read_uri
+from ..store import open_store, read_uri, split_uri
 from .manifest import AdapterSpec, Manifest
 from .registry import Registry, adapter_key, data_key
 
@@ -46,6 +46,17 @@ def inspect_base(manifest: Manifest) -> tuple[dict, dict]:
     except (StoreError, OSError, ValueError) as err:
         raise ValueError(f"{manifest.path}: base model {manifest.base_uri}: {err}") from None
     return config, {"name": manifest.base_name, "uri": manifest.base_uri, "fingerprint": structure_hash(skeleton)}
+
+
+def source_tags(manifest: Manifest) -> list[list[str | None]]:
+    """Per adapter, a tag of each object it is collected from (its config, weights and data; None: missing). They
+    change when an object is replaced in place, which the manifest's own bytes do not show."""
+    tags = []
+    for spec in manifest.adapters:
+        store = open_store(spec.uri)
+        data = [split_uri(uri) for uri in (spec.data or {}).values()]
+        tags.append([store.tag(CONFIG_FILE), store.tag(WEIGHTS_FILE)] + [open_store(parent).tag(key) for parent, key in data])
+    return tags
 
 
 def fetch_adapter(spec: AdapterSpec, base_config: dict) -> Collected:

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from meteora import ManifestError, MeteoraModel, RegistryError
-from meteora.registry import Registry, load_manifest
+from meteora.registry import Registry, load_manifest, source_tags
 from meteora.store import open_store
 from pipelines.collect_adapters import collect, main
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
@@ -266,3 +266,16 @@ def test_racing_commits_lose_no_update(store_uri):
     for thread in threads:
         thread.join()
     assert not errors and sorted(Registry(store_uri).names) == names
+
+
+def test_source_tags_change_when_an_object_is_replaced_in_place(world, tmp_path):
+    """What tells the workflow to collect again when the manifest is the same but an object it names is not."""
+    for file in world["local"]["reverse"].iterdir():
+        world["s3"].upload_file(str(file), "world", f"adapters/in-place/{file.name}")
+    manifest = load_manifest(write_manifest(tmp_path / "m.yaml", [entry("reverse") | {"uri": "s3://world/adapters/in-place/"}]))
+    before = source_tags(manifest)
+    assert len(before[0]) == 4 and None not in before[0] and source_tags(manifest) == before
+    world["s3"].upload_file(str(world["local"]["reverse-v2"] / "adapter_model.safetensors"), "world",
+                            "adapters/in-place/adapter_model.safetensors")
+    after = source_tags(manifest)
+    assert after[0][1] != before[0][1] and after[0][0] == before[0][0]
