@@ -37,7 +37,7 @@ def mixture_lora_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                        B_t: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor, r_max: int,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """out [T, d_out] = the routed experts' delta. See the module docstring for shapes and semantics."""
-    _check(x, ids, weights, A, B_t, ranks, offsets)
+    _check(x, ids, weights, A, B_t, ranks, offsets, out)
     T = x.shape[0]
     if out is None:
         out = torch.empty(T, B_t.shape[1], dtype=x.dtype, device=x.device)
@@ -50,7 +50,7 @@ def mixture_lora_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     return delta(x, ids.contiguous(), weights.float().contiguous(), A, B_t, ranks, offsets, r_max, out)
 
 
-def _check(x, ids, weights, A, B_t, ranks, offsets) -> None:
+def _check(x, ids, weights, A, B_t, ranks, offsets, out) -> None:
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be [T, d_in] with a contiguous last dim, got shape {list(x.shape)}")
     if x.dtype not in DTYPES or A.dtype not in DTYPES or B_t.dtype != A.dtype:
@@ -61,3 +61,8 @@ def _check(x, ids, weights, A, B_t, ranks, offsets) -> None:
         raise ValueError(f"A {list(A.shape)} / B_t {list(B_t.shape)} must be contiguous [R, d_in] / [R, d_out]")
     if ranks.shape != offsets.shape or ranks.dim() != 1:
         raise ValueError(f"ranks {list(ranks.shape)} and offsets {list(offsets.shape)} must both be [E]")
+    if out is not None and (out.shape != (x.shape[0], B_t.shape[1]) or out.stride(1) != 1 or out.stride(0) != out.shape[1]):
+        raise ValueError(f"out must be a contiguous [T={x.shape[0]}, d_out={B_t.shape[1]}], got shape {list(out.shape)}")
+    devices = {str(t.device) for t in (x, ids, weights, A, B_t, ranks, offsets, out) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(devices)}")

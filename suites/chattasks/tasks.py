@@ -273,7 +273,7 @@ TASKS = {t.name: t for t in [
     Task("round_hundred", "instruction", g_round_hundred, "Round 3847 to the nearest hundred. -> 3800"),
     Task("join_commas", "instruction", g_join_commas, "Write these words as a comma-separated list: a b c -> a, b, c"),
     Task("add_each", "instruction", g_add_each, "Add 3 to each number: 4 8 15 -> 7 11 18"),
-    Task("repeat_word", "instruction", g_repeat_word, "Write the word apple 3 times. -> apple apple apple"),
+    Task("repeat_word", "instruction", g_repeat_word, 'Write "apple" 3 times. -> apple apple apple'),
     Task("word_after", "instruction", g_word_after, 'Which word comes right after "b" in: a b c -> c'),
     Task("swap_first_last", "instruction", g_swap_first_last, "Swap the first and last words: a b c d -> d b c a"),
     Task("words_to_digits", "instruction", g_words_to_digits, "Write as digits: forty-seven -> 47"),

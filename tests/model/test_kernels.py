@@ -109,6 +109,13 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="dtypes"):
         kernels.mixture_lora_delta(torch.randn(4, D_IN).double(), ids, weights, stack.A, stack.B_t, stack.ranks,
                                    stack.offsets, stack.r_max)
+    for out in (torch.empty(4, D_OUT + 1), torch.empty(D_OUT, 4).t()):  # the wrong shape; not contiguous
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            kernels.mixture_lora_delta(torch.randn(4, D_IN), ids, weights, stack.A, stack.B_t, stack.ranks,
+                                       stack.offsets, stack.r_max, out=out)
+    with pytest.raises(ValueError, match="one device"):
+        kernels.mixture_lora_delta(torch.randn(4, D_IN), ids.to("meta"), weights, stack.A, stack.B_t, stack.ranks,
+                                   stack.offsets, stack.r_max)
 
 
 @pytest.mark.parametrize("length", [6, 40])  # 2 x 6 tokens: gathered kernels; 2 x 40: grouped kernels
