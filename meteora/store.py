@@ -94,7 +94,7 @@ def local_dir(uri: str) -> Path:
         held = json.loads(record.read_text())
     except (OSError, ValueError):
         held = {}
-    listed = {key: tag for key, tag in store.etags().items() if not key.endswith("/")}  # not "folder" markers
+    listed = {key: tag for key, tag in store.etags().items() if key and not key.endswith("/")}  # no "folder" markers
     for key in held.keys() - listed.keys():
         (target / key).unlink(missing_ok=True)
     for key, tag in listed.items():

@@ -10,8 +10,8 @@
    a lost worker is replaced and the group resumes from the latest checkpoint (`max_failures` times)
 4. rank 0 writes the MeteoRA checkpoint to `output`; the summary is printed and kept in its config
 Running again with the same `name` and `storage_path` resumes the run (after a driver restart, say); a name
-that already holds a run over other experts, another warm start or other settings is refused. Uses the cluster of RAY_ADDRESS (or the job's
-cluster under `ray job submit`), else starts a local Ray and stops it at the end.
+that already holds a run over other experts, another warm start or other settings is refused. Uses the cluster
+of RAY_ADDRESS (or the job's cluster under `ray job submit`), else starts a local Ray and stops it at the end.
 """
 from __future__ import annotations
 

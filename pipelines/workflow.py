@@ -187,8 +187,7 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     registry = Registry(config.registry)
     experts = [(name, registry.entry(name)["sha256"]) for name in manifest.names]
     train_key = digest(experts, [_trained_on(registry.entry(name)) for name in manifest.names],
-                       registry.base_model["fingerprint"], config.train_config().run_settings(),
-                       config.incremental_steps, config.incremental_freeze_old)
+                       registry.base_model["fingerprint"], config.train_config().run_settings())
     recorded = state.outputs("train", train_key)
     if recorded and not checkpoint_exists(recorded.checkpoint):
         state.forget("train")  # recorded, but its checkpoint is gone: train again
@@ -259,7 +258,7 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
         print(f"[train] incremental from {previous.checkpoint}, {steps} steps: fresh gate rows for {added or 'none'}, "
               f"rows dropped for {removed or 'none'}{', copied rows frozen' if config.incremental_freeze_old else ''}",
               flush=True)
-    run_name = f"gates-{digest(key, values.get('init_from'))[:12]}"  # a retry resumes it; a new warm start is a new run
+    run_name = f"gates-{digest(key, values)[:12]}"  # a retry resumes its run; another warm start is another run
     values.update(name=run_name, output=f"{artifacts}/checkpoints/{run_name}")
     started = time.perf_counter()
     summary = train(config.train_config(**values))
