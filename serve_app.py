@@ -1,7 +1,7 @@
 """The MeteoRA model behind an OpenAI-compatible HTTP API, as a Ray Serve application (the project's only HTTP code).
 
     serve run configs/serve.yaml          import_path serve_app:app_builder, args = ServeSettings
-    GET  /healthz   GET /v1/models   POST /v1/completions   POST /v1/chat/completions   (DESIGN.md, HTTP)
+    GET  /healthz   GET /v1/models   POST /v1/completions   POST /v1/chat/completions   (README.md, "Serving")
 
     HTTP request ─► create_app (FastAPI: auth, schemas, OpenAI-shaped errors)
                     ─► meteora.serving.MeteoraService (checkpoint + base model + tokenizer, prompt encoding, every

@@ -68,12 +68,16 @@ class DeploySettings(BaseModel):
 
     @model_validator(mode="after")
     def _serve_settings(self) -> "DeploySettings":
-        import serve_app  # the application's own checks, when the config loads rather than after training
+        import serve_app  # the application's and Ray Serve's own checks, when the config loads, not after training
 
         try:
             serve_app.ServeSettings.model_validate({**self.settings, "checkpoint": "set by the workflow"})
         except ValidationError as err:
             raise ValueError("; ".join(f"settings.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        try:
+            serve_app.MeteoraServer.options(**self.deployment)
+        except (TypeError, ValueError) as err:  # an unknown option; a bad value (pydantic's errors are ValueErrors)
+            raise ValueError(f"deployment: {err}") from None
         return self
 
 

@@ -16,7 +16,7 @@
     lora-b   one LoRA trained on all tasks' data together, balanced (the paper's LoRA-B)
     merged   the uniform average of all adapters, as one PEFT adapter (peft's add_weighted_adapter, "cat")
     data     train / eval JSONL per task;  build_report.json: accuracies measured at build time
-    manifest.yaml  an AdapterManifest (DESIGN.md) over all of it, written last: it marks a complete build
+    manifest.yaml  an AdapterManifest (README.md, "Registering adapters") over all of it, written last: it marks a complete build
 Everything goes to <out>/tinytasks-<key>/ where key hashes the build settings, so a second run with the same
 settings finds the manifest and returns at once.
 """

@@ -137,6 +137,8 @@ def test_bad_config_or_manifest_is_refused_before_anything_runs(tmp_path, capsys
         load_workflow_config(None, ["train.steps=-1", "registry=r", "work_dir=w"])
     with pytest.raises(ConfigError, match="settings.backend: .*unknown backend"):  # the serving settings too, before any stage
         load_workflow_config(None, ["deploy.settings={backend: tritn}", "registry=r", "work_dir=w"])
+    with pytest.raises(ConfigError, match="deployment: .*num_replica"):
+        load_workflow_config(None, ["deploy.deployment={num_replica: 2}", "registry=r", "work_dir=w"])
     (tmp_path / "bad.yaml").write_text("apiVersion: meteora/v1\nkind: AdapterManifest\nadapters: nope\n")
     assert main(["--manifest", str(tmp_path / "bad.yaml"), f"work_dir={tmp_path / 'w'}", f"registry={tmp_path / 'r'}"]) == 2
     assert "error:" in capsys.readouterr().err
