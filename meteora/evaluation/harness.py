@@ -88,6 +88,8 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites:
     if checkpoint is not None:
         for k in (1, 2):
             model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base))
+            if k > len(model.expert_names):
+                break  # one expert: top-1 is all there is
             model.configure(top_k=k)
             variants[f"meteora top-{k}"] = model
     per_task = {name: _logged(f"{name}, per task", lambda model=model: accuracy_per_task(
@@ -95,7 +97,7 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites:
     per_task["own adapter"] = _logged("own adapter, per task", lambda: _own_accuracy(fused, bench))
     results = {"per_task": per_task, "composite": _composites(bench, variants, fused, composites),
                "checkpoint": str(checkpoint) if checkpoint else None, "prompt_format": bench.fmt.name}
-    router = variants.get("meteora top-2", fused)
+    router = variants.get("meteora top-2", variants.get("meteora top-1", fused))
     if checkpoint is not None:
         items = [(sample, router.expert_names.index(task)) for task, samples in bench.eval_sets.items() for sample in samples]
         started = time.perf_counter()
