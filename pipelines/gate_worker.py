@@ -10,6 +10,7 @@ training summary in its config.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 
 import ray.train
@@ -19,13 +20,16 @@ from transformers.utils import logging as transformers_logging
 
 from meteora.model import MeteoraModel, load_tokenizer, runtime
 from meteora.registry import Registry
+from meteora.store import open_store
 from meteora.training import Collective, GateTrainer, init_gates_from, registry_samples, shard, shuffled
 
 from .train_config import TrainGatesConfig
 
+PROGRESS_FILE = "progress.json"  # rank 0's latest record, in the run's storage: the driver prints it
+
 
 def train_loop_per_worker(job: dict) -> None:
-    """job: {"config": TrainGatesConfig.flat(), "registry": URI, "experts": [names], "output": URI}."""
+    """job: {"config": TrainGatesConfig.flat(), "registry": URI, "experts": [names], "output": URI, "run": URI}."""
     config = TrainGatesConfig(**job["config"])
     context = ray.train.get_context()
     collective = Collective(context.get_world_rank(), context.get_world_size(), dist.all_reduce)
@@ -46,7 +50,8 @@ def train_loop_per_worker(job: dict) -> None:
     seed, rank, world = config.training.seed, collective.rank, collective.world
     train = shard(registry_samples(registry, model.expert_names, "train"), rank, world, seed)
     evaluation = shuffled(registry_samples(registry, model.expert_names, "eval"), seed)[:config.training.eval_samples]
-    trainer.run(train, evaluation[rank::world], on_checkpoint=lambda record: _report(trainer, record, rank))
+    run = open_store(job["run"])
+    trainer.run(train, evaluation[rank::world], on_checkpoint=lambda record: _report(trainer, record, rank, run))
     if rank == 0:
         model.training_summary = {**trainer.summary(), "run_name": config.name, "registry": registry.uri,
                                   "num_workers": config.num_workers,
@@ -64,8 +69,14 @@ def _build_model(config: TrainGatesConfig, registry: Registry, experts: list[str
     return model.to(device), load_tokenizer(base_uri)
 
 
-def _report(trainer: GateTrainer, record: dict, rank: int) -> None:
-    """Every worker reports (a barrier); rank 0 attaches the checkpoint and prints the progress line."""
+def progress_line(record: dict, steps: int) -> str:
+    return (f"step {record['step']:>6}/{steps}  loss {record['loss']:.4f}  lm {record['lm_loss']:.4f}  "
+            f"gate {record['gate_loss']:.4f}  routing train {record['routing_accuracy']:.3f} "
+            f"eval {record['eval_routing_accuracy']:.3f}  {record['tokens_per_s_per_worker']:.0f} tok/s/worker")
+
+
+def _report(trainer: GateTrainer, record: dict, rank: int, run) -> None:
+    """Every worker reports (a barrier); rank 0 attaches the checkpoint and leaves the record for the driver."""
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -73,6 +84,4 @@ def _report(trainer: GateTrainer, record: dict, rank: int) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(record, checkpoint=checkpoint)
     if rank == 0:
-        print(f"step {record['step']:>6}  loss {record['loss']:.4f}  lm {record['lm_loss']:.4f}  gate {record['gate_loss']:.4f}  "
-              f"routing train {record['routing_accuracy']:.3f} eval {record['eval_routing_accuracy']:.3f}  "
-              f"{record['tokens_per_s_per_worker']:.0f} tok/s/worker", flush=True)
+        run.write_bytes(PROGRESS_FILE, json.dumps(record).encode())

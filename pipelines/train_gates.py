@@ -16,10 +16,12 @@ of RAY_ADDRESS (or the job's cluster under `ray job submit`), else starts a loca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -37,7 +39,7 @@ from meteora.registry import Registry, load_manifest  # noqa: E402
 from meteora.store import absolute_uri, cache_dir, open_store  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
 from pipelines.common import ConfigError, ray_connection, runtime_env  # noqa: E402
-from pipelines.gate_worker import train_loop_per_worker  # noqa: E402
+from pipelines.gate_worker import PROGRESS_FILE, progress_line, train_loop_per_worker  # noqa: E402
 from pipelines.train_config import TrainGatesConfig, load_train_config  # noqa: E402
 
 log = logging.getLogger("train_gates")
@@ -55,7 +57,8 @@ def train(config: TrainGatesConfig) -> dict:
     output = absolute_uri(config.output or f"{storage.rstrip('/')}/{config.name}/meteora")
     _check_init_from(config, registry)
     _claim_run(storage, config, [(n, registry.entry(n)["sha256"]) for n in experts])
-    job = {"config": config.flat(), "registry": registry.uri, "experts": experts, "output": output}
+    run = f"{storage.rstrip('/')}/{config.name}"
+    job = {"config": config.flat(), "registry": registry.uri, "experts": experts, "output": output, "run": run}
     path, filesystem = _storage_location(storage)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=job,
@@ -71,8 +74,38 @@ def train(config: TrainGatesConfig) -> dict:
     )
     log.info("training the gates of %d experts (%s) with %d workers; run '%s' in %s",
              len(experts), ", ".join(experts), config.num_workers, config.name, storage)
-    trainer.fit()
+    with _progress_printed(run, config.training.steps):
+        trainer.fit()
     return {**read_checkpoint_config(output).training, "output": output}
+
+
+@contextlib.contextmanager
+def _progress_printed(run: str, steps: int, every_s: float = 5.0):
+    """Print rank 0's records (PROGRESS_FILE in the run's storage) from the driver while the run trains, so they
+    show in the driver's output (a job's log, the workflow's, the demo's) whether or not the workers' logs do."""
+    store, stop, shown = open_store(run), threading.Event(), []
+
+    def show() -> None:
+        try:
+            record = json.loads(store.read_bytes(PROGRESS_FILE)) if store.exists(PROGRESS_FILE) else None
+        except (StoreError, ValueError):
+            return  # unreadable for now: the next poll
+        if record is not None and record not in shown:
+            shown.append(record)
+            print(progress_line(record, steps), flush=True)
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            show()
+
+    thread = threading.Thread(target=poll, name="training-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show()
 
 
 def embedded_registry() -> str:

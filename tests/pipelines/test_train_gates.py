@@ -68,7 +68,7 @@ def test_bad_config_is_refused_before_anything_starts(registry, tmp_path, capsys
     assert not (tmp_path / "runs").exists()  # nothing was started or written
 
 
-def test_two_workers_train_with_checkpoints_on_s3(registry, tmp_path, s3_endpoint, monkeypatch):
+def test_two_workers_train_with_checkpoints_on_s3(registry, tmp_path, s3_endpoint, monkeypatch, capsys):
     import boto3
 
     monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))  # the workers read the registry from S3
@@ -84,6 +84,8 @@ def test_two_workers_train_with_checkpoints_on_s3(registry, tmp_path, s3_endpoin
     assert any(k.startswith("runs/s3-run/checkpoint_") and k.endswith("train_state.safetensors") for k in keys)
     model = MeteoraModel.from_pretrained("s3://train/models/tiny")
     assert model.expert_names == list(TASKS) and model.training_summary["steps"] == 40
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert progress and progress[-1].startswith("step     40/40  loss")  # printed by the driver, the last one surely
 
 
 def _descendant_train_workers() -> list[psutil.Process]:
