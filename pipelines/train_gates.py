@@ -54,10 +54,10 @@ def train(config: TrainGatesConfig) -> dict:
         config = config.model_copy(update={"init_from": absolute_uri(config.init_from)})
     experts = _check_experts(registry, config.experts)
     storage = absolute_uri(config.storage_path or cache_dir() / "ray_results")
-    output = absolute_uri(config.output or f"{storage.rstrip('/')}/{config.name}/meteora")
+    run = f"{storage.rstrip('/')}/{config.name}"  # Ray Train's directory of this run
+    output = absolute_uri(config.output or f"{run}/meteora")
     _check_init_from(config, registry)
-    _claim_run(storage, config, [(n, registry.entry(n)["sha256"]) for n in experts])
-    run = f"{storage.rstrip('/')}/{config.name}"
+    _claim_run(run, config, [(n, registry.entry(n)["sha256"]) for n in experts])
     job = {"config": config.flat(), "registry": registry.uri, "experts": experts, "output": output, "run": run}
     path, filesystem = _storage_location(storage)
     trainer = TorchTrainer(
@@ -145,9 +145,9 @@ def _check_init_from(config: TrainGatesConfig, registry: Registry) -> None:
                               f"'{meta.base.name}', the registry's is '{registry.base_model['name']}'")
 
 
-def _claim_run(storage: str, config: TrainGatesConfig, experts: list[tuple[str, str]]) -> None:
+def _claim_run(run: str, config: TrainGatesConfig, experts: list[tuple[str, str]]) -> None:
     """Record what the run name trains; refuse to resume a run of other experts, warm start or settings under it."""
-    store = open_store(f"{storage.rstrip('/')}/{config.name}")
+    store = open_store(run)
     claim = {"fingerprint": config.run_fingerprint(experts), "experts": [name for name, _ in experts],
              "init_from": config.init_from, "settings": config.run_settings()}
     if store.exists(RUN_FILE):
@@ -158,10 +158,10 @@ def _claim_run(storage: str, config: TrainGatesConfig, experts: list[tuple[str, 
         if held.get("fingerprint") != claim["fingerprint"]:
             settings = held.get("settings") or {}
             changed = sorted(k for k, v in claim["settings"].items() if k in settings and settings[k] != v)
-            raise ConfigError(f"run '{config.name}' in {storage} already trains experts {held.get('experts')} "
+            raise ConfigError(f"run {run} already trains experts {held.get('experts')} "
                               f"(init_from {held.get('init_from')}{f'; other {changed}' if changed else ''}): "
                               "resume it with its own settings, or choose another name= to start a new run")
-        log.info("run '%s' exists in %s: resuming from its latest checkpoint", config.name, storage)
+        log.info("run %s exists: resuming from its latest checkpoint", run)
         return
     store.write_bytes(RUN_FILE, json.dumps(claim, indent=2).encode())
 
