@@ -252,9 +252,10 @@ def _trained_on(entry: dict) -> dict:
 def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list[tuple[str, str]], key: str,
            previous: Trained | None) -> StageResult:
     settings = config.train_config()
+    settings_digest = digest(settings.run_settings())
     artifacts = (config.artifacts or str(work)).rstrip("/")
     values = {"registry": registry.uri, "experts": [name for name, _ in experts], "storage_path": f"{artifacts}/runs"}
-    if _can_start_from(previous, experts, registry, digest(settings.run_settings())):
+    if _can_start_from(previous, experts, registry, settings_digest):
         steps = max(1, math.ceil(config.incremental_steps * settings.training.steps))
         values.update(init_from=previous.checkpoint, steps=steps, freeze_old=config.incremental_freeze_old)
         added = [n for n, sha in experts if (n, sha) not in previous.experts]
@@ -269,7 +270,7 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
     print_training_summary(summary, time.perf_counter() - started)
     outputs = Trained(summary["output"], experts, registry.base_model["fingerprint"], "init_from" in values,
                       summary["train_seconds"], (summary.get("final") or {}).get("eval_routing_accuracy"),
-                      digest(settings.run_settings()))
+                      settings_digest)
     return StageResult(outputs, f"checkpoint {outputs.checkpoint} ({summary['steps']} steps, "
                                 f"{outputs.train_seconds} s of training)")
 

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..model import MeteoraModel, load_base_model, load_tokenizer
+from ..model import MeteoraModel, load_base_model, load_tokenizer, read_checkpoint_config
 from ..prompts import PromptFormat, pad_left, prompt_format
 from ..registry import Manifest, read_samples
 from ..store import local_dir, read_uri, split_uri
@@ -86,10 +86,8 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites:
     fused = MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=1, prompt_format=bench.fmt.name)
     variants = {"base": bench.base, **{name: _peft(bench.base, path) for name, path in bench.baselines.items()}}
     if checkpoint is not None:
-        for k in (1, 2):
+        for k in range(1, min(2, len(read_checkpoint_config(checkpoint).experts)) + 1):  # one expert: top-1 only
             model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base))
-            if k > len(model.expert_names):
-                break  # one expert: top-1 is all there is
             model.configure(top_k=k)
             variants[f"meteora top-{k}"] = model
     per_task = {name: _logged(f"{name}, per task", lambda model=model: accuracy_per_task(
