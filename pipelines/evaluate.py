@@ -9,8 +9,12 @@ runs the same `evaluate_manifest` in a Ray task.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import logging.handlers
+import queue
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/evaluate.py` from anywhere
@@ -47,23 +51,32 @@ def evaluate_manifest(manifest: Manifest, checkpoint: str | None, settings: Eval
 
 
 @ray.remote(num_cpus=1)
-def evaluate_task(manifest: Manifest, checkpoint: str, settings: EvaluateSettings, out_dir: str) -> dict:
-    """evaluate_manifest in a Ray task (the workflow's evaluate stage): the tables, without the routing example."""
-    _print_progress()
-    results = evaluate_manifest(manifest, checkpoint, settings, out_dir)
-    return {"per_task": results["per_task"], "composite": results["composite"]}
+def evaluate_task(manifest: Manifest, checkpoint: str, settings: EvaluateSettings, out_dir: str):
+    """evaluate_manifest in a Ray task (the workflow's evaluate stage), streamed: the harness's progress lines (str)
+    as it scores each variant, then the tables (dict), so the driver shows progress whatever the workers' logs do."""
+    with _progress_records() as records, ThreadPoolExecutor(1) as pool:
+        running = pool.submit(evaluate_manifest, manifest, checkpoint, settings, out_dir)
+        while not (running.done() and records.empty()):
+            with contextlib.suppress(queue.Empty):
+                yield records.get(timeout=1).getMessage()
+        results = running.result()
+    yield {"per_task": results["per_task"], "composite": results["composite"]}
 
 
-def _print_progress() -> None:
-    """The harness's progress lines printed by this Ray worker (Ray sends them to the driver), whose root logger
-    lets only errors through (pipelines.common.LOCAL_RAY)."""
-    logger = logging.getLogger("meteora.evaluation")
-    if not logger.handlers:  # a worker may run several evaluations
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("[evaluate] %(message)s"))
-        logger.addHandler(handler)
+@contextlib.contextmanager
+def _progress_records():
+    """A queue of the harness's INFO records, while the block runs."""
+    logger, records = logging.getLogger("meteora.evaluation"), queue.Queue()
+    handler, kept = logging.handlers.QueueHandler(records), (logger.level, logger.propagate)
+    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(kept[0])
+        logger.propagate = kept[1]
 
 
 def main(argv: list[str] | None = None) -> int:

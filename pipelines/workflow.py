@@ -286,7 +286,11 @@ def _can_start_from(previous: Trained | None, experts: list[tuple[str, str]], re
 def _evaluate(manifest: Manifest, checkpoint: str, config: WorkflowConfig, work: Path) -> StageResult:
     out_dir = work / "eval" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
     task = evaluate_task.options(runtime_env=runtime_env())
-    results = ray.get(task.remote(manifest, checkpoint, config.evaluate, str(out_dir)))
+    for streamed in task.remote(manifest, checkpoint, config.evaluate, str(out_dir)):  # progress lines, then the tables
+        item = ray.get(streamed)
+        if isinstance(item, str):
+            print(f"[evaluate] {item}", flush=True)
+    results = item
     means = {variant: round(sum(scores.values()) / len(scores), 3) for variant, scores in results["per_task"].items()}
     return StageResult(Evaluated(str(out_dir), means), f"mean accuracy {means}; tables and plots in {out_dir}")
 
