@@ -22,6 +22,7 @@ __all__ = ["FORMATS", "Composite", "PromptFormat", "chat_ids", "composite", "enc
 
 FORMATS = ("plain", "chat")
 NUMBERED = re.compile(r"^\s*(\d+)[.)]\s?(.*)$")  # an answer line "3. text" (or "3) text")
+LINE_NUMBER = re.compile(r"^\s*(\d+)")  # a line being written that starts "3" already continues answer 3
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,16 @@ class PromptFormat:
             answers = [f"{i}. {s['response']}" for i, s in enumerate(samples, 1)]
             return _joined(prompts, "\n", answers)
         return _joined([s["prompt"] for s in samples], "", [s["response"] for s in samples])
+
+    def next_answer(self, written: str, n: int) -> int:
+        """Which of a composite's n answers (0-based) the next token of its response belongs to, from the response
+        written so far: the line being written, the next one once a line ends (chat: by the number last written).
+        Gate training labels every response token with this (meteora.training.gate_batch)."""
+        lines = written.split("\n")
+        if not self.numbered:
+            return min(len(lines) - 1, n - 1)
+        numbers = [int(m[1]) for m in map(LINE_NUMBER.match, lines) if m]
+        return min(max(numbers[-1] - 1 + written.endswith("\n"), 0), n - 1) if numbers else 0
 
     def answers(self, response: str, n: int) -> list[str]:
         """The n answers of a composite's response ("" for a missing one): by line, or by number in chat."""

@@ -3,22 +3,18 @@
     prompt    a token inside problem i's text -> expert of task i; scaffolding (template, numbering between
               problems, few-shot turns) -> the gates; the last prompt token, which predicts the first answer's
               first token -> the first problem's expert (as gate training labels it)
-    answer    every generated token -> the expert of the answer it continues (plain: the line; chat: the last
-              "k." number written so far)
+    answer    every generated token -> the expert of the answer its next token belongs to (PromptFormat.next_answer:
+              the line being written, the next one once a line ends), as gate training labels it
 What MeteoRA would score with gates that never err: the gap between it and the gated rows is routing, the gap
 between it and the oracle (each problem asked alone) is the adapters. Greedy, batched, left-padded, KV-cached.
 """
 from __future__ import annotations
-
-import re
 
 import torch
 
 from ..model import MeteoraModel
 from ..prompts import PromptFormat, encode_with_owners, pad_left, position_ids
 from .answers import CompositeProblem, Shots, composite_summary
-
-LINE_NUMBER = re.compile(r"^\s*(\d+)")  # a line being written that starts "3" already continues answer 3
 
 
 @torch.no_grad()
@@ -70,7 +66,7 @@ def _generate(model, tokenizer, problems, fmt, shots, max_new_tokens) -> list[li
         done |= token == tokenizer.eos_token_id
         if done.all():
             break
-        current = [ids[_answer_index(fmt, tokenizer.decode(g, skip_special_tokens=True), len(ids))]
+        current = [ids[fmt.next_answer(tokenizer.decode(g, skip_special_tokens=True), len(ids))]
                    for ids, g in zip(experts, generated)]
         mask = torch.cat([mask, torch.ones(len(problems), 1, dtype=mask.dtype)], dim=1)
         positions = positions[:, -1:] + 1
@@ -79,11 +75,3 @@ def _generate(model, tokenizer, problems, fmt, shots, max_new_tokens) -> list[li
                         position_ids=positions.to(device), cache=out.cache, use_cache=True)
     return generated
 
-
-def _answer_index(fmt: PromptFormat, text: str, n: int) -> int:
-    """Which answer (0-based) the next generated token continues, from the text generated so far."""
-    lines = text.split("\n")
-    if not fmt.numbered:
-        return min(len(lines) - 1, n - 1)
-    numbers = [int(m[1]) for m in map(LINE_NUMBER.match, lines) if m]
-    return min(max(numbers[-1] - 1, 0), n - 1) if numbers else 0

@@ -49,3 +49,14 @@ def test_chat_composite_tokens_are_labelled_with_their_problems_task(tokenizer):
     assert set(single[single != -100].tolist()) == {0}  # one sample: every token is its task's
     rendered = tokenizer.decode(ids[:prompt_length])
     assert rendered.startswith("<|im_start|>user\n1. add one") and rendered.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("name", ["chat", "plain"])
+def test_next_answer_routes_each_response_token_as_gate_training_labels_it(tokenizer, name):
+    fmt = prompt_format(name)  # perfect routing's rule when it generates (meteora.evaluation.teacher)
+    batch = gate_batch(tokenizer, [SAMPLES], fmt)
+    ids, tasks, prompt_length = batch["input_ids"][0].tolist(), batch["token_tasks"][0].tolist(), int(batch["prompt_lengths"][0])
+    experts = [expert for _, expert in SAMPLES]
+    routed = [experts[fmt.next_answer(tokenizer.decode(ids[prompt_length:j + 1]), 3)] for j in range(prompt_length, len(ids) - 1)]
+    assert routed == tasks[prompt_length:len(ids) - 1]  # "\n" included: it predicts the next answer's first token
+    assert fmt.next_answer("", 3) == 0 and fmt.next_answer("1. a\n2. b\n3. c\n", 3) == 2  # never past the last answer
