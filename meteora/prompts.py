@@ -88,7 +88,7 @@ class PromptFormat:
     def answers(self, response: str, n: int) -> list[str]:
         """The n answers of a composite's response ("" for a missing one): by line, or by number in chat."""
         lines = response.split("\n")
-        if not self.numbered:
+        if not self.numbered or n == 1:  # a composite of one sample is that sample, unnumbered
             return (lines + [""] * n)[:n]
         found = {}
         for line in lines:

@@ -78,9 +78,15 @@ def composite_problems(eval_sets: dict[str, list[dict]], n: int, count: int, fmt
     return problems
 
 
-def composite_shots(eval_sets: dict[str, list[dict]], n: int, shots: int, fmt: PromptFormat) -> Shots:
-    """`shots` worked composites of n problems (other draws than the questions'), as (prompt, response) turns."""
-    return tuple((p.joined.prompt, p.joined.response) for p in composite_problems(eval_sets, n, shots, fmt, seed=-1))
+def composite_shots(eval_sets: dict[str, list[dict]], n: int, shots: int, fmt: PromptFormat,
+                    questions: list[CompositeProblem] = ()) -> Shots:
+    """`shots` worked composites of n problems, as (prompt, response) turns, drawn from the samples that none of
+    the `questions` asks (a worked example would hand over a question's answer); a task whose samples the
+    questions ask every one of lends any of them."""
+    asked = {(s["prompt"], s["response"]) for question in questions for s in question.samples}
+    pools = {task: [s for s in samples if (s["prompt"], s["response"]) not in asked] or samples
+             for task, samples in eval_sets.items()}
+    return tuple((p.joined.prompt, p.joined.response) for p in composite_problems(pools, n, shots, fmt, seed=-1))
 
 
 def composite_scores(model, tokenizer, problems: list[CompositeProblem], metrics: dict[str, str], fmt: PromptFormat,

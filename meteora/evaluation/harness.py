@@ -113,7 +113,7 @@ def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings:
     results: dict[str, dict] = {name: {} for name in variants}
     for n in [n for n in settings.sizes if n <= len(bench.eval_sets)]:
         problems = composite_problems(bench.eval_sets, n, settings.count, bench.fmt)
-        shots = composite_shots(bench.eval_sets, n, settings.shots, bench.fmt) if settings.shots else ()
+        shots = composite_shots(bench.eval_sets, n, settings.shots, bench.fmt, problems) if settings.shots else ()
         args = (bench.tokenizer, problems, bench.metrics, bench.fmt)
 
         def scored(name: str, scoring: Callable[[], dict]) -> None:

@@ -1,6 +1,6 @@
 """Exact match generates no further than an answer could still score: the longest reference (in tokens) plus a
 margin, and the answers are the full-length ones cut there."""
-from meteora.evaluation import answer_budget, generate_answers
+from meteora.evaluation import answer_budget, composite_problems, composite_shots, generate_answers
 from meteora.prompts import prompt_format
 from suites.tinytasks import char_tokenizer
 from tiny import tiny_base
@@ -22,3 +22,13 @@ def test_capped_answers_are_the_full_length_ones_cut():
     budget = answer_budget(TOKENIZER, SAMPLES, "exact_match")
     capped = generate_answers(model, TOKENIZER, prompts, PLAIN, max_new_tokens=budget)
     assert capped == [answer[:budget] for answer in full] and max(map(len, full)) > budget
+
+
+def test_worked_composites_never_hand_over_a_question_s_answer():
+    eval_sets = {task: [{"prompt": f"{task} {i}\n", "response": f"{task}{i}"} for i in range(6)] for task in "abcd"}
+    questions = composite_problems(eval_sets, 3, 5, PLAIN)
+    asked = {s["response"] for question in questions for s in question.samples}
+    shots = composite_shots(eval_sets, 3, 20, PLAIN, questions)
+    assert len(shots) == 20 and not asked & {answer for _, response in shots for answer in response.split("\n")}
+    chat = prompt_format("chat")
+    assert chat.answers("42", 1) == ["42"] and chat.answers("1. 4\n2. 2", 2) == ["4", "2"]  # one problem: unnumbered
