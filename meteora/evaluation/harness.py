@@ -86,7 +86,11 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites:
     fused = MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=1, prompt_format=bench.fmt.name)
     variants = {"base": bench.base, **{name: _peft(bench.base, path) for name, path in bench.baselines.items()}}
     if checkpoint is not None:
-        for k in range(1, min(2, len(read_checkpoint_config(checkpoint).experts)) + 1):  # one expert: top-1 only
+        experts = [expert.name for expert in read_checkpoint_config(checkpoint).experts]
+        missing = sorted(set(bench.eval_sets) - set(experts))  # before any scoring, not after most of it
+        if missing:
+            raise ValueError(f"checkpoint {checkpoint} has no experts for the tasks {missing} (it has {experts})")
+        for k in range(1, min(2, len(experts)) + 1):  # one expert: top-1 only
             model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base))
             model.configure(top_k=k)
             variants[f"meteora top-{k}"] = model
