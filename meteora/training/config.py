@@ -29,8 +29,12 @@ class GateTrainingConfig:
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0 or not self.temperature > 0 or self.gate_weight < 0 or self.eval_samples < 0:
-            raise ValueError("lr and temperature must be > 0, gate_weight and eval_samples >= 0")
+        for name, value in {"lr": self.lr, "temperature": self.temperature}.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name, value in {"gate_weight": self.gate_weight, "eval_samples": self.eval_samples}.items():
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         fractions = {"composite_fraction": self.composite_fraction, "new_fraction": self.new_fraction}
         for name, value in fractions.items():
             if value is not None and not 0 <= value <= 1:

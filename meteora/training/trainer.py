@@ -5,7 +5,7 @@ with the defaults, alone in one process.
                             -> gradients averaged over the workers -> Adam step (warm-up, cosine decay)
     every checkpoint_every: a record (losses, routing accuracy on the eval split, throughput), then on_checkpoint
 Only the gates train. The batch of step s on rank r depends only on (seed, s, r), so a run restored from the
-state of step s continues exactly as if it had never stopped.
+state of step s on as many workers continues exactly as if it had never stopped.
 """
 from __future__ import annotations
 

@@ -50,6 +50,8 @@ def test_bad_config_is_refused_before_anything_starts(registry, tmp_path, capsys
         load_train_config(None, ["nonsense=1"])
     with pytest.raises(ConfigError, match="steps"):
         load_train_config(None, ["steps=-3"])
+    with pytest.raises(ConfigError, match="gate_weight must be >= 0, got -1"):
+        load_train_config(None, ["gate_weight=-1"])
     with pytest.raises(ConfigError, match="multiple of num_workers"):
         load_train_config(None, ["batch=7", "num_workers=2"])
     with pytest.raises(ConfigError, match="freeze_old needs init_from"):
@@ -159,6 +161,8 @@ def test_a_run_name_is_not_reused_for_other_experts_or_settings(registry, tmp_pa
     (storage / "meteora_run.json").write_text(json.dumps({"fingerprint": other.run_fingerprint(experts),
                                                           "experts": list(TASKS), "settings": other.run_settings()}))
     assert other.run_fingerprint(experts) == load_train_config(None, settings(registry, tmp_path, "taken", lr=0.05)).run_fingerprint(experts)
+    on_gpu = load_train_config(None, settings(registry, tmp_path, "taken", lr=0.05, use_gpu=True))
+    assert on_gpu.run_fingerprint(experts) != other.run_fingerprint(experts)  # precision "auto" resolves by use_gpu
     assert main(settings(registry, tmp_path, "taken")) == 2  # lr 0.02: the finished run's gates would come back
     assert "other ['lr']" in capsys.readouterr().err
 
