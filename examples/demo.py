@@ -1,4 +1,4 @@
-"""`make demo`: the whole system on this machine, from adapters in an object store to an autoscaled endpoint.
+"""`make demo`: the whole system on this machine, from adapters in an object store to an endpoint on Ray Serve.
 
   1. assets     build the benchmark suite (base model, one PEFT adapter per task, baselines, data; cached):
                 tinytasks (a tiny model trained here; the default) or chattasks (--model smollm2: the real
