@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -25,7 +26,8 @@ from pathlib import Path, PurePosixPath
 
 from .errors import StoreError
 
-__all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir", "checked_uri", "is_remote", "local_dir", "open_store", "read_uri", "split_uri"]
+__all__ = ["LocalStore", "S3Store", "absolute_uri", "atomic_write", "cache_dir", "checked_uri", "file_sha256", "is_remote",
+           "local_dir", "open_store", "read_uri", "split_uri"]
 
 MULTIPART_THRESHOLD = 64 * 2**20
 
@@ -75,6 +77,15 @@ def atomic_write(target: str | Path, data: bytes | Callable[[str], None]) -> Non
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def file_sha256(file: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (a GGUF base model may not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:

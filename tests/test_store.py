@@ -1,10 +1,11 @@
 """The local mirror of an S3 prefix follows the prefix (changed, added and removed objects), atomic writes give
 files the mode any new file gets, and an object's tag changes when it does."""
+import hashlib
 import os
 
 import boto3
 
-from meteora.store import atomic_write, local_dir, open_store
+from meteora.store import atomic_write, file_sha256, local_dir, open_store
 
 
 def test_the_mirror_of_an_s3_prefix_follows_what_the_prefix_holds(s3_endpoint, tmp_path, monkeypatch):
@@ -49,3 +50,8 @@ def test_a_local_objects_tag_changes_when_it_is_rewritten(tmp_path):
     assert first == store.tag("data/train.jsonl") and store.exists("data/train.jsonl")
     store.write_bytes("data/train.jsonl", b"one line\nanother\n")
     assert store.tag("data/train.jsonl") not in (None, first)
+
+def test_file_sha256_streams_the_file(tmp_path):
+    data = bytes(range(256)) * 5000  # over one 1 MiB block
+    (tmp_path / "blob").write_bytes(data)
+    assert file_sha256(tmp_path / "blob") == hashlib.sha256(data).hexdigest()

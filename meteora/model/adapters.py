@@ -2,7 +2,8 @@
 
 A PEFT adapter stores, for every module it targets, `lora_A` [r, d_in] and `lora_B` [d_out, r] under keys
 like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, and its config gives the scaling:
-alpha / r, or alpha / sqrt(r) with rsLoRA, with optional per-module overrides (rank_pattern, alpha_pattern).
+alpha / r, or alpha / sqrt(r) with rsLoRA, with optional per-module overrides (rank_pattern, alpha_pattern);
+a config without lora_alpha has PEFT's default alpha (LoraConfig's, 8), as PEFT itself would load it.
 Only safetensors are read: a pickle-only adapter (adapter_model.bin) is refused, never unpickled.
 A fused model records each adapter as an ExpertInfo (what its checkpoint's experts[] hold).
 """
@@ -92,7 +93,7 @@ class LoraAdapter:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
 
     @property
     def target_modules(self) -> list[str]:
@@ -121,6 +122,11 @@ class LoraAdapter:
                     f"lora_B {list(module.B.shape)} do not fit a Linear({layer.in_features} -> {layer.out_features}); "
                     "is this adapter made for another base model?"
                 )
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return float(alpha / (math.sqrt(rank) if use_rslora else rank))
 
 
 def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
@@ -160,13 +166,21 @@ def adapter_from_bytes(name: str, source: str, config_bytes: bytes, weights_byte
         source=source,
         sha256=hashlib.sha256(weights_bytes).hexdigest(),
         rank=int(config["r"]),
-        alpha=float(config.get("lora_alpha", config["r"])),
+        alpha=float(config["lora_alpha"]),
         use_rslora=bool(config.get("use_rslora", False)),
         modules=_parse_modules(name, config, tensors),
     )
 
 
+def _peft_default_alpha() -> float:
+    """The lora_alpha PEFT gives an adapter whose config has none: LoraConfig's default."""
+    from peft import LoraConfig
+
+    return next(f.default for f in fields(LoraConfig) if f.name == "lora_alpha")
+
+
 def _parse_config(name: str, source: str, data: bytes) -> dict:
+    """The adapter's config, checked, with lora_alpha filled in with PEFT's default where it is absent."""
     try:
         config = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -178,7 +192,9 @@ def _parse_config(name: str, source: str, data: bytes) -> dict:
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"adapter '{name}': field 'r' in {CONFIG_FILE} must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha", r)
+    if "lora_alpha" not in config:
+        config["lora_alpha"] = _peft_default_alpha()
+    alpha = config["lora_alpha"]
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise AdapterError(f"adapter '{name}': field 'lora_alpha' in {CONFIG_FILE} must be a number, got {alpha!r}")
     for field, reason in _UNSUPPORTED.items():
@@ -213,11 +229,10 @@ def _module(name: str, config: dict, path: str, pair: dict[str, torch.Tensor]) -
     if A.shape[0] != B.shape[1]:
         raise AdapterError(f"adapter '{name}': module '{path}': lora_A {list(A.shape)} and lora_B {list(B.shape)} ranks differ")
     rank = _per_module(config, "rank_pattern", path, config["r"])
-    alpha = _per_module(config, "alpha_pattern", path, config.get("lora_alpha", config["r"]))
+    alpha = _per_module(config, "alpha_pattern", path, config["lora_alpha"])
     if A.shape[0] != rank:
         raise AdapterError(f"adapter '{name}': module '{path}' has rank {A.shape[0]} but the config says r={rank}")
-    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora", False) else rank)
-    return LoraModule(A=A, B=B, scaling=float(scaling))
+    return LoraModule(A=A, B=B, scaling=lora_scaling(alpha, rank, config.get("use_rslora", False)))
 
 
 def _per_module(config: dict, pattern_field: str, path: str, default):

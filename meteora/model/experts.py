@@ -53,7 +53,8 @@ class ExpertStack(nn.Module):
         scaling = torch.tensor([m.scaling if m else 0.0 for m in modules], dtype=torch.float32)
         zero_rows = torch.zeros(1, present[0].A.shape[1], dtype=dtype), torch.zeros(1, d_out, dtype=dtype)
         A = torch.cat([m.A.to(dtype) for m in present] + [zero_rows[0]])  # [R + 1, d_in]
-        B_t = torch.cat([(m.scaling * m.B.t()).to(dtype) for m in present] + [zero_rows[1]])  # [R + 1, d_out]
+        # scaled in fp32 and rounded once to `dtype` (a bf16 adapter in an fp32 base keeps its exact product)
+        B_t = torch.cat([(m.B.float().t() * m.scaling).to(dtype) for m in present] + [zero_rows[1]])  # [R + 1, d_out]
         return cls(A, B_t, ranks, scaling)
 
     @classmethod

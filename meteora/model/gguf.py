@@ -11,14 +11,13 @@ renamed into place, so a reader never sees half of it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from ..store import cache_dir, is_remote, open_store, split_uri
+from ..store import cache_dir, file_sha256, is_remote, open_store, split_uri
 
 LICENSE_PREFIXES = ("license", "copying", "notice")
 
@@ -31,7 +30,7 @@ def gguf_model_dir(uri: str | Path) -> Path:
     """The transformers directory of the GGUF file at `uri` (local, file:// or s3://), converted once per file content."""
     parent, name = split_uri(str(uri).removeprefix("file://"))
     folder = _local_folder(parent, name)
-    target = cache_dir() / "gguf" / _sha256(folder / name)
+    target = cache_dir() / "gguf" / file_sha256(folder / name)
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -75,10 +74,3 @@ def _convert(folder: Path, name: str, out: Path) -> None:
         if file.is_file() and file.name.lower().startswith(LICENSE_PREFIXES):
             shutil.copyfile(file, out / file.name)
 
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -20,10 +20,11 @@ from torch import nn
 
 from ..errors import AdapterError, CheckpointError, InvalidRequest, UnknownExpert
 from ..prompts import PromptFormat, prompt_format
+from ..store import absolute_uri
 from .adapters import ExpertInfo, LoraAdapter, load_adapter
 from .backends import check_backend
 from .base_model import load_base_model
-from .checkpoint import EXPERTS_FILE, CheckpointMeta, read_checkpoint, write_checkpoint
+from .checkpoint import CheckpointMeta, read_checkpoint, write_checkpoint
 from .config import MeteoraConfig
 from .experts import ExpertStack
 from .fingerprint import BaseFingerprint, BaseInfo
@@ -96,8 +97,10 @@ class MeteoraModel(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, base_model: "PreTrainedModel | str | Path | None" = None,
                         backend: str = "auto", dtype: torch.dtype | None = None) -> "MeteoraModel":
-        """Load a checkpoint written by save_pretrained onto its base model (by default the one at its URI)."""
-        meta, expert_tensors, gate_tensors = read_checkpoint(checkpoint)
+        """Load a checkpoint written by save_pretrained onto its base model (by default the one at its URI).
+        The checkpoint and the settings are checked before the base model is loaded."""
+        meta, expert_tensors, gate_tensors = read_checkpoint(checkpoint)  # its config and tensors checked
+        config = MeteoraConfig(top_k=meta.top_k, temperature=meta.temperature, backend=check_backend(backend))
         if base_model is None:
             if not meta.base.uri:
                 raise CheckpointError(f"checkpoint {checkpoint} records no base model URI: pass base_model=")
@@ -108,9 +111,7 @@ class MeteoraModel(nn.Module):
                 f"checkpoint {checkpoint} was trained on base model '{meta.base.name}' ({meta.base.fingerprint.structure}); "
                 "the base model given is a different model"
             )
-        config = MeteoraConfig(top_k=meta.top_k, temperature=meta.temperature, backend=backend)
-        config.check_experts(len(meta.experts))
-        stacks, gates = _stacks_from_checkpoint(checkpoint, base, expert_tensors, gate_tensors, len(meta.experts))
+        stacks, gates = _stacks_from_checkpoint(checkpoint, base, expert_tensors, gate_tensors)
         return cls(base, stacks, meta.experts, config, meta.base, gates=gates, training=meta.training)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -154,7 +155,10 @@ class MeteoraModel(nn.Module):
         return [layer.meteora_gate for layer in self.layers.values()]
 
     def expert_ids(self, names: Sequence[str], param: str = "experts") -> list[int]:
-        """The indices of distinct, known expert names: UnknownExpert or InvalidRequest naming `param` otherwise."""
+        """The indices of a list of distinct, known expert names: UnknownExpert or InvalidRequest naming `param`
+        otherwise (a single string too: it is not a list of names)."""
+        if isinstance(names, str):
+            raise InvalidRequest(f"experts must be a list of expert names, got the string {names!r}", param, "invalid_experts")
         names = list(names)
         unknown = [n for n in names if n not in self.expert_names]
         if unknown:
@@ -213,14 +217,28 @@ class MeteoraModel(nn.Module):
         return self.routing.recording(self.layer_names, self.expert_names)
 
     def generate(self, *args, return_routing: bool = False, **kwargs):
-        """transformers' generate; with return_routing=True, a GenerationWithRouting (sequences + trace)."""
+        """transformers' generate; with return_routing=True, a GenerationWithRouting (sequences + trace) of greedy
+        or sampled decoding: beam search is refused, and so is any decoding whose trace misses a position."""
         if not return_routing:
             return self.base_model.generate(*args, **kwargs)
-        if kwargs.get("num_beams", 1) > 1:
-            raise ValueError("return_routing=True supports greedy and sampled decoding, not beam search")
+        beams = self._num_beams(args, kwargs)
+        if beams > 1:
+            raise ValueError(f"return_routing=True supports greedy and sampled decoding, not beam search (num_beams={beams})")
         with self.recording_routing() as recorder:
-            out = self.base_model.generate(*args, **kwargs, return_dict_in_generate=True)
-        return GenerationWithRouting(sequences=out.sequences, routing=recorder.trace(out.sequences.shape[0]))
+            out = self.base_model.generate(*args, **{**kwargs, "return_dict_in_generate": True})
+        trace = recorder.trace(out.sequences.shape[0])
+        if trace.ids.shape[1] != out.sequences.shape[1] - 1:
+            raise ValueError(f"return_routing=True recorded {trace.ids.shape[1]} positions for sequences of "
+                             f"{out.sequences.shape[1]} tokens: it supports plain decoding of input ids, one token a step")
+        return GenerationWithRouting(sequences=out.sequences, routing=trace)
+
+    def _num_beams(self, args: tuple, kwargs: dict) -> int:
+        """The beam count generate will use, in transformers' order: num_beams=, else the generation_config given
+        (keyword or second positional argument), else the model's own generation_config."""
+        given = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+        candidates = (kwargs.get("num_beams"), getattr(given, "num_beams", None),
+                      getattr(self.base_model.generation_config, "num_beams", None))
+        return next((n for n in candidates if n is not None), 1)
 
 
 def _registry_formats(adapters) -> dict[str, str]:
@@ -245,15 +263,18 @@ def _load_adapters(adapters: AdapterSource) -> list[LoraAdapter]:
 
 
 def _base(base: "PreTrainedModel | str | Path", dtype: torch.dtype | None) -> tuple["PreTrainedModel", str | None]:
+    """The base model and the URI to record for it: absolute for a local path (others may load it from elsewhere)."""
     if isinstance(base, (str, Path)):
-        return load_base_model(base, dtype), str(base)
+        return load_base_model(base, dtype), absolute_uri(base)
     if any(isinstance(m, MeteoraLinear) for m in base.modules()):
         raise ValueError("the base model already holds MeteoRA layers; pass a fresh base model")
     source = getattr(base, "name_or_path", "") or ""
-    return base, (source if Path(source).is_dir() else None)
+    return base, (absolute_uri(source) if Path(source).is_dir() else None)
 
 
-def _stacks_from_checkpoint(checkpoint, base, expert_tensors, gate_tensors, n_experts):
+def _stacks_from_checkpoint(checkpoint, base, expert_tensors, gate_tensors):
+    """Each gated layer's ExpertStack and gate, once its tensors fit the base model's Linear layer (read_checkpoint
+    has checked how they fit each other)."""
     modules = dict(base.named_modules())
     absent = sorted(k.removesuffix(".gate") for k in gate_tensors if not isinstance(modules.get(k.removesuffix(".gate")), nn.Linear))
     if absent:
@@ -261,16 +282,11 @@ def _stacks_from_checkpoint(checkpoint, base, expert_tensors, gate_tensors, n_ex
     stacks, gates = {}, {}
     for name in [n for n in modules if f"{n}.gate" in gate_tensors]:  # the base model's layer order
         linear = modules[name]
-        try:
-            A, B_t = expert_tensors[f"{name}.A"], expert_tensors[f"{name}.B_t"]
-            ranks, scaling = expert_tensors[f"{name}.ranks"], expert_tensors[f"{name}.scaling"]
-        except KeyError as err:
-            raise CheckpointError(f"checkpoint {checkpoint}: {EXPERTS_FILE} lacks tensor {err} of layer '{name}'") from None
-        gate = gate_tensors[f"{name}.gate"]
-        expected = (linear.in_features, linear.out_features, n_experts, int(ranks.sum()))
-        counts_ok = ranks.shape == scaling.shape == (n_experts,) and bool((ranks >= 0).all())
-        if (A.shape[1], B_t.shape[1], gate.shape[0], A.shape[0]) != expected or gate.shape[1] != linear.in_features or not counts_ok:
-            raise CheckpointError(f"checkpoint {checkpoint}: tensors of layer '{name}' do not fit the base model")
+        A, B_t = expert_tensors[f"{name}.A"], expert_tensors[f"{name}.B_t"]
+        ranks, scaling = expert_tensors[f"{name}.ranks"], expert_tensors[f"{name}.scaling"]
+        if (A.shape[1], B_t.shape[1]) != (linear.in_features, linear.out_features):
+            raise CheckpointError(f"checkpoint {checkpoint}: layer '{name}' maps {A.shape[1]} -> {B_t.shape[1]} features, "
+                                  f"the base model's Linear {linear.in_features} -> {linear.out_features}")
         stacks[name] = ExpertStack.from_stacked(A.to(linear.weight.dtype), B_t.to(linear.weight.dtype), ranks, scaling)
-        gates[name] = gate
+        gates[name] = gate_tensors[f"{name}.gate"]
     return stacks, gates

@@ -97,7 +97,11 @@ class RoutingTrace:
         return dense.mean(dim=2)
 
     def for_generated(self, n: int) -> "RoutingTrace":
-        return RoutingTrace(self.expert_names, self.layers, self.ids[:, -n:], self.weights[:, -n:])
+        """The last n positions (n from 0 to P): those of the n generated tokens."""
+        positions = self.ids.shape[1]
+        if not 0 <= n <= positions:
+            raise ValueError(f"for_generated needs 0 <= n <= {positions} (the positions traced), got {n}")
+        return RoutingTrace(self.expert_names, self.layers, self.ids[:, positions - n:], self.weights[:, positions - n:])
 
     def top_experts(self, row: int = 0) -> list[list[tuple[str, float]]]:
         """Per position of batch row `row`: experts by mean weight (those above zero), heaviest first."""

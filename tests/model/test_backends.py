@@ -73,6 +73,21 @@ def test_bf16_experts_accumulate_in_fp32(backend, tokens, ranks):
     assert _max_relative(delta, _reference(x.float(), ids, weights, rounded)) < 2e-2  # and near the unrounded formula
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaling_is_folded_in_fp32_and_rounded_once(dtype):
+    """A bf16 adapter in an fp32 base keeps scaling * B exact in fp32; in a bf16 base the bits are as before
+    (bf16 arithmetic rounds its fp32 product once too)."""
+    g = torch.Generator().manual_seed(0)
+    modules = [LoraModule(torch.randn(4, 48, generator=g).bfloat16(), torch.randn(40, 4, generator=g).bfloat16(), s)
+               for s in (0.37, 16 / 8 ** 0.5)]
+    stack = ExpertStack.from_modules(modules, dtype)
+    for e, m in enumerate(modules):
+        _, B_t = stack.expert(e)
+        assert torch.equal(B_t, (m.B.float().t() * m.scaling).to(dtype))
+        if dtype == torch.bfloat16:
+            assert torch.equal(B_t, m.scaling * m.B.t())
+
+
 @pytest.mark.parametrize("backend", ["loop", "torch"])
 def test_no_tokens_give_an_empty_delta(backend):
     stack, _ = _stack(RANKS[0])

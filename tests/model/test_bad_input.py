@@ -119,5 +119,7 @@ def test_routing_settings_are_validated(tmp_path):
     with pytest.raises(InvalidRequest, match="distinct experts"):
         with model.force_experts(["a", "a"]):
             pass
+    with pytest.raises(InvalidRequest, match="a list of expert names, got the string 'a'"):
+        model.expert_ids("a")
     with pytest.raises(ValueError, match="already holds MeteoRA layers"):
         MeteoraModel.from_adapters(model.base_model, {"a": tmp_path / "a"}, top_k=1)

@@ -3,8 +3,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from meteora import CheckpointError, MeteoraModel
+from meteora.model import checkpoint_exists, read_checkpoint, read_checkpoint_config
+from meteora.store import open_store
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 # the checkpoint's files, as DESIGN.md names them (a contract: written out here, not imported)
@@ -85,6 +88,26 @@ def _truncate(file):
     file.write_bytes(data[: len(data) // 2])
 
 
+LAYER = "model.layers.0.self_attn.q_proj"  # adapted by e0 (rank 4) and e1 (rank 8)
+
+
+def _edit_tensors(ckpt, file, change):
+    """Rewrite a checkpoint file's tensors with change(tensors) (and drop the config's file digests, which they
+    no longer match)."""
+    tensors = load_file(ckpt / file)
+    change(tensors)
+    save_file(tensors, ckpt / file)
+    _edit_config(ckpt, lambda cfg: {k: v for k, v in cfg.items() if k != "files"})
+
+
+def _edit_tensor(ckpt, file, key, change):
+    _edit_tensors(ckpt, file, lambda tensors: tensors.update({key: change(tensors[key])}))
+
+
+def _rename_expert(index, name):
+    return lambda cfg: {**cfg, "experts": [{**e, "name": name} if i == index else e for i, e in enumerate(cfg["experts"])]}
+
+
 DAMAGE = {  # name -> (how to damage a checkpoint directory, what the error must say)
     "missing_config": (lambda c: (c / CONFIG_FILE).unlink(), "is missing"),
     "missing_gates": (lambda c: (c / GATES_FILE).unlink(), "is missing"),
@@ -93,6 +116,24 @@ DAMAGE = {  # name -> (how to damage a checkpoint directory, what the error must
                                       _truncate(c / EXPERTS_FILE)), "truncated or corrupt"),
     "wrong_version": (lambda c: _edit_config(c, lambda cfg: {**cfg, "format_version": 99}), "format_version 99"),
     "no_top_k": (lambda c: _edit_config(c, lambda cfg: {k: v for k, v in cfg.items() if k != "top_k"}), "'top_k'"),
+    "top_k_true": (lambda c: _edit_config(c, lambda cfg: {**cfg, "top_k": True}), r"'top_k' must be .* got True"),
+    "top_k_above_experts": (lambda c: _edit_config(c, lambda cfg: {**cfg, "top_k": 4}), r"number of experts \(3\), got 4"),
+    "temperature_zero": (lambda c: _edit_config(c, lambda cfg: {**cfg, "temperature": 0}), "'temperature' must be a number > 0"),
+    "no_experts": (lambda c: _edit_config(c, lambda cfg: {**cfg, "experts": []}), "'experts' is empty"),
+    "path_as_name": (lambda c: _edit_config(c, _rename_expert(1, "../../etc")), r"experts\[1\]\.name: .*'\.\./\.\./etc' is invalid"),
+    "duplicate_names": (lambda c: _edit_config(c, _rename_expert(1, "e0")), r"names \['e0'\] more than once"),
+    "missing_tensor": (lambda c: _edit_tensors(c, EXPERTS_FILE, lambda tensors: tensors.pop(f"{LAYER}.ranks")),
+                       rf"lacks tensors \['{LAYER}.ranks'\] of layer '{LAYER}'"),
+    "b_t_rows": (lambda c: _edit_tensor(c, EXPERTS_FILE, f"{LAYER}.B_t", lambda t: t[1:]),
+                 f"'{LAYER}.A' has 12 rows and '{LAYER}.B_t' 11, but .* add up to 12"),
+    "one_dimensional_a": (lambda c: _edit_tensor(c, EXPERTS_FILE, f"{LAYER}.A", lambda t: t.reshape(-1)),
+                          f"{EXPERTS_FILE}: tensor '{LAYER}.A' must be a 2-D float matrix"),
+    "float_ranks": (lambda c: _edit_tensor(c, EXPERTS_FILE, f"{LAYER}.ranks", lambda t: t.float()),
+                    f"'{LAYER}.ranks' must hold 3 integers .* got torch.float32"),
+    "negative_rank": (lambda c: _edit_tensor(c, EXPERTS_FILE, f"{LAYER}.ranks", lambda t: t * torch.tensor([1, -1, 1])),
+                      r"gives experts \['e1'\] a negative rank"),
+    "gate_rows": (lambda c: _edit_tensor(c, GATES_FILE, f"{LAYER}.gate", lambda t: t[:2]),
+                  rf"{GATES_FILE}: tensor '{LAYER}.gate' has shape \[2, 64\], not \[3, 64\]"),
 }
 
 
@@ -128,3 +169,56 @@ def test_configured_changes_routing_inside_the_block_only(saved):
             raise RuntimeError("a failed row")
         assert (model.routing.top_k, model.routing.temperature) == (2, 2.0)
         assert torch.equal(model(ids).logits, before)
+
+
+def test_a_bad_checkpoint_or_backend_fails_before_the_base_model_loads(saved, monkeypatch):
+    _, root = saved
+    monkeypatch.setattr("meteora.model.meteora_model.load_base_model", lambda *a: pytest.fail("the base model was loaded"))
+    with pytest.raises(ValueError, match="unknown backend"):
+        MeteoraModel.from_pretrained(root / "ckpt", backend="cuda-magic")
+    _edit_config(root / "ckpt", lambda cfg: {**cfg, "top_k": 4})
+    with pytest.raises(CheckpointError, match="'top_k'"):
+        MeteoraModel.from_pretrained(root / "ckpt")
+
+
+def test_file_uris_read_and_write_the_directory_they_name(saved, tmp_path, monkeypatch):
+    model, root = saved
+    monkeypatch.chdir(tmp_path)  # a file:// URI taken for a relative path would land here, under "file:"
+    uri = f"file://{root / 'copy'}"
+    model.save_pretrained(uri)
+    assert (root / "copy" / CONFIG_FILE).is_file() and checkpoint_exists(uri)
+    assert read_checkpoint_config(uri).top_k == 2 and read_checkpoint(uri)[0].experts == model.experts
+    loaded = MeteoraModel.from_pretrained(uri)
+    ids = random_ids(batch=1, length=6)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_errors_of_an_s3_checkpoint_name_its_uri(saved, s3_endpoint):
+    import boto3
+
+    model, root = saved
+    boto3.client("s3").create_bucket(Bucket="checkpoints")
+    model.save_pretrained("s3://checkpoints/run")
+    store = open_store("s3://checkpoints/run")
+    store.write_bytes(GATES_FILE, (root / "ckpt" / EXPERTS_FILE).read_bytes())
+    with pytest.raises(CheckpointError, match=f"^s3://checkpoints/run/{GATES_FILE} does not match the sha256"):
+        read_checkpoint("s3://checkpoints/run/")
+    config = json.loads(store.read_bytes(CONFIG_FILE))
+    store.write_bytes(CONFIG_FILE, json.dumps({**config, "temperature": -1}).encode())
+    with pytest.raises(CheckpointError, match=f"^s3://checkpoints/run/{CONFIG_FILE}: field 'temperature'"):
+        read_checkpoint_config("s3://checkpoints/run")
+
+
+def test_a_relative_base_path_is_recorded_absolute(tmp_path, monkeypatch):
+    """A checkpoint loads its base from the URI it records, whatever the working directory of the loader."""
+    base = tiny_base()
+    base.save_pretrained(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "a", 4, seed=1)
+    monkeypatch.chdir(tmp_path)
+    by_path = MeteoraModel.from_adapters("base", {"a": adapter}, top_k=1)
+    in_memory = MeteoraModel.from_adapters(type(base).from_pretrained("base"), {"a": adapter}, top_k=1)
+    assert by_path.base_info.uri == in_memory.base_info.uri == str((tmp_path / "base").resolve())
+    by_path.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path / "a")
+    assert MeteoraModel.from_pretrained(tmp_path / "ckpt").base_info.uri == by_path.base_info.uri

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from meteora import MeteoraModel
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
@@ -95,3 +96,42 @@ def test_sampling_with_routing_and_beam_search_refused(fused):
     assert out.routing.ids.shape[1] == out.sequences.shape[1] - 1
     with pytest.raises(ValueError, match="beam"):
         fused.generate(random_ids(batch=1, length=3), max_new_tokens=2, num_beams=2, return_routing=True)
+
+
+def test_beams_from_any_generation_config_are_refused(fused):
+    """generate reads num_beams from its kwargs, then the generation_config given, then the model's own."""
+    prompt = random_ids(batch=1, length=3)
+    with pytest.raises(ValueError, match="beam search"):
+        fused.generate(prompt, generation_config=GenerationConfig(num_beams=2, max_new_tokens=2), return_routing=True)
+    with pytest.raises(ValueError, match="beam search"):
+        fused.generate(prompt, GenerationConfig(num_beams=2, max_new_tokens=2), return_routing=True)
+    fused.base_model.generation_config.num_beams = 2
+    try:
+        with pytest.raises(ValueError, match="beam search"):
+            fused.generate(prompt, max_new_tokens=2, pad_token_id=0, return_routing=True)
+        out = fused.generate(prompt, max_new_tokens=2, num_beams=1, pad_token_id=0, return_routing=True)
+        assert out.routing.ids.shape[1] == out.sequences.shape[1] - 1, "num_beams=1 given overrides the model's"
+    finally:
+        fused.base_model.generation_config.num_beams = 1
+
+
+def test_return_dict_in_generate_may_be_passed_too(fused):
+    out = fused.generate(random_ids(batch=1, length=3), max_new_tokens=2, pad_token_id=0, return_routing=True,
+                         return_dict_in_generate=True)
+    assert out.routing.ids.shape[1] == out.sequences.shape[1] - 1
+
+
+def test_a_trace_that_misses_positions_is_refused(fused):
+    """From inputs_embeds the sequences hold only the new tokens: the trace cannot be laid against them."""
+    embeds = fused.base_model.get_input_embeddings()(random_ids(batch=1, length=5))
+    with torch.no_grad(), pytest.raises(ValueError, match="recorded 7 positions for sequences of 3 tokens"):
+        fused.generate(inputs_embeds=embeds, max_new_tokens=3, do_sample=False, pad_token_id=0, return_routing=True)
+
+
+def test_for_generated_takes_zero_to_all_positions(fused):
+    trace = fused.generate(random_ids(batch=2, length=3), max_new_tokens=2, pad_token_id=0, return_routing=True).routing
+    assert trace.for_generated(0).ids.shape[1] == 0 and trace.for_generated(0).expert_weights().shape[1] == 0
+    assert torch.equal(trace.for_generated(4).ids, trace.ids)
+    for n in (-1, 5):
+        with pytest.raises(ValueError, match="for_generated needs 0 <= n <= 4"):
+            trace.for_generated(n)

@@ -1,11 +1,12 @@
 """With one expert forced, the fused model must compute exactly what peft computes with that adapter."""
 import copy
+import json
 
 import pytest
 import torch
 from peft import PeftModel
 
-from meteora import MeteoraModel
+from meteora import MeteoraModel, load_adapter
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 ADAPTERS = {  # name -> (rank, alpha, targets, rsLoRA, extra LoraConfig fields)
@@ -52,3 +53,18 @@ def test_two_forced_experts_average_their_deltas(tmp_path):
         with fused.force_experts(["a", "b"]):
             delta_ab = layer(x) - layer.base_layer(x)
     torch.testing.assert_close(delta_ab, (delta_a + delta_b) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_a_config_without_lora_alpha_scales_as_peft_does(tmp_path):
+    """PEFT gives a config without lora_alpha LoraConfig's default alpha (8), not alpha = r."""
+    base = tiny_base()
+    path = make_adapter(base, tmp_path / "a", 4, 16, ALL_MODULES, seed=1)
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    assert load_adapter(path).alpha == 8
+    ids = random_ids(batch=1, length=8)
+    fused = MeteoraModel.from_adapters(copy.deepcopy(base), {"a": path}, top_k=1)
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()(ids).logits
+        assert _relative_error(fused(ids).logits, peft_logits) < 1e-5
