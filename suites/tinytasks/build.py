@@ -81,6 +81,10 @@ class TinyTasksConfig:
             raise ValueError(f"adapter_first_layer must be in [0, {self.layers}), got {self.adapter_first_layer}")
         if set(self.tasks) & set(self.base_tasks):
             raise ValueError(f"the base model must not learn benchmark tasks: {sorted(set(self.tasks) & set(self.base_tasks))}")
+        if not self.ranks or any(rank < 1 for rank in self.ranks):
+            raise ValueError(f"ranks must be one or more positive integers, got {list(self.ranks)}")
+        if set(self.attention_only) - set(ALL_TASKS):
+            raise ValueError(f"attention_only names unknown tasks {sorted(set(self.attention_only) - set(ALL_TASKS))}")
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps([BUILD_VERSION, asdict(self)], sort_keys=True).encode()).hexdigest()[:12]

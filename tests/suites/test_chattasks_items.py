@@ -66,6 +66,14 @@ def tiny_lora(tmp_path, monkeypatch):
     return model, tokenizer
 
 
+def test_bad_composite_settings_are_refused():
+    for changes, message in (({"composite_max": 1}, "composite_max must be >= 2, got 1"),
+                             ({"composite_share": 1.5}, r"composite_share must be in \[0, 1\], got 1.5"),
+                             ({"shots": -1}, "shots must be >= 0, got -1")):
+        with pytest.raises(ValueError, match=message):
+            config(**changes)
+
+
 def test_a_batch_is_cut_into_the_cheapest_passes():
     assert passes([2, 2, 9, 9], pass_cost=1) == [slice(0, 2), slice(2, 4)]  # 2 * 2 + 1 + 2 * 9 + 1 < 4 * 9 + 1
     assert passes([2, 2, 9, 9], pass_cost=100) == [slice(0, 4)]  # 4 * 9 + 100 < 2 * 2 + 2 * 9 + 200

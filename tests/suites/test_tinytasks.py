@@ -28,6 +28,10 @@ def test_bad_build_settings_are_refused():
         TinyTasksConfig(tasks=("reverse", "first"))
     with pytest.raises(ValueError, match="tasks must be"):
         TinyTasksConfig(tasks=("reverse", "nope"))
+    with pytest.raises(ValueError, match=r"attention_only names unknown tasks \['lenght'\]"):
+        TinyTasksConfig(attention_only=("lenght",))
+    with pytest.raises(ValueError, match="ranks must be one or more positive integers"):
+        TinyTasksConfig(ranks=())
 
 
 def test_tasks_are_deterministic_disjoint_and_scorable():
