@@ -75,6 +75,7 @@ def _expand_kernel(h_ptr, b_ptr, ranks_ptr, offsets_ptr, out_ptr,
                         mask=slot_ok[:, None] & row_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
             b = tl.load(b_ptr + (first_row + rows)[:, None] * b_d0_stride + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            # the dot's operands in the experts' dtype (bf16 experts: h rounded to bf16), its sum in fp32
             acc = tl.dot(h.to(b.dtype), b, acc, input_precision=PRECISION)
         tl.store(out_ptr + slots[:, None] * out_d0_stride + cols[None, :], acc,
                  mask=slot_ok[:, None] & col_ok[None, :])
