@@ -48,7 +48,7 @@ class ServeSettings(BaseModel):
     model_name: str = Field("meteora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     backend: Annotated[str, AfterValidator(check_backend)] = "auto"  # auto: Triton on GPU, vectorized torch on CPU
     max_batch_size: int = Field(16, ge=1)  # requests decoded together per replica
-    max_waiting: int = Field(64, ge=0)  # requests queued behind a full batch before 429
+    max_waiting: int = Field(16, ge=0)  # prompts queued behind a full batch before 429 (16 + 16: max_ongoing_requests)
     max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts: 413
     max_tokens_limit: int = Field(512, ge=1)  # largest max_tokens accepted
     api_key_env: str = "METEORA_API_KEY"  # when this environment variable is set, requests need its bearer token

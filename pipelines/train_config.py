@@ -70,11 +70,11 @@ class TrainGatesConfig(BaseModel):
 
     def run_settings(self) -> dict:
         """The settings that change the gates a run trains: all of `training` but what only watches it
-        (checkpoint_every, eval_samples), and the precision with use_gpu (what "auto" resolves by). A resumed run
-        must share them, whatever its workers."""
+        (checkpoint_every, eval_samples), and the precision (with use_gpu, which "auto" resolves by). A resumed
+        run must share them, whatever its workers."""
         watching = {"checkpoint_every", "eval_samples"}
-        return {**{k: v for k, v in dataclasses.asdict(self.training).items() if k not in watching},
-                "precision": self.precision, "use_gpu": self.use_gpu}
+        precision = {"precision": self.precision, **({"use_gpu": self.use_gpu} if self.precision == "auto" else {})}
+        return {**{k: v for k, v in dataclasses.asdict(self.training).items() if k not in watching}, **precision}
 
     def run_fingerprint(self, experts: list[tuple[str, str]]) -> str:
         """What a resumed run must share with the run it resumes: the experts (name, sha256), the warm start, the

@@ -79,11 +79,11 @@ def composite_problems(eval_sets: dict[str, list[dict]], n: int, count: int, fmt
 
 
 def composite_shots(eval_sets: dict[str, list[dict]], n: int, shots: int, fmt: PromptFormat,
-                    questions: list[CompositeProblem] = ()) -> Shots:
+                    questions: list[CompositeProblem] | None = None) -> Shots:
     """`shots` worked composites of n problems, as (prompt, response) turns, drawn from the samples that none of
     the `questions` asks (a worked example would hand over a question's answer); a task whose samples the
     questions ask every one of lends any of them."""
-    asked = {(s["prompt"], s["response"]) for question in questions for s in question.samples}
+    asked = {(s["prompt"], s["response"]) for question in questions or [] for s in question.samples}
     pools = {task: [s for s in samples if (s["prompt"], s["response"]) not in asked] or samples
              for task, samples in eval_sets.items()}
     return tuple((p.joined.prompt, p.joined.response) for p in composite_problems(pools, n, shots, fmt, seed=-1))

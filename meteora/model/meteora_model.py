@@ -158,7 +158,7 @@ class MeteoraModel(nn.Module):
         """The indices of a list of distinct, known expert names: UnknownExpert or InvalidRequest naming `param`
         otherwise (a single string too: it is not a list of names)."""
         if isinstance(names, str):
-            raise InvalidRequest(f"experts must be a list of expert names, got the string {names!r}", param, "invalid_experts")
+            raise InvalidRequest(f"{param} must be a list of expert names, got the string {names!r}", param, "invalid_experts")
         names = list(names)
         unknown = [n for n in names if n not in self.expert_names]
         if unknown:
