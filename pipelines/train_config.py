@@ -57,7 +57,7 @@ class TrainGatesConfig(BaseModel):
     def _consistent(self) -> "TrainGatesConfig":
         if self.training.batch % self.num_workers:
             raise ValueError(f"batch ({self.training.batch}) must be a multiple of num_workers ({self.num_workers})")
-        if not RUN_NAME.match(self.name):
+        if not RUN_NAME.fullmatch(self.name):
             raise ValueError(f"name {self.name!r} must be 1-64 letters, digits, '_', '.' or '-' (it becomes a path)")
         if self.training.freeze_old and not self.init_from:
             raise ValueError("freeze_old needs init_from (there are no old gate rows to freeze)")
@@ -76,9 +76,9 @@ class TrainGatesConfig(BaseModel):
         precision = {"precision": self.precision, **({"use_gpu": self.use_gpu} if self.precision == "auto" else {})}
         return {**{k: v for k, v in dataclasses.asdict(self.training).items() if k not in watching}, **precision}
 
-    def run_fingerprint(self, experts: list[tuple[str, str]]) -> str:
-        """What a resumed run must share with the run it resumes: the experts (name, sha256), the warm start, the
-        settings."""
+    def run_fingerprint(self, experts: list[tuple]) -> str:
+        """What a resumed run must share with the run it resumes: the experts (name, sha256, what the gates learn
+        from it: Registry.trained_on), the warm start, the settings."""
         key = {"experts": experts, "init_from": self.init_from, "settings": self.run_settings()}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -57,7 +57,7 @@ def train(config: TrainGatesConfig) -> dict:
     run = f"{storage.rstrip('/')}/{config.name}"  # Ray Train's directory of this run
     output = absolute_uri(config.output or f"{run}/meteora")
     _check_init_from(config, registry)
-    _claim_run(run, config, [(n, registry.entry(n)["sha256"]) for n in experts])
+    _claim_run(run, config, [(n, registry.entry(n)["sha256"], registry.trained_on(n)) for n in experts])
     job = {"config": config.flat(), "registry": registry.uri, "experts": experts, "output": output, "run": run}
     path, filesystem = _storage_location(storage)
     trainer = TorchTrainer(
@@ -145,10 +145,11 @@ def _check_init_from(config: TrainGatesConfig, registry: Registry) -> None:
                               f"'{meta.base.name}', the registry's is '{registry.base_model['name']}'")
 
 
-def _claim_run(run: str, config: TrainGatesConfig, experts: list[tuple[str, str]]) -> None:
-    """Record what the run name trains; refuse to resume a run of other experts, warm start or settings under it."""
+def _claim_run(run: str, config: TrainGatesConfig, experts: list[tuple]) -> None:
+    """Record what the run name trains; refuse to resume a run of other experts (or other versions of them: weights,
+    config, data, prompt format), warm start or settings under it."""
     store = open_store(run)
-    claim = {"fingerprint": config.run_fingerprint(experts), "experts": [name for name, _ in experts],
+    claim = {"fingerprint": config.run_fingerprint(experts), "experts": [expert[0] for expert in experts],
              "init_from": config.init_from, "settings": config.run_settings()}
     if store.exists(RUN_FILE):
         try:

@@ -190,7 +190,7 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     outputs = {"collect": _stage(state, "collect", _collect_inputs(manifest, config), lambda: _collect(manifest, config))}
     registry = Registry(config.registry)
     experts = [(name, registry.entry(name)["sha256"]) for name in manifest.names]
-    train_key = digest(experts, [_trained_on(registry.entry(name)) for name in manifest.names],
+    train_key = digest(experts, [registry.trained_on(name) for name in manifest.names],
                        registry.base_model["fingerprint"], config.train_config().run_settings())
     recorded = state.outputs("train", train_key)
     if recorded and not checkpoint_exists(recorded.checkpoint):
@@ -241,12 +241,6 @@ def _collect(manifest: Manifest, config: WorkflowConfig) -> StageResult:
     added = sum(row["status"] in ("added", "new version") for row in outcome.rows)
     return StageResult(Collected(config.registry), f"{len(outcome.rows)} adapters, {added} new in {config.registry}",
                        inputs=_collect_inputs(manifest, config))  # the index as this commit left it
-
-
-def _trained_on(entry: dict) -> dict:
-    """What of a registry entry the gates learn from besides the weights: the whole adapter (its config's alpha
-    too), its task data and its prompt format."""
-    return {key: entry.get(key) for key in ("content_sha256", "data", "prompt_format")}
 
 
 def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list[tuple[str, str]], key: str,

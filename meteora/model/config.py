@@ -28,7 +28,7 @@ class MeteoraConfig:
 
 
 def check_expert_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AdapterError(
             f"adapter name {name!r} is invalid: use 1-63 characters of a-z, 0-9, '_', '.', '-', "
             "starting with a letter or digit"

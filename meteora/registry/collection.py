@@ -96,8 +96,12 @@ def _fetch(spec: AdapterSpec, base_config: dict) -> Collected:
 def read_samples(content: bytes, where: str) -> list[dict]:
     """The samples of task data (JSONL): every line a JSON object with non-empty strings "prompt" and "response"
     (blank lines are not allowed). ValueError naming `where` and the line otherwise."""
-    lines = content.decode("utf-8", errors="replace").splitlines()
-    if not lines:
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where} is not UTF-8 text (byte {err.start})") from None
+    lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
+    if not lines:  # lines end at "\n" only: JSON strings may hold U+2028 and the like unescaped
         raise ValueError(f"{where} is empty")
     samples = []
     for number, line in enumerate(lines, 1):

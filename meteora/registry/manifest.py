@@ -18,6 +18,7 @@ the field. Relative paths are read relative to the manifest's directory.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,10 +99,10 @@ def _adapter(entry, where: str, root: str) -> AdapterSpec:
         where = f"{where} ('{entry['name']}')"
     _mapping(entry, where, required=("name", "uri"), optional=optional)
     name = _string(entry, "name", where)
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ManifestError(f"{where}: field 'name' {name!r} must match {NAME_PATTERN.pattern} (it becomes a path)")
     sha = entry.get("sha256")
-    if sha is not None and not (isinstance(sha, str) and SHA256.match(sha)):
+    if sha is not None and not (isinstance(sha, str) and SHA256.fullmatch(sha)):
         raise ManifestError(f"{where}: field 'sha256' must be 64 lowercase hex digits, got {sha!r}")
     metric = entry.get("metric", "exact_match")
     if metric not in METRICS:
@@ -140,6 +141,15 @@ def _string(mapping: dict, key: str, where: str) -> str:
 
 
 def _resolve(uri: str, root: str) -> str:
+    """A relative URI taken from the manifest's location (`root`); in an object store "." and ".." are folded
+    into the key, which must stay inside its bucket."""
     if "://" in uri or Path(uri).is_absolute():
         return uri
-    return f"{root.rstrip('/')}/{uri}" if "://" in root else str(Path(root) / uri)
+    if "://" not in root:
+        return str(Path(root) / uri)
+    scheme, rest = root.split("://", 1)
+    bucket, _, prefix = rest.partition("/")
+    key = posixpath.normpath(posixpath.join(prefix, uri))
+    if key == ".." or key.startswith("../"):
+        raise ManifestError(f"the relative URI {uri!r} climbs out of the bucket of {root}")
+    return f"{scheme}://{bucket}/{key}" + ("/" if uri.endswith("/") else "")

@@ -63,6 +63,12 @@ class Registry:
             raise RegistryError(f"registry {self.uri} has no adapter '{name}'; it holds {self.names}")
         return self.index["adapters"][name]
 
+    def trained_on(self, name: str) -> dict:
+        """What the gates learn from an adapter besides its weights' sha256: the whole adapter (its config's alpha
+        too), its task data and its prompt format. Gates trained on other values are other gates."""
+        entry = self.entry(name)
+        return {key: entry.get(key) for key in ("content_sha256", "data", "prompt_format")}
+
     def adapter_dirs(self, names: list[str] | None = None) -> dict[str, Path]:
         """{name: local PEFT adapter directory} in registry order (S3 objects are cached locally, hash-checked)."""
         return {name: self._local_adapter(self.entry(name)) for name in (names or self.names)}
@@ -131,6 +137,6 @@ def _parse_index(raw: bytes, uri: str) -> dict:
         if not isinstance(entry, dict) or not isinstance(entry.get("data", {}), dict):
             raise RegistryError(f"{where}: entry {name!r} must be a mapping")
         shas = [entry.get(k) for k in ("sha256", "config_sha256", "content_sha256")] + list(entry.get("data", {}).values())
-        if not NAME_PATTERN.match(name) or not all(isinstance(s, str) and SHA256.match(s) for s in shas):
+        if not NAME_PATTERN.fullmatch(name) or not all(isinstance(s, str) and SHA256.fullmatch(s) for s in shas):
             raise RegistryError(f"{where}: entry {name!r} has an invalid name or sha256 (refusing to build paths from it)")
     return index

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from meteora import ManifestError, MeteoraModel, RegistryError
-from meteora.registry import Registry, load_manifest, source_tags
+from meteora.registry import Registry, load_manifest, read_samples, source_tags
 from meteora.store import open_store
 from pipelines.collect_adapters import collect, main
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
@@ -142,6 +142,8 @@ BAD = {  # case -> (manifest entries or raw text, message in the error / rejecti
     "unknown_key": ([entry("reverse") | {"descripton": "typo"}], "unknown field(s) ['descripton']"),
     "bad_name": ([entry("Reverse!")], "field 'name'"),
     "escape_name": ([entry("../../escape")], "field 'name'"),
+    "newline_name": ([entry("reverse\n")], "field 'name'"),  # `$` alone would let a final newline through
+    "not_utf8_data": ([entry("reverse") | {"data": {"train": "s3://world/data/latin1.jsonl"}}], "is not UTF-8 text"),
     "duplicate_names": ([entry("reverse"), entry("reverse")], "duplicate adapter names"),
     "missing_object": ([entry("nowhere")], "cannot read"),
     "wrong_sha256": ([entry("reverse", sha256="0" * 64)], "the manifest says"),
@@ -160,6 +162,7 @@ def populated(world, tmp_path):
     assert collect_file(write_manifest(tmp_path / "seed.yaml", [entry("sort")]), str(registry_dir)).committed
     world["s3"].put_object(Bucket="world", Key="data/broken.jsonl", Body=b'{"prompt": "a", "response": "b"}\n{"prompt": \n')
     world["s3"].put_object(Bucket="world", Key="data/empty.jsonl", Body=b'{"prompt": "a", "response": "b"}\n{"prompt": "", "response": "b"}\n')
+    world["s3"].put_object(Bucket="world", Key="data/latin1.jsonl", Body='{"prompt": "caf\u00e9", "response": "b"}\n'.encode("latin-1"))
     return registry_dir
 
 
@@ -206,6 +209,7 @@ def test_same_weights_with_another_alpha_is_another_adapter(world, tmp_path):
     registry = Registry(registry_dir)
     same, loud = registry.entry("reverse"), registry.entry("loud")
     assert same["sha256"] == loud["sha256"] and same["content_sha256"] != loud["content_sha256"]
+    assert registry.trained_on("reverse") != registry.trained_on("loud")  # gates trained on one are not the other's
     dirs = registry.adapter_dirs()
     assert json.loads((dirs["loud"] / "adapter_config.json").read_text())["lora_alpha"] == 4 * config["lora_alpha"]
     outcome = collect_file(write_manifest(tmp_path / "b.yaml", [loud_spec | {"name": "reverse"}]), str(registry_dir))
@@ -221,6 +225,16 @@ def test_a_manifest_in_s3_with_relative_uris_is_collected(world, tmp_path):
     manifest = load_manifest("s3://world/manifests-relative.yaml")
     assert manifest.base_uri == "s3://world/base/" and manifest.adapters[0].data["eval"] == "s3://world/data/sort/eval.jsonl"
     assert collect_file("s3://world/manifests-relative.yaml", str(tmp_path / "registry")).committed
+    climbing = {**document, "base_model": {"name": "tiny-base", "uri": "../base/"},
+                "adapters": [{**document["adapters"][0], "uri": "./../adapters/sort/", "data": {"eval": "../data/sort/eval.jsonl"}}]}
+    world["s3"].put_object(Bucket="world", Key="manifests/relative.yaml", Body=yaml.safe_dump(climbing).encode())
+    manifest = load_manifest("s3://world/manifests/relative.yaml")  # "." and ".." folded into the keys
+    assert (manifest.base_uri, manifest.adapters[0].uri) == ("s3://world/base/", "s3://world/adapters/sort/")
+    assert manifest.adapters[0].data["eval"] == "s3://world/data/sort/eval.jsonl"
+    world["s3"].put_object(Bucket="world", Key="manifests/out.yaml",
+                           Body=yaml.safe_dump({**climbing, "base_model": {"name": "b", "uri": "../../base/"}}).encode())
+    with pytest.raises(ManifestError, match="climbs out of the bucket"):
+        load_manifest("s3://world/manifests/out.yaml")
     with pytest.raises(ManifestError, match="cannot be read"):
         load_manifest("s3://world/missing.yaml")
 
@@ -279,3 +293,10 @@ def test_source_tags_change_when_an_object_is_replaced_in_place(world, tmp_path)
                             "adapters/in-place/adapter_model.safetensors")
     after = source_tags(manifest)
     assert after[0][1] != before[0][1] and after[0][0] == before[0][0]
+
+
+def test_task_data_lines_end_at_newlines_only():
+    """JSON strings may hold U+2028 or U+0085 unescaped: they are not line ends; a final newline and CRLF are."""
+    text = json.dumps({"prompt": "a\u2028b\u0085c", "response": "d"}, ensure_ascii=False) + "\r\n"
+    text += json.dumps({"prompt": "e", "response": "f"}) + "\n"
+    assert [sample["prompt"] for sample in read_samples(text.encode(), "x")] == ["a\u2028b\u0085c", "e"]
