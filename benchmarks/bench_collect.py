@@ -28,7 +28,7 @@ import ray
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meteora.registry import Registry, load_manifest
+from meteora.registry import Manifest, Registry, load_manifest
 from meteora.registry import fetch_adapter, inspect_base, plan_index
 
 ROOT = Path(__file__).parents[1]
@@ -38,12 +38,12 @@ from pipelines.local_cluster import free_ports  # noqa: E402
 from tiny import ALL_MODULES, make_adapter  # noqa: E402
 
 
-def one_by_one(manifest_path: Path, registry_uri: str) -> None:
-    manifest = load_manifest(manifest_path)
+def one_by_one(manifest: Manifest, registry_uri: str) -> None:
     config, base = inspect_base(manifest)
     registry = Registry(registry_uri)
     results = [fetch_adapter(spec, config) for spec in manifest.adapters]
-    index, _ = plan_index(registry, base, results)
+    index, rows = plan_index(registry, base, results)
+    assert index is not None, rows  # something was rejected: nothing to commit
     for result in results:
         for key, data in result.files.items():
             registry.store.write_bytes(key, data)
@@ -80,10 +80,10 @@ def main() -> None:
             s3.put_object(Bucket="bench", Key=f"data/a{i:02d}.jsonl", Body=b'{"prompt": "p", "response": "r"}\n' * 1000)
             entries.append({"name": f"a{i:02d}", "uri": f"s3://bench/adapters/a{i:02d}/",
                             "data": {"train": f"s3://bench/data/a{i:02d}.jsonl"}})
-        manifest = work / "manifest.yaml"
-        manifest.write_text(yaml.safe_dump({"apiVersion": "meteora/v1", "kind": "AdapterManifest",
-                                            "base_model": {"name": "bench-base", "uri": "s3://bench/base/"},
-                                            "adapters": entries}))
+        (work / "manifest.yaml").write_text(yaml.safe_dump({"apiVersion": "meteora/v1", "kind": "AdapterManifest",
+                                                            "base_model": {"name": "bench-base", "uri": "s3://bench/base/"},
+                                                            "adapters": entries}))
+        manifest = load_manifest(work / "manifest.yaml")
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  _system_config={"idle_worker_killing_time_threshold_ms": 600_000})
         variants = {"ray_parallel": lambda r: collect(manifest, r, parallel=8),

@@ -126,7 +126,7 @@ def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model = MeteoraModel.from_pretrained(checkpoint)
-    tokenizer = load_tokenizer(model.base_info["uri"])
+    tokenizer = load_tokenizer(model.base_info.uri)
     engine, params = GenerationEngine(model, tokenizer, ServingLimits(max_batch_size=16)), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     batch = [prompt_format("plain").prompt_ids(tokenizer, p) for p in prompts[:16]]
     seconds = []

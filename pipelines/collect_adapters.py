@@ -27,6 +27,7 @@ from tqdm import tqdm  # noqa: E402
 
 from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
 from meteora.registry import Collected, Manifest, Registry, fetch_adapter, inspect_base, load_manifest, plan_index  # noqa: E402
+from meteora.store import absolute_uri, open_store  # noqa: E402
 from pipelines.common import ray_connection, runtime_env  # noqa: E402
 
 log = logging.getLogger("collect_adapters")
@@ -52,7 +53,7 @@ def _fetch(spec, base_config) -> tuple[Collected, dict[str, bytes]]:
 
 @ray.remote(num_cpus=TASK_CPUS)
 def _upload(registry_uri: str, files: dict[str, bytes]) -> int:
-    store = Registry(registry_uri).store
+    store = open_store(registry_uri)
     missing = {key: data for key, data in files.items() if not store.exists(key)}
     for key, data in missing.items():
         store.write_bytes(key, data)
@@ -62,6 +63,7 @@ def _upload(registry_uri: str, files: dict[str, bytes]) -> int:
 def collect(manifest: Manifest, registry_uri: str, parallel: int = 8, on_fetched=None) -> Outcome:
     """Run the collection on the connected Ray. `on_fetched(collected)` is called as each adapter's check completes."""
     base_config, base = inspect_base(manifest)
+    registry_uri = absolute_uri(registry_uri)  # the upload tasks may run in another directory
     registry = Registry(registry_uri)
     results, files = {}, {}
     pending, queue = {}, list(manifest.adapters)
