@@ -220,7 +220,7 @@ def speed_again(work: Path, out: Path) -> None:
     result = json.loads((out / "results.json").read_text())
     adapter = Path(load_manifest(work / "first.yaml").adapters[0].uri)
     result["speed"] = speed(result["increment"]["outputs"]["train"]["checkpoint"], adapter, repeats=5, new_tokens=32)
-    result["speed"]["command"] = "python " + " ".join(sys.argv)
+    result["speed"].update(command="python " + " ".join(sys.argv), machine=machine())  # not the run's machine
     write(result, out)
 
 

@@ -117,6 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     manifest = args.manifest or build()
     bench = load_benchmark(load_manifest(manifest))
+    if bench.fmt.name != "plain":  # its line starts and answer lengths read the plain format's layout
+        parser.error(f"{manifest}: prompt format {bench.fmt.name!r}; this benchmark reads the plain format only")
     model = MeteoraModel.from_pretrained(args.checkpoint, base_model=copy.deepcopy(bench.base)).eval()
     tasks = model.expert_names
     sets = {"single": [[(s, tasks.index(t))] for t in tasks for s in bench.eval_sets[t]]}

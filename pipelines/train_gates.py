@@ -164,7 +164,8 @@ def _claim_run(run: str, config: TrainGatesConfig, experts: list[tuple]) -> None
                               "resume it with its own settings, or choose another name= to start a new run")
         log.info("run %s exists: resuming from its latest checkpoint", run)
         return
-    store.write_bytes(RUN_FILE, json.dumps(claim, indent=2).encode())
+    if not store.write_if_unchanged(RUN_FILE, json.dumps(claim, indent=2).encode(), None):
+        _claim_run(run, config, experts)  # another driver claimed the name first: resume its run, or refuse it
 
 
 def _storage_location(storage: str) -> tuple[str, S3FileSystem | None]:

@@ -96,10 +96,11 @@ class Registry:
 
     def remove(self, names: list[str]) -> None:
         """Drop adapters from the index in one compare-and-swap commit. Their content-addressed files stay (another
-        entry may share them); nothing is changed when a name is unknown."""
+        entry may share them); nothing is changed when a name is unknown. An emptied registry takes any base again."""
         for name in names:
             self.entry(name)
-        self.commit({**self.index, "adapters": {n: e for n, e in self.index["adapters"].items() if n not in names}})
+        kept = {n: e for n, e in self.index["adapters"].items() if n not in names}
+        self.commit({**self.index, "adapters": kept, **({} if kept else {"base_model": None})})
 
     def _local_adapter(self, entry: dict) -> Path:
         weights = self._local(adapter_key(entry["content_sha256"], WEIGHTS_FILE), entry["sha256"])

@@ -105,6 +105,8 @@ def test_collect_from_s3_register_more_later_and_load_a_model(world, tmp_path, c
     assert "no adapter 'nope'" in capsys.readouterr().err and snapshot(registry_dir) == before
     assert main(["--registry", str(registry_dir), "--remove", "sort"]) == 0
     assert Registry(registry_dir).names == ["reverse", "upper", "lower"]
+    assert main(["--registry", str(registry_dir), "--remove", "reverse", "upper", "lower"]) == 0
+    assert Registry(registry_dir).base_model is None  # emptied: adapters of another base may come
 
 
 def test_collect_into_an_s3_registry_and_load_from_it(world, tmp_path, monkeypatch):
