@@ -25,6 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 PORTS = ["port", "dashboard-port", "ray-client-server-port", "node-manager-port", "object-manager-port",
          "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port", "runtime-env-agent-port"]
 STATE_FILE = "cluster.json"
@@ -89,12 +91,24 @@ def down(state_dir: Path) -> bool:
     if not state_file.exists():
         return False
     state = json.loads(state_file.read_text())
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if not _signal_group(state["pgid"], sig, wait_s):
-            break
+    if _runs_the_cluster(state["pgid"], state["temp_dir"]):  # after a crash the group id may belong to others now
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            if not _signal_group(state["pgid"], sig, wait_s):  # after SIGKILL, unreaped zombies may still answer
+                break
     shutil.rmtree(state["temp_dir"], ignore_errors=True)
     state_file.unlink()
     return True
+
+
+def _runs_the_cluster(pgid: int, temp_dir: str) -> bool:
+    """Whether a process of the group `pgid` runs with the cluster's temp dir on its command line."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getpgid(process.pid) == pgid and temp_dir in " ".join(process.info["cmdline"] or ()):
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 def _signal_group(pgid: int, sig: int, wait_s: float) -> bool:
