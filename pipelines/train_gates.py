@@ -83,15 +83,16 @@ def train(config: TrainGatesConfig) -> dict:
 def _progress_printed(run: str, steps: int, every_s: float = 5.0):
     """Print rank 0's records (PROGRESS_FILE in the run's storage) from the driver while the run trains, so they
     show in the driver's output (a job's log, the workflow's, the demo's) whether or not the workers' logs do."""
-    store, stop, shown = open_store(run), threading.Event(), []
+    store, stop, last = open_store(run), threading.Event(), None
 
     def show() -> None:
+        nonlocal last
         try:
             record = json.loads(store.read_bytes(PROGRESS_FILE)) if store.exists(PROGRESS_FILE) else None
         except (StoreError, ValueError):
             return  # unreadable for now: the next poll
-        if record is not None and record not in shown:
-            shown.append(record)
+        if record is not None and record != last:  # a new checkpoint's record
+            last = record
             print(progress_line(record, steps), flush=True)
 
     def poll() -> None:

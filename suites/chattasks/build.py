@@ -92,11 +92,12 @@ class ChatTasksConfig:
         unknown = [t for t in tasks if t not in TASKS]
         if unknown or len(set(tasks)) != len(tasks) or len(tasks) < 2:
             raise ValueError(f"recipes must name 2+ distinct tasks of {sorted(TASKS)}; got {tasks}")
-        for name, value, valid, expected in (("composite_max", self.composite_max, self.composite_max >= 2, ">= 2"),
-                                             ("composite_share", self.composite_share, 0 <= self.composite_share <= 1, "in [0, 1]"),
-                                             ("shots", self.shots, self.shots >= 0, ">= 0")):
-            if not valid:
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        if self.composite_max < 2:
+            raise ValueError(f"composite_max must be >= 2, got {self.composite_max!r}")
+        if not 0 <= self.composite_share <= 1:
+            raise ValueError(f"composite_share must be in [0, 1], got {self.composite_share!r}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots!r}")
 
     def key(self, package_version: str) -> str:
         text = json.dumps([BUILD_VERSION, asdict(self), package_version], sort_keys=True)
