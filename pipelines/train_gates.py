@@ -184,20 +184,24 @@ def _storage_location(storage: str) -> tuple[str, S3FileSystem | None]:
 
 
 def print_training_summary(summary: dict, wall_seconds: float) -> None:
-    final = summary.get("final") or {}
-    print(f"gates trained: {summary['steps']} steps x {summary['batch']} samples on {summary['num_workers']} worker(s); "
-          f"final loss {final.get('loss', float('nan')):.4f} (lm {final.get('lm_loss', float('nan')):.4f}, "
-          f"gate {final.get('gate_loss', float('nan')):.4f}); routing accuracy on eval response tokens "
-          f"{final.get('eval_routing_accuracy', float('nan')):.3f}")
-    print(f"  training {summary['train_seconds']} s ({summary['samples_per_s']} samples/s), "
+    final, fit, nan = summary.get("final") or {}, summary.get("fit"), float("nan")
+    if fit:
+        print(f"gates fitted: {fit['modules']} modules on {fit['tokens']} labelled tokens in {fit['seconds']:.0f} s "
+              f"({summary['num_workers']} worker(s)); mean fit accuracy {fit['fit_accuracy']:.3f}")
+    if summary["steps"]:
+        print(f"gates trained: {summary['steps']} steps x {summary['batch']} samples on {summary['num_workers']} worker(s); "
+              f"final loss {final.get('loss', nan):.4f} (lm {final.get('lm_loss', nan):.4f}, "
+              f"gate {final.get('gate_loss', nan):.4f})")
+    print(f"  routing accuracy on eval response tokens {final.get('eval_routing_accuracy', nan):.3f}; "
+          f"training {summary['train_seconds']} s{f' ({s} samples/s)' if (s := summary['samples_per_s']) else ''}, "
           f"{len(summary['attempts'])} attempt(s), job {wall_seconds:.0f} s")
     warm = summary.get("warm_start")
     if warm:
         fresh = [name for name, how in warm["experts"].items() if how == "fresh"]
         new_modules = [name for name, how in warm["modules"].items() if how == "new"]
+        drawn = f"; {summary['new_fraction']:.2f} of every batch from the fresh experts" if summary["steps"] else ""
         print(f"  started from {warm['init_from']}: fresh rows for {fresh or 'no expert'}, "
-              f"{len(new_modules)} new module gate(s); {summary['new_fraction']:.2f} of every batch from the fresh experts, "
-              f"copied rows frozen: {summary['freeze_old']}")
+              f"{len(new_modules)} new module gate(s){drawn}, copied rows frozen: {summary['freeze_old']}")
     print(f"  MeteoRA checkpoint: {summary['output']}")
 
 

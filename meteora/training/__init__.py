@@ -5,20 +5,25 @@
     loss.py        the MeteoRA loss and routing accuracy
     batches.py     task-labelled samples from a registry -> batches with per-token task labels; one step
     sampling.py    which items a worker trains on at each step (deterministic in seed, step, rank)
+    fitting.py     fit_gates: every gate fitted from captured inputs in one forward pass (method "fit")
+    collective.py  how data-parallel workers combine (both methods)
     trainer.py     GateTrainer: the one training loop (in one process, or one of N data-parallel workers)
     state.py       the resumable training state (gates + optimizer)
     warm_start.py  incremental registration: gate rows copied from an earlier checkpoint
 """
 from .attention import training_attention
 from .batches import gate_batch, gate_step, registry_samples, response_routing_accuracy
-from .config import GateTrainingConfig
+from .collective import Collective
+from .config import METHODS, GateTrainingConfig
+from .fitting import fit_gates, fit_items, solve_gate
 from .loss import MeteoraLoss, lm_labels, meteora_loss, routing_accuracy, task_labels
-from .sampling import Sample, new_share, shard, shuffled, step_samples
+from .sampling import Sample, composite_around, new_share, shard, shuffled, step_samples
 from .state import load_train_state, save_train_state
-from .trainer import Collective, GateTrainer, learning_rate
+from .trainer import GateTrainer, learning_rate
 from .warm_start import WarmStart, init_gates_from
 
-__all__ = ["Collective", "GateTrainer", "GateTrainingConfig", "MeteoraLoss", "Sample", "WarmStart", "gate_batch",
-           "gate_step", "init_gates_from", "learning_rate", "lm_labels", "load_train_state", "meteora_loss", "new_share",
-           "registry_samples", "response_routing_accuracy", "routing_accuracy", "save_train_state", "shard", "shuffled",
-           "step_samples", "task_labels", "training_attention"]
+__all__ = ["METHODS", "Collective", "GateTrainer", "GateTrainingConfig", "MeteoraLoss", "Sample", "WarmStart",
+           "composite_around", "fit_gates", "fit_items", "gate_batch", "gate_step", "init_gates_from", "learning_rate",
+           "lm_labels", "load_train_state", "meteora_loss", "new_share", "registry_samples", "response_routing_accuracy",
+           "routing_accuracy", "save_train_state", "shard", "shuffled", "solve_gate", "step_samples", "task_labels",
+           "training_attention"]

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+METHODS = ("sgd", "fit", "fit+sgd")
+
 
 @dataclass(frozen=True)
 class GateTrainingConfig:
+    method: str = "fit"  # fit: each gate fitted from captured inputs (fitting.py); sgd: the paper's loop; fit+sgd: both
     steps: int = 300  # optimizer steps
     batch: int = 32  # samples per step, over all workers
     lr: float = 5e-3  # Adam on the gates only; linear warm-up over 5% of the steps, then cosine decay to lr / 10
@@ -23,16 +26,24 @@ class GateTrainingConfig:
     checkpoint_every: int = 50  # steps between checkpoints, metrics and progress lines
     eval_samples: int = 256  # eval-split samples for the routing accuracy at each checkpoint
     seed: int = 0
+    fit_samples: int = 24  # fit: train samples per expert in the calibration items
+    fit_tokens: int = 8192  # fit: labelled tokens per module and worker the gate is fitted on (0: all)
+    fit_l2: float = 1e-2  # fit: L2 weight on the gate rows, each input feature in units of its RMS
+    fit_iters: int = 50  # fit: L-BFGS iterations per module
 
     def __post_init__(self):
-        positive = {"steps": self.steps, "batch": self.batch, "top_k": self.top_k, "checkpoint_every": self.checkpoint_every}
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        positive = {"steps": self.steps, "batch": self.batch, "top_k": self.top_k, "checkpoint_every": self.checkpoint_every,
+                    "fit_samples": self.fit_samples, "fit_iters": self.fit_iters}
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name, value in {"lr": self.lr, "temperature": self.temperature}.items():
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name, value in {"gate_weight": self.gate_weight, "eval_samples": self.eval_samples}.items():
+        for name, value in {"gate_weight": self.gate_weight, "eval_samples": self.eval_samples, "fit_tokens": self.fit_tokens,
+                            "fit_l2": self.fit_l2}.items():
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         fractions = {"composite_fraction": self.composite_fraction, "new_fraction": self.new_fraction}

@@ -40,7 +40,7 @@ def step_samples(pool: list[Sample], step: int, rank: int, size: int, seed: int,
         samples = _draw(rng, new, n_new) + _draw(rng, old, size - n_new)
     else:
         samples = _draw(rng, pool, size)
-    return [_composite_around(sample, pool, rng, composite_max) if rng.random() < composite_fraction else sample
+    return [composite_around(sample, pool, rng, composite_max) if rng.random() < composite_fraction else sample
             for sample in samples]
 
 
@@ -50,7 +50,7 @@ def new_share(new_fraction: float | None, new_experts: int, experts: int) -> flo
     return new_experts / experts if new_fraction is None else new_fraction
 
 
-def _composite_around(sample: Sample, pool: list[Sample], rng: random.Random, composite_max: int) -> list[Sample]:
+def composite_around(sample: Sample, pool: list[Sample], rng: random.Random, composite_max: int) -> list[Sample]:
     """`sample` at a random place among 1..composite_max - 1 samples drawn from `pool`, less those of its task."""
     others = [rng.choice(pool) for _ in range(rng.randint(1, composite_max - 1))]
     items = [s for s in others if s[1] != sample[1]] + [sample]

@@ -1,7 +1,9 @@
-"""GateTrainer: the one gate-training loop, run by every data-parallel worker (pipelines/gate_worker.py) and,
+"""GateTrainer: gate training by either method, run by every data-parallel worker (pipelines/gate_worker.py) and,
 with the defaults, alone in one process.
 
-    for step in 1..steps:   items(seed, step, rank) -> batch -> CE_LM + lambda * CE_gate -> backward
+    fit (methods fit, fit+sgd): every gate fitted from captured inputs in one forward pass (fitting.py); with a warm
+                            start whose copied rows are frozen, only the fresh rows (registration)
+    for step in 1..steps:   (methods sgd, fit+sgd)   items(seed, step, rank) -> batch -> CE_LM + lambda * CE_gate -> backward
                             -> gradients averaged over the workers -> Adam step (warm-up, cosine decay)
     every checkpoint_every: a record (losses, routing accuracy on the eval split, throughput), then on_checkpoint
 Only the gates train. The batch of step s on rank r depends only on (seed, s, r), so a run restored from the
@@ -12,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,30 +21,12 @@ import torch
 from ..model import MeteoraModel
 from .attention import training_attention
 from .batches import gate_batch, gate_step, response_routing_accuracy
+from .collective import Collective
 from .config import GateTrainingConfig
+from .fitting import fit_gates, fit_items
 from .sampling import Sample, new_share, step_samples
 from .state import load_train_state, save_train_state
 from .warm_start import WarmStart
-
-
-@dataclass(frozen=True)
-class Collective:
-    """How the data-parallel workers combine: a sum-all-reduce in place over `world` workers (a lone process: none)."""
-
-    rank: int = 0
-    world: int = 1
-    all_reduce: Callable[[torch.Tensor], None] | None = None
-
-    def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            self.all_reduce(tensor)
-            tensor /= self.world
-        return tensor
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            self.all_reduce(tensor)
-        return tensor
 
 
 def learning_rate(step: int, config: GateTrainingConfig) -> float:
@@ -63,8 +46,35 @@ class GateTrainer:
         self.new_experts = {model.expert_names.index(n) for n in warm_start.new_experts} if warm_start else set()
         self.new_fraction = new_share(config.new_fraction, len(self.new_experts), len(model.expert_names))
         self.masks = warm_start.trainable_rows(model) if warm_start and config.freeze_old else None
+        self.fit_rows = warm_start.fresh_rows(model) if warm_start and config.freeze_old else None
         self.step = 0
-        self.state: dict = {}  # history, train_seconds, attempts: kept in the training checkpoints
+        self.state: dict = {}  # history, train_seconds, attempts, fit: kept in the training checkpoints
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the gates hold the fit already (this attempt's, or a restored one's)."""
+        return "fit" in self.state
+
+    def fit(self, samples: list[Sample], evaluation: list[Sample],
+            on_module: Callable[[dict], None] | None = None) -> dict:
+        """Fit the gates from every expert's `samples` (all of them: fit_items picks the calibration items and this
+        worker takes its share), then measure routing on this worker's `evaluation` shard. on_module(progress)
+        after each module. Returns the record (also the first of the history)."""
+        items = fit_items(samples, self.config)[self.collective.rank::self.collective.world]
+
+        def progress(done: int, total: int, module: str, stats: dict) -> None:
+            if on_module is not None:
+                on_module({"stage": "fit", "module": module, "done": done, "modules": total, **stats})
+
+        report = fit_gates(self.model, self.tokenizer, items, self.config, self.collective, self.fit_rows, progress)
+        modules = report.pop("modules")
+        accuracy = [m["accuracy"] for m in modules.values()]
+        record = {"step": 0, "stage": "fit", **report, "modules": len(modules),
+                  "fit_accuracy": sum(accuracy) / len(accuracy) if accuracy else float("nan"),
+                  "eval_routing_accuracy": self._eval_routing(evaluation)}
+        self.state.update(fit={**record, "per_module": modules}, history=self.state.get("history", []) + [record],
+                          train_seconds=self.state.get("train_seconds", 0.0) + report["seconds"])
+        return record
 
     def restore(self, path: str | Path) -> None:
         self.step, self.state = load_train_state(path, self.model, self.optimizer)
@@ -134,11 +144,13 @@ class GateTrainer:
                 "samples_per_s": len(window) * self.config.batch / seconds, "lr": learning_rate(self.step, self.config)}
 
     def summary(self) -> dict:
-        """What the checkpoint's training summary records of this loop."""
+        """What the checkpoint's training summary records of the method."""
         history, seconds = self.state.get("history", []), self.state.get("train_seconds", 0.0)
-        return {"steps": self.config.steps, "batch": self.config.batch, "lr": self.config.lr,
+        steps = 0 if self.config.method == "fit" else self.config.steps
+        return {"method": self.config.method, "steps": steps, "batch": self.config.batch, "lr": self.config.lr,
                 "gate_weight": self.config.gate_weight, "exclude_prompt": self.config.exclude_prompt,
                 "seed": self.config.seed, "freeze_old": self.config.freeze_old, "new_fraction": self.new_fraction,
                 "train_seconds": round(seconds, 2),
-                "samples_per_s": round(self.config.steps * self.config.batch / seconds, 2) if seconds else None,
+                "samples_per_s": round(steps * self.config.batch / seconds, 2) if seconds and steps else None,
+                "fit": self.state.get("fit"),  # with every module's fit accuracy, loss and iterations
                 "attempts": self.state.get("attempts", []), "final": history[-1] if history else None, "history": history}

@@ -43,6 +43,11 @@ class WarmStart:
             masks.append(mask)
         return masks
 
+    def fresh_rows(self, model: MeteoraModel) -> dict[str, list[int]]:
+        """Per module the rows that were not copied (the ones registration fits), in expert order."""
+        experts = range(len(model.expert_names))
+        return {name: [e for e in experts if e not in self.copied_rows[name]] for name in model.layer_names}
+
     def summary(self) -> dict:
         return {"init_from": self.checkpoint, "experts": self.experts, "modules": self.modules}
 

@@ -36,7 +36,7 @@ def registry(tmp_path_factory):
 
 
 def settings(registry, tmp_path, name, **extra) -> list[str]:
-    values = {"registry": registry, "storage_path": str(tmp_path / "runs"), "name": name, "num_workers": 2,
+    values = {"registry": registry, "storage_path": str(tmp_path / "runs"), "name": name, "num_workers": 2, "method": "sgd",
               "steps": 30, "batch": 8, "checkpoint_every": 10, "lr": 0.02, "eval_samples": 24, **extra}
     return [f"{key}={value}" for key, value in values.items()]
 
@@ -88,6 +88,21 @@ def test_two_workers_train_with_checkpoints_on_s3(registry, tmp_path, s3_endpoin
     assert model.expert_names == list(TASKS) and model.training_summary["steps"] == 40
     progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert progress and progress[-1].startswith("step     40/40  loss")  # printed by the driver, the last one surely
+
+
+def test_two_workers_fit_the_gates_and_sgd_goes_on_from_the_fit(registry, tmp_path, capsys):
+    fitted = train(load_train_config(None, settings(registry, tmp_path, "fit", method="fit", fit_samples=16)))
+    assert fitted["method"] == "fit" and fitted["steps"] == 0 and fitted["samples_per_s"] is None
+    fit = fitted["fit"]
+    assert fit["modules"] == len(MeteoraModel.from_pretrained(fitted["output"]).layer_names) and fit["tokens"] > 0
+    assert fitted["final"]["eval_routing_accuracy"] > 0.5  # 3 experts: chance is 1/3
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fit ")]
+    assert lines and lines[-1].startswith("fit done: ")  # the driver prints the workers' progress
+
+    both = train(load_train_config(None, settings(registry, tmp_path, "fit-sgd", method="fit+sgd", fit_samples=16, steps=20)))
+    assert history_steps(both) == [0, 10, 20] and both["history"][0]["stage"] == "fit"
+    assert both["history"][0]["eval_routing_accuracy"] == fit["eval_routing_accuracy"]  # the same fit, then the loop
+    assert both["train_seconds"] > both["fit"]["seconds"]
 
 
 def _descendant_train_workers() -> list[psutil.Process]:

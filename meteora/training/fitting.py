@@ -1,0 +1,194 @@
+"""Fitting the gates from captured activations (method "fit"): module by module in the model's order, in one
+forward pass, with no backward pass through the model.
+
+A gate is a bias-free linear classifier of its module's input (logits = G x), and CE_gate is, at each module, a
+softmax cross-entropy of those logits against the token's task. Given the inputs, fitting a gate is a convex
+multinomial logistic regression, and so is fitting some of its rows with the others held fixed (their logits are
+constants). A module's inputs depend only on the gates before it, so one forward pass fits them all, as GPTQ
+calibrates a model layer by layer: when the forward reaches an adapted module, the module's inputs at the
+labelled tokens are captured, its gate is fitted, and the forward goes on through the fitted gate, so every
+later module is fitted on the inputs it will see at inference (not those of perfect routing: those fit a gate
+that routes worse, gate-fitting.md in the project's notes).
+
+Per module, over every worker's tokens (x_i, task y_i), with sigma_j the RMS of input feature j:
+    minimise over G[rows]   mean_i CE(G x_i, y_i) + l2 / 2 * || G[rows] * sigma ||^2
+by L-BFGS on the standardised inputs x / sigma. Standardising each feature (not the whole vector by its norm)
+matters: a few hidden dimensions carry most of a residual stream's norm, and a penalty in units of the norm
+starves the informative rest (on chattasks, eval-response accuracy at mid layers 0.87 with the norm, 0.99 per
+feature). Without the L2 term separable data would drive the logits to infinity and top-2's second weight to 0.
+Each worker sums the loss and gradient of its own tokens and one all-reduce adds them, so every worker takes
+the same steps and ends with the same gate. Only the fitted rows are written back: held rows stay bit-identical
+(registration fits only the new experts' rows).
+
+The calibration items run as one batch packed without padding (packed_batch): rows of about PACKED_ROW tokens,
+each starting with the prefix every item shares (a chat template's system prompt, computed once a row), then
+items one after the other, each attending to that prefix and to itself, at the positions it has alone; on
+chattasks 4x fewer token positions than one right-padded batch. Memory: a worker's tokens at one layer at a
+time (as any layer-wise calibration holds them), and one module's captured inputs, at most fit_tokens of them.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..model import MeteoraLinear, MeteoraModel
+from ..prompts import to_device
+from .batches import gate_batch
+from .collective import Collective
+from .config import GateTrainingConfig
+from .loss import IGNORE
+from .sampling import Item, Sample, composite_around
+
+PACKED_ROW = 512  # tokens per packed row (an item longer than that gets a row of its own)
+
+
+def fit_items(samples: list[Sample], config: GateTrainingConfig, experts: Sequence[int] | None = None) -> list[Item]:
+    """The calibration items (the same on every worker; worker r fits on items[r::world]): fit_samples train samples
+    of each expert (all where it has fewer), about composite_fraction of them asked among others' as training
+    draws them. experts: whose samples lead items (default all; the others' still appear inside composites)."""
+    rng = random.Random(f"fit:{config.seed}")
+    wanted = set(range(max(s[1] for s in samples) + 1) if experts is None else experts)
+    items: list[Item] = []
+    for expert in sorted(wanted):
+        own = [s for s in samples if s[1] == expert]
+        for sample in rng.sample(own, min(config.fit_samples, len(own))):
+            use_composite = rng.random() < config.composite_fraction
+            items.append(composite_around(sample, samples, rng, config.composite_max) if use_composite else sample)
+    return items
+
+
+def solve_gate(x: torch.Tensor, labels: torch.Tensor, gate: torch.Tensor, rows: Sequence[int], l2: float,
+               iterations: int, collective: Collective = Collective()) -> tuple[torch.Tensor, dict]:
+    """The rows `rows` of the gate that minimise the module's loss (above) over every worker's tokens; the other
+    rows of `gate` held. x [N, d_in] this worker's inputs, labels [N] expert ids, gate [E, d_in].
+    Returns the fitted rows [len(rows), d_in] fp32 and {accuracy, loss, iterations, seconds} (every worker's tokens)."""
+    started = time.perf_counter()
+    x, gate, device = x.float(), gate.detach().float(), x.device  # collectives reduce tensors where the inputs are
+    totals = collective.sum_(torch.cat([x.square().sum(0), x.new_tensor([x.shape[0]])]).double())
+    count = max(totals[-1].item(), 1.0)
+    sigma = (totals[:-1] / count).sqrt().float().clamp_min(1e-6)  # [d_in] each feature's RMS
+    xs, rows_index = x / sigma, torch.tensor(list(rows), dtype=torch.int64, device=device)
+    held = torch.ones(gate.shape[0], dtype=torch.bool, device=device)
+    held[rows_index] = False
+    fixed = x.new_zeros(x.shape[0], gate.shape[0])  # [N, E]: the held rows' logits, constants
+    fixed[:, held] = x @ gate[held].t()
+    weights = (gate[rows_index] * sigma).requires_grad_()  # [n_rows, d_in] in the standardised space
+
+    def logits(w: torch.Tensor) -> torch.Tensor:
+        return fixed.index_copy(1, rows_index, xs @ w.t())  # [N, E]
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits(weights), labels, reduction="sum") / count
+        loss.backward()
+        summed = collective.sum_(torch.cat([loss.detach().view(1), weights.grad.flatten()]))
+        weights.grad.copy_(summed[1:].view_as(weights)).add_(weights.detach(), alpha=l2)
+        return summed[0] + 0.5 * l2 * weights.detach().square().sum()
+
+    optimizer = torch.optim.LBFGS([weights], lr=1.0, max_iter=iterations, history_size=10, tolerance_grad=1e-6,
+                                  tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    loss = optimizer.step(closure)
+    with torch.no_grad():
+        right = collective.sum_((logits(weights).argmax(-1) == labels).sum().double().view(1))
+    steps = optimizer.state[weights].get("n_iter", 0)
+    return (weights.detach() / sigma), {"accuracy": right.item() / count, "loss": float(loss), "iterations": steps,
+                                        "seconds": round(time.perf_counter() - started, 3)}
+
+
+@torch.no_grad()
+def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTrainingConfig,
+              collective: Collective = Collective(), rows: dict[str, list[int]] | None = None,
+              on_module: Callable[[int, int, str, dict], None] | None = None, solve: Callable = None) -> dict:
+    """Fit the gates of `model` in place from this worker's calibration `items`, in one forward pass (above).
+    rows: per module the rows to fit (registration: the new experts'; a module missing from it is left as it is);
+    default every row of every gate. on_module(done, total, module, stats) after each fit. solve: another rule for
+    a module's rows from its captured inputs, with solve_gate's signature and result (benchmarks compare some).
+    Returns {seconds, tokens (labelled, every worker), modules: {module: stats}}."""
+    started = time.perf_counter()
+    if not items:
+        raise ValueError("fit_gates needs at least one calibration item on every worker")
+    dtype = model.base_model.get_input_embeddings().weight.dtype
+    batch = to_device(packed_batch(gate_batch(tokenizer, items, model.prompt_format), dtype), model.device)
+    labels, picked = _picked_tokens(batch["token_tasks"], config.fit_tokens, config.seed + collective.rank)
+    plan = {name: list(range(len(model.expert_names))) for name in model.layer_names} if rows is None else rows
+    plan = {name: r for name, r in plan.items() if r and len(model.expert_names) > 1}
+    stats: dict[str, dict] = {}
+
+    def fit(layer: MeteoraLinear, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).index_select(0, picked)  # [N, d_in] this worker's labelled tokens
+        fitted, stats[layer.name] = (solve or solve_gate)(x, labels, layer.meteora_gate, plan[layer.name], config.fit_l2,
+                                                          config.fit_iters, collective)
+        layer.meteora_gate.index_copy_(0, torch.tensor(plan[layer.name], device=fitted.device),
+                                       fitted.to(layer.meteora_gate.device))
+        if on_module is not None:
+            on_module(len(stats), len(plan), layer.name, stats[layer.name])
+
+    hooks = [layer.register_forward_pre_hook(lambda module, args: fit(module, args))
+             for name, layer in model.layers.items() if name in plan]
+    try:
+        model.eval()
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+              use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    tokens = collective.sum_(labels.new_tensor([labels.numel()], dtype=torch.float64)).item()
+    return {"seconds": round(time.perf_counter() - started, 2), "tokens": int(tokens), "modules": stats}
+
+
+def packed_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 row_tokens: int = PACKED_ROW) -> dict[str, torch.Tensor]:
+    """A right-padded gate batch (gate_batch) packed into rows without padding (module docstring): input_ids,
+    position_ids, token_tasks [R, S] and attention_mask [R, 1, S, S] (0 where a query may attend a key, dtype's
+    minimum elsewhere: what transformers' attention adds to its scores). Positions and labels are each item's own,
+    so a forward of it computes what a forward of `batch` does at every labelled token."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    prefix = _shared_prefix(batch, min(lengths))
+    rows: list[list[tuple[int, int]]] = [[]]  # per row: (item, its length past the prefix)
+    for item, length in enumerate(lengths):
+        used = prefix + sum(n for _, n in rows[-1])
+        if rows[-1] and used + length - prefix > row_tokens:
+            rows.append([])
+        rows[-1].append((item, length - prefix))
+    width = max(prefix + sum(n for _, n in row) for row in rows)
+    ids = torch.full((len(rows), width), int(batch["input_ids"][0, 0]))
+    positions = torch.zeros(len(rows), width, dtype=torch.int64)
+    tasks = torch.full((len(rows), width), IGNORE)
+    segment = torch.full((len(rows), width), -1)  # which item a position holds: -1 the prefix, -2 padding
+    for r, row in enumerate(rows):
+        ids[r, :prefix], positions[r, :prefix] = batch["input_ids"][0, :prefix], torch.arange(prefix)
+        start = prefix
+        for item, n in row:
+            ids[r, start:start + n] = batch["input_ids"][item, prefix:prefix + n]
+            tasks[r, start:start + n] = batch["token_tasks"][item, prefix:prefix + n]
+            positions[r, start:start + n] = torch.arange(prefix, prefix + n)
+            segment[r, start:start + n] = item
+            start += n
+        segment[r, start:] = -2
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same = segment[:, :, None] == segment[:, None, :]  # [R, S, S] query and key in one item (or both padding)
+    allowed = causal & (same | (segment[:, None, :] == -1))  # ... or the key in the prefix
+    mask = torch.zeros(len(rows), 1, width, width, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return {"input_ids": ids, "position_ids": positions, "token_tasks": tasks, "attention_mask": mask}
+
+
+def _shared_prefix(batch: dict[str, torch.Tensor], shortest: int) -> int:
+    """The length of the unlabelled token prefix every row shares (0 when one row has a label from its start)."""
+    ids, tasks = batch["input_ids"][:, :shortest], batch["token_tasks"][:, :shortest]
+    shared = (ids == ids[:1]).all(0) & (tasks == IGNORE).all(0)  # [shortest]
+    return int(shared.long().cumprod(0).sum())
+
+
+def _picked_tokens(token_tasks: torch.Tensor, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels [N], flat positions [N]) of the labelled tokens of a [B, S] batch: at most `limit` of them (0: all),
+    drawn at random (seeded), in position order."""
+    flat = token_tasks.flatten()
+    positions = (flat != IGNORE).nonzero().flatten()
+    if 0 < limit < positions.numel():
+        keep = torch.randperm(positions.numel(), generator=torch.Generator().manual_seed(seed))[:limit]
+        positions = positions[keep.sort().values.to(positions.device)]
+    return flat[positions], positions

@@ -1,0 +1,211 @@
+"""Fitting the gates from captured inputs (meteora.training.fitting), on tiny models: each module's solve against
+an independent float64 Newton solver, held rows untouched to the bit, capture under the gates fitted upstream,
+two workers equal to one, and a fitted checkpoint that loads and serves."""
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from meteora import MeteoraModel
+from meteora.prompts import PromptFormat
+from meteora.training import Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, solve_gate
+from meteora.training.fitting import packed_batch
+from suites.tinytasks import char_tokenizer, split_samples
+from tiny import ALL_MODULES, assert_serves, make_adapter, tiny_base
+
+TASKS = {"reverse": 4, "upper": 8, "length": 2}
+CONFIG = GateTrainingConfig(method="fit", fit_samples=12, fit_tokens=0, fit_l2=1e-2, fit_iters=200, composite_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base with the char tokenizer, one random adapter per task, and the tasks' train samples."""
+    root = tmp_path_factory.mktemp("fit-world")
+    tokenizer = char_tokenizer()
+    base = tiny_base(vocab=len(tokenizer), layers=2, hidden=32)
+    targets = {"reverse": ALL_MODULES, "upper": ALL_MODULES, "length": ["q_proj", "v_proj"]}
+    adapters = {task: make_adapter(base, root / task, rank, 2 * rank, targets[task], seed=i)
+                for i, (task, rank) in enumerate(TASKS.items())}
+    samples = [(s, i) for i, task in enumerate(TASKS) for s in split_samples(task, 24, 4, seed=i)[0]]
+    return base, tokenizer, adapters, samples
+
+
+def fused(world, names=tuple(TASKS), seed=0) -> MeteoraModel:
+    base, _, adapters, _ = world
+    return MeteoraModel.from_adapters(copy.deepcopy(base), {n: adapters[n] for n in names}, top_k=2, seed=seed)
+
+
+def newton_reference(x: torch.Tensor, labels: torch.Tensor, experts: int, l2: float) -> tuple[torch.Tensor, float]:
+    """The module's loss, mean CE(G x) + l2 / 2 * ||G * sigma||^2 (sigma [d] the inputs' RMS per feature), minimised
+    over the whole gate in float64 by Newton steps with the analytic Hessian, on the unscaled inputs. (G, its loss)."""
+    x, n, d = x.double(), x.shape[0], x.shape[1]
+    s2 = x.square().mean(0)  # [d] sigma^2
+    onehot = F.one_hot(labels, experts).double()
+
+    def loss(G: torch.Tensor) -> float:
+        return (F.cross_entropy(x @ G.t(), labels) + 0.5 * l2 * (s2 * G.square()).sum()).item()
+
+    G = torch.zeros(experts, d, dtype=torch.float64)
+    for _ in range(30):
+        p = torch.softmax(x @ G.t(), dim=1)  # [N, E]
+        grad = (p - onehot).t() @ x / n + l2 * s2 * G  # [E, d]
+        # H[(e, i), (f, j)] = mean_n (p_e delta_ef - p_e p_f) x_i x_j + l2 s^2 delta
+        cov = torch.einsum("ne,nf->nef", p, p)
+        weights = torch.diag_embed(p) - cov  # [N, E, E]
+        hessian = torch.einsum("nef,ni,nj->eifj", weights, x, x).reshape(experts * d, experts * d) / n
+        hessian += torch.diag((l2 * s2).repeat(experts))
+        G = G - torch.linalg.solve(hessian, grad.flatten()).view(experts, d)
+        if grad.abs().max() < 1e-13:
+            break
+    return G, loss(G)
+
+
+def captured_inputs(model: MeteoraModel, tokenizer, items, module: str, packed: bool = False):
+    """The labelled tokens' inputs of `module` in a forward of `items` under the model's gates as they are now:
+    one right-padded batch, or packed as the fit runs it. ([N, d_in], labels [N])."""
+    batch = gate_batch(tokenizer, items, model.prompt_format)
+    extra = {}
+    if packed:
+        batch = packed_batch(batch)
+        extra = {"position_ids": batch["position_ids"], "use_cache": False}
+    seen = []
+    hook = model.layers[module].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1, **extra)
+    hook.remove()
+    labels = batch["token_tasks"].flatten()
+    keep = labels != -100
+    return seen[0].reshape(-1, seen[0].shape[-1])[keep], labels[keep]
+
+
+def test_a_fitted_gate_is_the_optimum_of_its_convex_loss(world):
+    _, tokenizer, _, samples = world
+    model = fused(world)
+    items = fit_items(samples, CONFIG)
+    module = "model.layers.1.self_attn.o_proj"
+    report = fit_gates(model, tokenizer, items, CONFIG)
+    x, labels = captured_inputs(model, tokenizer, items, module, packed=True)  # what the fit saw (upstream: final)
+    reference, best = newton_reference(x, labels, len(TASKS), CONFIG.fit_l2)
+    fitted = model.layers[module].meteora_gate.double()
+    s2 = x.double().square().mean(0)
+    loss = (F.cross_entropy(x.double() @ fitted.t(), labels) + 0.5 * CONFIG.fit_l2 * (s2 * fitted.square()).sum()).item()
+    gap = loss - best
+    assert 0 <= gap < 1e-6 * best  # the optimum's loss, to fp32's resolution
+    # and the optimum itself: the loss is l2-strongly convex in G * sigma, so ||G * sigma - G* * sigma||^2 <= 2 gap / l2
+    distance = ((fitted - reference) * s2.sqrt()).norm().item()
+    assert distance <= (2 * gap / CONFIG.fit_l2) ** 0.5 + 1e-6
+    assert report["modules"][module]["accuracy"] > 0.5  # the tasks differ, so the classifier learns something
+    assert report["tokens"] == len(labels)
+
+
+def test_a_packed_batch_computes_what_the_padded_batch_does_at_every_labelled_token(world):
+    """Items packed into rows after one shared chat prefix (system prompt computed once a row), each attending to
+    the prefix and itself: the same inputs at every adapted module as the padded batch, in the same order."""
+    _, tokenizer, _, samples = world
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("system: be brief\n{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    model = fused(world)
+    model.prompt_format = PromptFormat("chat")
+    items = fit_items(samples, CONFIG)
+    packed = packed_batch(gate_batch(chat, items, model.prompt_format))
+    prefix = len("system: be brief\nuser: ")
+    assert torch.equal(packed["input_ids"][:, :prefix], packed["input_ids"][:1, :prefix].expand(len(packed["input_ids"]), -1))
+    assert len(packed["input_ids"]) < len(items) / 2  # several items a row
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        padded_x, padded_labels = captured_inputs(model, chat, items, module)
+        packed_x, packed_labels = captured_inputs(model, chat, items, module, packed=True)
+        assert torch.equal(padded_labels, packed_labels)
+        torch.testing.assert_close(packed_x, padded_x, rtol=1e-4, atol=1e-5)
+
+
+def test_solving_some_rows_holds_the_others_bit_identical_and_is_optimal_for_them(world):
+    torch.manual_seed(0)
+    x, labels = torch.randn(300, 16) * 7.0, torch.randint(0, 4, (300,))
+    gate = torch.randn(4, 16) * 0.1
+    rows, stats = solve_gate(x, labels, gate, [1, 3], l2=1e-2, iterations=500)
+    full = gate.clone()
+    full[[1, 3]] = rows
+    assert torch.equal(full[[0, 2]], gate[[0, 2]])
+    s2 = x.square().mean(0)
+    free = full.clone().requires_grad_()
+    loss = F.cross_entropy(x @ free.t(), labels) + 0.5 * 1e-2 * (s2 * free[[1, 3]].square()).sum()
+    loss.backward()
+    assert free.grad[[1, 3]].abs().max() < 1e-4  # stationary in the fitted rows: the optimum of a convex loss
+    assert free.grad[[0, 2]].abs().max() > 1e-3  # but not in the held ones (they were not fitted)
+    assert stats["iterations"] > 0
+
+
+def test_registration_fits_only_new_rows_and_leaves_old_rows_bit_identical(world):
+    _, tokenizer, _, samples = world
+    model = fused(world)
+    before = {name: layer.meteora_gate.detach().clone() for name, layer in model.layers.items()}
+    new = {name: [2] for name in model.layer_names}
+    fit_gates(model, tokenizer, fit_items(samples, CONFIG), CONFIG, rows=new)
+    for name, layer in model.layers.items():
+        assert torch.equal(layer.meteora_gate[:2], before[name][:2])
+        assert not torch.equal(layer.meteora_gate[2], before[name][2])
+
+
+def test_each_module_is_fitted_on_inputs_under_the_gates_fitted_before_it(world):
+    """The inputs a late module was fitted on are those the finished model gives it (every upstream gate fitted),
+    not those of the gates the model started with: refitting it on the final inputs changes nothing."""
+    _, tokenizer, _, samples = world
+    items = fit_items(samples, CONFIG)
+    module = "model.layers.1.mlp.down_proj"
+    model = fused(world)
+    x_start, labels = captured_inputs(model, tokenizer, items, module, packed=True)
+    fit_gates(model, tokenizer, items, CONFIG)
+    x_final, _ = captured_inputs(model, tokenizer, items, module, packed=True)
+    assert not torch.allclose(x_start, x_final, atol=1e-3)  # upstream fitting moved this module's inputs
+    gate = model.layers[module].meteora_gate
+    on_final, _ = solve_gate(x_final, labels, gate, [0, 1, 2], CONFIG.fit_l2, CONFIG.fit_iters)
+    on_start, _ = solve_gate(x_start, labels, gate, [0, 1, 2], CONFIG.fit_l2, CONFIG.fit_iters)
+    torch.testing.assert_close(gate, on_final, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(gate, on_start, rtol=1e-3, atol=1e-4)
+
+
+def _fit_on_rank(rank: int, port: int, world, items, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model = fused(world)
+    fit_gates(model, world[1], items[rank::2], CONFIG, Collective(rank, 2, dist.all_reduce))
+    out[rank] = {name: layer.meteora_gate.detach().clone() for name, layer in model.layers.items()}
+    dist.destroy_process_group()
+
+
+def test_two_workers_fit_the_gates_one_worker_fits(world):
+    _, tokenizer, _, samples = world
+    items = fit_items(samples, CONFIG)
+    alone = fused(world)
+    fit_gates(alone, tokenizer, items, CONFIG)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_fit_on_rank, args=(port, world, items, out), nprocs=2)
+    for name, layer in alone.layers.items():
+        assert torch.equal(out[0][name], out[1][name])  # every worker ends with the same gates
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):  # inputs no gate changes:
+        gate = alone.layers[name].meteora_gate.detach()  # the same loss, summed in another order (fp32 apart)
+        torch.testing.assert_close(out[0][name], gate, rtol=0, atol=1e-3 * gate.abs().max().item())
+
+
+def test_a_fitted_checkpoint_loads_and_serves(world, tmp_path):
+    base, tokenizer, adapters, samples = world
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    model = MeteoraModel.from_adapters(base_dir, adapters, top_k=2)
+    fit_gates(model, tokenizer, fit_items(samples, CONFIG), CONFIG)
+    model.save_pretrained(tmp_path / "fitted")
+    loaded = MeteoraModel.from_pretrained(tmp_path / "fitted")
+    for name, layer in model.layers.items():
+        assert torch.equal(loaded.layers[name].meteora_gate, layer.meteora_gate)
+    assert_serves(tmp_path / "fitted")
