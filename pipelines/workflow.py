@@ -1,4 +1,4 @@
-"""The adapter workflow as one Ray job: collect -> train the gates -> evaluate -> deploy.
+"""The adapter workflow as one Ray job: collect -> train the gates -> deploy -> evaluate.
 
     python pipelines/workflow.py --manifest M [--config configs/workflow.yaml] [key=value ...]   (train.steps=600 ...)
     ray job submit --address http://HEAD:PORT --working-dir . -- python pipelines/workflow.py --manifest M
@@ -6,15 +6,17 @@
 stage     its inputs (hashed)                                 what it runs
 collect   the manifest's bytes, its objects' tags, the        collect_adapters.collect (Ray tasks)
           registry and its index
-train     the manifest's experts in order (weights, config,  train_gates.train (Ray Train); incremental when the last
-          data, prompt format), the base model, the settings  training, on the same base and settings, had other
-          that change the gates                               experts but shares some with these (adapters added,
-                                                              updated or removed): --init-from its checkpoint,
-                                                              incremental_steps of the steps
-                                                              (incremental_freeze_old: copied rows fixed)
-evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task: tables, plots
+train     the manifest's experts in order (weights, config,  train_gates.train (Ray Train) by train.method; incremental
+          data, prompt format), the base model, the settings  when the last training, on the same base and settings,
+          that change the gates                               had other experts but shares some with these (adapters
+                                                              added, updated or removed): --init-from its checkpoint,
+                                                              copied rows fixed (incremental_freeze_old); the fit
+                                                              fits only the fresh rows, SGD trains incremental_steps
+                                                              of the steps
 deploy    the checkpoint's content, the serving settings      serve.run: a running application is updated in place (new
                                                               replicas start before old ones drain), or started
+evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task: tables, plots
+                                                              (after deploy: it reports on what serves, gates nothing)
 A stage whose inputs hash as at its last success is skipped and says so; its record in
 <work_dir>/workflow_state.json is written only when it succeeds, so a failed run resumes at the failed stage (a
 failed training resumes its Ray Train run from the latest checkpoint). Deploy needs a cluster that outlives the
@@ -199,16 +201,16 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     outputs["train"] = _stage(state, "train", train_key, lambda: _train(config, work, registry, experts, train_key, previous))
     checkpoint = outputs["train"].checkpoint
     content = checkpoint_digest(checkpoint)
-    if config.evaluate.enabled:
-        outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), manifest.digest),
-                                     lambda: _evaluate(manifest, checkpoint, config, work))
-    if config.deploy.enabled and can_deploy:
+    if config.deploy.enabled and can_deploy:  # before the evaluation: it reports on what serves, gates nothing
         if not _app_running(config.deploy.app_name):
             state.forget("deploy")  # recorded, but not running now (a restarted cluster): deploy again
         outputs["deploy"] = _stage(state, "deploy", digest(content, config.deploy.model_dump()),
                                    lambda: _deploy(checkpoint, config.deploy))
     elif config.deploy.enabled:
         print("[deploy] skipped: no long-running Ray cluster to deploy to (set RAY_ADDRESS or use `ray job submit`)")
+    if config.evaluate.enabled:
+        outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), manifest.digest),
+                                     lambda: _evaluate(manifest, checkpoint, config, work))
     return outputs
 
 
@@ -254,9 +256,10 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
         values.update(init_from=previous.checkpoint, steps=steps, freeze_old=config.incremental_freeze_old)
         added = [n for n, sha in experts if (n, sha) not in previous.experts]
         removed = [n for n, sha in previous.experts if (n, sha) not in experts]
-        print(f"[train] incremental from {previous.checkpoint}, {steps} steps: fresh gate rows for {added or 'none'}, "
-              f"rows dropped for {removed or 'none'}{', copied rows frozen' if config.incremental_freeze_old else ''}",
-              flush=True)
+        how = {"fit": "the fresh rows fitted", "sgd": f"{steps} steps", "fit+sgd": f"the fresh rows fitted, {steps} steps"}
+        print(f"[train] incremental from {previous.checkpoint}, {how[settings.training.method]}: fresh gate rows for "
+              f"{added or 'none'}, rows dropped for {removed or 'none'}"
+              f"{', copied rows frozen' if config.incremental_freeze_old else ''}", flush=True)
     run_name = f"gates-{digest(key, values)[:12]}"  # a retry resumes its run; another warm start is another run
     values.update(name=run_name, output=f"{artifacts}/checkpoints/{run_name}")
     started = time.perf_counter()
@@ -265,8 +268,8 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
     outputs = Trained(summary["output"], experts, registry.base_model["fingerprint"], "init_from" in values,
                       summary["train_seconds"], (summary.get("final") or {}).get("eval_routing_accuracy"),
                       settings_digest)
-    return StageResult(outputs, f"checkpoint {outputs.checkpoint} ({summary['steps']} steps, "
-                                f"{outputs.train_seconds} s of training)")
+    how = f"{summary['method']}, {summary['steps']} steps" if summary["steps"] else summary["method"]
+    return StageResult(outputs, f"checkpoint {outputs.checkpoint} ({how}, {outputs.train_seconds} s of training)")
 
 
 def _can_start_from(previous: Trained | None, experts: list[tuple[str, str]], registry: Registry, settings: str) -> bool:

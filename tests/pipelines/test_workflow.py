@@ -97,9 +97,9 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert third["train"].incremental
         grown_model = MeteoraModel.from_pretrained(third["train"].checkpoint)
         assert grown_model.expert_names == ["reverse", "upper", "length"]
-        training = grown_model.training_summary  # by default copied rows frozen, the new expert's data a third of each batch
-        assert training["freeze_old"] is True and training["new_fraction"] == pytest.approx(1 / 3)
-        assert training["steps"] == 5  # incremental_steps: 0.25 of 20
+        training = grown_model.training_summary  # by default copied rows frozen, only the new expert's rows fitted
+        assert training["freeze_old"] is True and training["method"] == "fit" and training["steps"] == 0
+        assert training["fit"]["modules"] == len(grown_model.layer_names)
         first_model = MeteoraModel.from_pretrained(first["train"].checkpoint)
         for name, layer in grown_model.layers.items():  # reverse's and upper's rows as the first run left them
             assert torch.equal(layer.meteora_gate[:2], first_model.layers[name].meteora_gate), name
@@ -120,9 +120,9 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert warm["init_from"] == third["train"].checkpoint and set(warm["experts"].values()) == {"copied"}
         assert_serves(fourth["train"].checkpoint)
 
-        other_lr = every_row.model_copy(update={"train": {**every_row.train, "lr": 0.03},
+        other_l2 = every_row.model_copy(update={"train": {**every_row.train, "fit_l2": 0.03},
                                                 "evaluate": every_row.evaluate.model_copy(update={"enabled": False})})
-        fifth = run(load_manifest(shrunk_manifest), other_lr, can_deploy=False)  # the same experts, another lr
+        fifth = run(load_manifest(shrunk_manifest), other_l2, can_deploy=False)  # the same experts, another L2 weight
         assert stages_said(capsys.readouterr().out)["train"] == "running"
         assert not fifth["train"].incremental and fifth["train"].checkpoint != fourth["train"].checkpoint
     finally:
