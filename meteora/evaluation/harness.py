@@ -82,9 +82,14 @@ def load_benchmark(manifest: Manifest, tasks: list[str] | None = None, samples: 
 
 
 def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites: CompositeSettings = CompositeSettings(),
-             out_dir: str | Path | None = None) -> dict:
+             out_dir: str | Path | None = None, baselines: bool = True) -> dict:
+    """Every variant (module docstring); baselines=False: the checkpoint's MeteoRA rows only (to set beside
+    baselines scored once for several checkpoints of the same experts)."""
+    if not baselines and checkpoint is None:
+        raise ValueError("evaluate(baselines=False) scores a checkpoint's rows: give a checkpoint")
     fused = MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=1, prompt_format=bench.fmt.name)
     variants = {"base": bench.base, **{name: _peft(bench.base, path) for name, path in bench.baselines.items()}}
+    variants = variants if baselines else {}
     if checkpoint is not None:
         experts = [expert.name for expert in read_checkpoint_config(checkpoint).experts]
         missing = sorted(set(bench.eval_sets) - set(experts))  # before any scoring, not after most of it
@@ -96,8 +101,9 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites:
             variants[f"meteora top-{k}"] = model
     per_task = {name: _logged(f"{name}, per task", lambda model=model: accuracy_per_task(
         model, bench.tokenizer, bench.eval_sets, bench.fmt, bench.metrics)) for name, model in variants.items()}
-    per_task["own adapter"] = _logged("own adapter, per task", lambda: _own_accuracy(fused, bench))
-    results = {"per_task": per_task, "composite": _composites(bench, variants, fused, composites),
+    if baselines:
+        per_task["own adapter"] = _logged("own adapter, per task", lambda: _own_accuracy(fused, bench))
+    results = {"per_task": per_task, "composite": _composites(bench, variants, fused, composites, baselines),
                "checkpoint": str(checkpoint) if checkpoint else None, "prompt_format": bench.fmt.name}
     router = variants.get("meteora top-2", variants.get("meteora top-1", fused))
     if checkpoint is not None:
@@ -112,8 +118,10 @@ def evaluate(bench: Benchmark, checkpoint: str | Path | None = None, composites:
     return results
 
 
-def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings: CompositeSettings) -> dict:
-    """{variant: {"n": scores}} on the same composites for every variant."""
+def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings: CompositeSettings,
+                baselines: bool = True) -> dict:
+    """{variant: {"n": scores}} on the same composites for every variant (with baselines: perfect routing and the
+    oracle too)."""
     results: dict[str, dict] = {name: {} for name in variants}
     for n in [n for n in settings.sizes if n <= len(bench.eval_sets)]:
         problems = composite_problems(bench.eval_sets, n, settings.count, bench.fmt)
@@ -130,8 +138,10 @@ def _composites(bench: Benchmark, variants: dict, fused: MeteoraModel, settings:
             if settings.temperature is not None:
                 with routed.configured(temperature=settings.temperature):
                     scored(f"meteora top-2 T={settings.temperature:g}", lambda: composite_scores(routed, *args, shots))
-            scored("perfect routing", lambda: teacher_routed_scores(routed, *args, shots))
-        scored("own adapter", lambda: composite_oracle_scores(fused, *args))
+            if baselines:
+                scored("perfect routing", lambda: teacher_routed_scores(routed, *args, shots))
+        if baselines:
+            scored("own adapter", lambda: composite_oracle_scores(fused, *args))
     return results
 
 
