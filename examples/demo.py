@@ -1,20 +1,23 @@
 """`make demo`: the whole system on this machine, from adapters in an object store to an endpoint on Ray Serve.
 
   1. assets     build the benchmark suite (base model, one PEFT adapter per task, baselines, data; cached):
-                tinytasks (a tiny model trained here; the default) or chattasks (--model smollm2: the real
-                SmolLM2-135M-Instruct, offline from PyPI, its adapters trained on its chat template)
+                smollm2-demo (the default: the real SmolLM2-135M-Instruct, offline from PyPI, 6 chattasks adapters
+                trained on its chat template), smollm2 (all 12 chattasks adapters) or tinytasks (a tiny model
+                trained here, character-level tasks)
   2. publish    copy them into the embedded object store (a local directory; --s3: a loopback S3 server started
                 here) with two manifests: demo.yaml (the first tasks) and more.yaml (the same + 2 more tasks)
   3. cluster    a local Ray head (pipelines/local_cluster.py: free ports, its own process group)
-  4. workflow   pipelines/workflow.py on demo.yaml: collect -> train the gates (2 Ray Train workers) -> evaluate
-                -> deploy on Ray Serve; the table per task and on composites, and the plots
+  4. workflow   pipelines/workflow.py on demo.yaml: collect -> fit the gates (2 Ray Train workers) -> deploy on
+                Ray Serve -> evaluate; the table per task and on composites, and the plots
   5. ask        a composite prompt through the OpenAI-compatible endpoint, its answer routed token by token
-  6. grow       the workflow on more.yaml: the 2 new adapters registered, the gates trained incrementally, the
-                application redeployed in place while a client keeps sending requests (failures counted)
+  6. grow       the workflow on more.yaml while a client keeps asking a new task's question: the 2 new adapters
+                registered, only their gate rows fitted, the application redeployed in place; the seconds until
+                an answer is routed to a new expert, failures counted; the new tasks evaluated
   7. shut down  Serve, the Ray head's process group, the S3 server: everything started here, nothing else
 
-    python examples/demo.py [--model tinytasks|smollm2] [--out demo-output] [--s3] [--steps N] [--eval-samples N]
-tinytasks: 11-23 minutes for the first asset build on 2 cores (by CPU), then about 4 minutes per run.
+    python examples/demo.py [--model smollm2-demo|smollm2|tinytasks] [--out demo-output] [--s3] [--eval-samples N]
+                            [workflow settings, dotted: train.method=sgd train.steps=300 ...]
+smollm2-demo: about 9 minutes for the first asset build on 2 cores, then about 8 minutes per run (README).
 """
 from __future__ import annotations
 
@@ -33,7 +36,6 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # the local cluster uses token auth; read when ray is imported
-import httpx  # noqa: E402
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
@@ -43,15 +45,14 @@ from meteora.store import open_store  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402
 from pipelines.workflow import StageFailed, load_workflow_config, run  # noqa: E402
+from client import keep_asking, new_question  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Suite:
     build: Callable[[], str]  # -> the built manifest's URI
     first: int  # adapters in demo.yaml; more.yaml has them all
-    steps: int  # gate-training steps (the increment trains incremental_steps of them)
     settings: tuple[str, ...]  # workflow settings besides the demo's own
-    question: dict  # what the client asks during the redeploy (a /v1/chat/completions body)
 
 
 def tinytasks() -> str:
@@ -66,13 +67,18 @@ def chattasks() -> str:
     return build()
 
 
+def chattasks_demo() -> str:
+    from suites.chattasks import DEMO, build
+
+    return build(config=DEMO)
+
+
+CHAT = ("train.precision=fast", "train.composite_fraction=0.25")  # as make bench-real
 SUITES = {
-    "tinytasks": Suite(tinytasks, 6, 1000, ("evaluate.composite=[3, 5]", "evaluate.composite_count=16"),
-                       {"messages": [{"role": "user", "content": "reverse: abcd"}]}),
-    "smollm2": Suite(chattasks, 10, 200, ("train.precision=fast", "train.lr=0.01", "train.composite_fraction=0.25",
-                                          "train.batch=16", "evaluate.composite=[3, 5, 10]", "evaluate.composite_count=10",
-                                          "evaluate.composite_temperature=2"),  # 0-shot, as make bench-real
-                     {"messages": [{"role": "user", "content": "2023-07-14"}]}),
+    "smollm2-demo": Suite(chattasks_demo, 4, (*CHAT, "evaluate.composite=[3]", "evaluate.composite_count=10")),
+    "smollm2": Suite(chattasks, 10, (*CHAT, "evaluate.composite=[3, 5, 10]", "evaluate.composite_count=10",
+                                     "evaluate.composite_temperature=2")),
+    "tinytasks": Suite(tinytasks, 6, ("evaluate.composite=[3, 5]", "evaluate.composite_count=16")),
 }
 
 
@@ -150,23 +156,11 @@ def ask_composite(url: str, manifest: Manifest) -> None:
     print("  " + "  ".join(f"{step['token']!r}:{next(iter(step['experts']), '-')}" for step in choice.routing))
 
 
-def keep_asking(url: str, question: dict, stop: threading.Event, outcomes: list) -> None:
-    """A client sending chat completions back to back (during the redeploy)."""
-    while not stop.is_set():
-        try:
-            r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                           json={"model": "meteora", "max_tokens": 8, "temperature": 0, **question})
-            outcomes.append(r.status_code == 200)
-        except httpx.HTTPError:
-            outcomes.append(False)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(SUITES), default="tinytasks")
+    parser.add_argument("--model", choices=sorted(SUITES), default="smollm2-demo")
     parser.add_argument("--out", default="demo-output")
     parser.add_argument("--s3", action="store_true", help="the object store is a loopback S3 server (moto) started here")
-    parser.add_argument("--steps", type=int, default=None, help="gate-training steps (the increment trains 25%% of them)")
     parser.add_argument("--eval-samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("setting", nargs="*", help="more workflow settings (configs/workflow.yaml keys, dotted)")
     args = parser.parse_args()
@@ -193,11 +187,11 @@ def main() -> int:
         ray.init(address=cluster["gcs_address"], logging_config=LOCAL_RAY["logging_config"], log_to_driver=False)
         port = local_cluster.free_ports(1)[0]
         url = f"http://127.0.0.1:{port}"
-        config = load_workflow_config(None, [
-            f"registry={store_uri}/registry", f"work_dir={out}", f"train.steps={args.steps or suite.steps}",
-            "train.cpus_per_worker=0.5", f"evaluate.samples={args.eval_samples}", *suite.settings, f"deploy.http_port={port}",
-            "deploy.deployment={ray_actor_options: {num_cpus: 0.5}, num_replicas: 1, max_surge_percent: 100, "
-            "logging_config: {log_level: WARNING}}", *args.setting])
+        settings = [f"registry={store_uri}/registry", f"work_dir={out}", "train.cpus_per_worker=0.5",
+                    f"evaluate.samples={args.eval_samples}", *suite.settings, f"deploy.http_port={port}",
+                    "deploy.deployment={ray_actor_options: {num_cpus: 0.5}, num_replicas: 1, max_surge_percent: 100, "
+                    "logging_config: {log_level: WARNING}}", *args.setting]
+        config = load_workflow_config(None, settings)
         done(started, f"Ray at {cluster['gcs_address']}; Serve will listen on {url}")
 
         started = step(4, f"workflow on {demo_manifest}")
@@ -210,24 +204,30 @@ def main() -> int:
         done(started, "answered")
 
         started = step(6, f"register 2 more adapters: workflow on {more_manifest}, redeploying in place under load")
+        grown = load_manifest(more_manifest)
+        new = [name for name in grown.names if name not in load_manifest(demo_manifest).names]
+        expert, question = new_question(grown, new[0])
+        print(f"a client keeps asking {expert}'s question {question['messages'][0]['content']!r}", flush=True)
         stop, outcomes = threading.Event(), []
-        client = threading.Thread(target=keep_asking, args=(url, suite.question, stop, outcomes))
+        client = threading.Thread(target=keep_asking, args=(url, question, expert, stop, outcomes))
         client.start()
-        try:
-            second = run(load_manifest(more_manifest), config, can_deploy=True)
+        try:  # only the new tasks are evaluated: the old ones were, and their gate rows are as they were
+            second = run(grown, load_workflow_config(None, [*settings, f"evaluate.tasks={new}"]), can_deploy=True)
         finally:
             stop.set()
             client.join()
         results = show_evaluation(second)
         print(f"incremental training: {second['train'].train_seconds} s (the first: {first['train'].train_seconds} s)")
         (out / "checkpoint").symlink_to(second["train"].checkpoint)  # what `serve run configs/serve.yaml` serves
-        failed = outcomes.count(False)
+        failed = sum(not ok for _, ok, _ in outcomes)
+        routed = next((round(at) for at, _, to_new in outcomes if to_new), None)
         summary = {"seconds": round(time.perf_counter() - began), "redeploy_requests": len(outcomes),
-                   "redeploy_failed": failed, "results": results,
+                   "redeploy_failed": failed, "first_routed_to_new_expert_s": routed, "results": results,
                    **{name: {stage: dataclasses.asdict(out) for stage, out in outputs.items()}
                       for name, outputs in (("first", first), ("second", second))}}
         (out / "demo_results.json").write_text(json.dumps(summary, indent=2, default=str))
-        done(started, f"redeploy in place: {len(outcomes)} requests during the update, {failed} failed")
+        done(started, f"redeploy in place: {len(outcomes)} requests during the update, {failed} failed; the first answer "
+                      f"routed to {expert} {routed} s after the workflow started")
     except StageFailed as error:
         print(f"\ndemo failed: {error}", file=sys.stderr)
         return 1

@@ -8,8 +8,8 @@ format, with one PEFT adapter per task and the paper's baselines, built here and
     jobs.py     the build's jobs (an adapter, a baseline, a measurement), run in worker processes
     build.py    building (or finding) the assets
 """
-from .build import RECIPES, ChatTasksConfig, Recipe, build
+from .build import DEMO, RECIPES, ChatTasksConfig, Recipe, build
 from .smollm2 import smollm2_files
 from .tasks import TASKS, split_samples
 
-__all__ = ["RECIPES", "TASKS", "ChatTasksConfig", "Recipe", "build", "smollm2_files", "split_samples"]
+__all__ = ["DEMO", "RECIPES", "TASKS", "ChatTasksConfig", "Recipe", "build", "smollm2_files", "split_samples"]
