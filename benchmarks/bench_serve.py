@@ -42,14 +42,15 @@ OUT = ROOT / "benchmarks" / "results" / "serve"
 
 
 def checkpoint_for_bench(given: str | None) -> str:
-    """The checkpoint to serve: the one given, else gates trained here briefly with pipelines/train_gates."""
+    """The checkpoint to serve: the one given, else gates trained here with pipelines/train_gates (the loop, as
+    when the results were measured)."""
     if given:
         return given
     storage = ROOT / "benchmarks" / "results" / ".ray_results"
     existing = storage / "serve-bench" / "meteora"
     if not (existing / "meteora_config.json").is_file():
-        overrides = {"registry": embedded_registry(), "storage_path": str(storage), "name": "serve-bench", "steps": 300,
-                     "num_workers": 2, "checkpoint_every": 100}
+        overrides = {"registry": embedded_registry(), "storage_path": str(storage), "name": "serve-bench", "method": "sgd",
+                     "steps": 300, "num_workers": 2, "checkpoint_every": 100}
         train(load_train_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()]))
     return str(existing)
 

@@ -1,4 +1,4 @@
-"""Gate training with Ray Train on the embedded tinytasks benchmark: quality, incremental training, scaling.
+"""The SGD loop (method=sgd) with Ray Train on the embedded tinytasks benchmark: quality, incremental training, scaling.
 
 One run, on a local Ray started here, every training through pipelines/train_gates.train:
   full         all 8 adapters, `--workers` workers, `--steps` steps -> evaluated by the harness: per task
@@ -39,7 +39,7 @@ from suites.tinytasks import build  # noqa: E402
 
 def run(args, storage: str, registry: str, name: str, **settings) -> tuple[dict, float]:
     values = {"registry": registry, "storage_path": storage, "name": f"{name}-{uuid.uuid4().hex[:6]}",
-              "num_workers": args.workers, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+              "method": "sgd", "num_workers": args.workers, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "composite_fraction": args.composite_fraction, "checkpoint_every": max(1, args.steps // 10), **settings}
     started = time.perf_counter()
     summary = train(load_train_config(None, [f"{key}={json.dumps(value)}" for key, value in values.items()]))

@@ -4,7 +4,7 @@ Every worker builds the same MeteoraModel (base + experts frozen, the gates star
 broadcast from rank 0) and runs meteora.training.GateTrainer on its own share of the registry's task data:
   fit       each worker runs its share of the calibration items forward; at every module the gate's loss and
             gradient are summed over the workers (all-reduce), so all fit the same gate; rank 0 leaves a
-            progress record every few modules. In fit+sgd a checkpoint follows, so a restart does not fit again.
+            progress record at most every 5 s. In fit+sgd a checkpoint follows, so a restart does not fit again.
   sgd       the gate gradients averaged with the others after every backward (one all-reduce of the flattened
             gate gradients; the frozen base is never broadcast or reduced). At every record all workers report
             (a barrier) and rank 0 saves the gates + Adam state; a restarted worker group resumes from the latest
@@ -90,8 +90,9 @@ def progress_line(record: dict, steps: int) -> str:
     if record.get("stage") == "fit":
         if "done" in record:  # a module's fit
             return f"fit {record['done']:>4}/{record['modules']} modules  {record['module']}  accuracy {record['accuracy']:.3f}"
+        fitted = f"mean fit accuracy {record['fit_accuracy']:.3f}, " if record["modules"] else "nothing to fit; "
         return (f"fit done: {record['modules']} modules in {record['seconds']:.0f} s on {record['tokens']} labelled tokens; "
-                f"mean fit accuracy {record['fit_accuracy']:.3f}, routing on eval responses {record['eval_routing_accuracy']:.3f}")
+                f"{fitted}routing on eval responses {record['eval_routing_accuracy']:.3f}")
     return (f"step {record['step']:>6}/{steps}  loss {record['loss']:.4f}  lm {record['lm_loss']:.4f}  "
             f"gate {record['gate_loss']:.4f}  routing train {record['routing_accuracy']:.3f} "
             f"eval {record['eval_routing_accuracy']:.3f}  {record['tokens_per_s_per_worker']:.0f} tok/s/worker")

@@ -22,6 +22,8 @@ from .common import ROOT, Uri, load_config
 DEFAULT_CONFIG = ROOT / "configs" / "train_gates.yaml"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TRAINING_KEYS = {f.name for f in dataclasses.fields(GateTrainingConfig)}
+LOOP_KEYS = {"steps", "batch", "lr", "gate_weight", "exclude_prompt", "new_fraction"}  # read by the SGD loop only
+FIT_KEYS = {key for key in TRAINING_KEYS if key.startswith("fit_")}  # read by the fit only
 
 
 class TrainGatesConfig(BaseModel):
@@ -70,11 +72,13 @@ class TrainGatesConfig(BaseModel):
 
     def run_settings(self) -> dict:
         """The settings that change the gates a run trains: all of `training` but what only watches it
-        (checkpoint_every, eval_samples), and the precision (with use_gpu, which "auto" resolves by). A resumed
-        run must share them, whatever its workers."""
-        watching = {"checkpoint_every", "eval_samples"}
+        (checkpoint_every, eval_samples) and what the method does not read (the loop's keys for a fit, the fit's for
+        the loop), and the precision (with use_gpu, which "auto" resolves by). A resumed run must share them,
+        whatever its workers."""
+        unread = {"fit": LOOP_KEYS, "sgd": FIT_KEYS, "fit+sgd": set()}[self.training.method]
+        ignored = {"checkpoint_every", "eval_samples", *unread}
         precision = {"precision": self.precision, **({"use_gpu": self.use_gpu} if self.precision == "auto" else {})}
-        return {**{k: v for k, v in dataclasses.asdict(self.training).items() if k not in watching}, **precision}
+        return {**{k: v for k, v in dataclasses.asdict(self.training).items() if k not in ignored}, **precision}
 
     def run_fingerprint(self, experts: list[tuple]) -> str:
         """What a resumed run must share with the run it resumes: the experts (name, sha256, what the gates learn

@@ -186,8 +186,9 @@ def _storage_location(storage: str) -> tuple[str, S3FileSystem | None]:
 def print_training_summary(summary: dict, wall_seconds: float) -> None:
     final, fit, nan = summary.get("final") or {}, summary.get("fit"), float("nan")
     if fit:
+        accuracy = f"; mean fit accuracy {fit['fit_accuracy']:.3f}" if fit["modules"] else ""
         print(f"gates fitted: {fit['modules']} modules on {fit['tokens']} labelled tokens in {fit['seconds']:.0f} s "
-              f"({summary['num_workers']} worker(s)); mean fit accuracy {fit['fit_accuracy']:.3f}")
+              f"({summary['num_workers']} worker(s)){accuracy}")
     if summary["steps"]:
         print(f"gates trained: {summary['steps']} steps x {summary['batch']} samples on {summary['num_workers']} worker(s); "
               f"final loss {final.get('loss', nan):.4f} (lm {final.get('lm_loss', nan):.4f}, "

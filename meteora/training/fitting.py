@@ -7,8 +7,8 @@ multinomial logistic regression, and so is fitting some of its rows with the oth
 constants). A module's inputs depend only on the gates before it, so one forward pass fits them all, as GPTQ
 calibrates a model layer by layer: when the forward reaches an adapted module, the module's inputs at the
 labelled tokens are captured, its gate is fitted, and the forward goes on through the fitted gate, so every
-later module is fitted on the inputs it will see at inference (not those of perfect routing: those fit a gate
-that routes worse, gate-fitting.md in the project's notes).
+later module is fitted on the inputs it will see at inference (not those of perfect routing, which fit gates that
+route worse: a prototype measured 0.82 against 0.97 on eval responses).
 
 Per module, over every worker's tokens (x_i, task y_i), with sigma_j the RMS of input feature j:
     minimise over G[rows]   mean_i CE(G x_i, y_i) + l2 / 2 * || G[rows] * sigma ||^2
@@ -17,14 +17,16 @@ matters: a few hidden dimensions carry most of a residual stream's norm, and a p
 starves the informative rest (on chattasks, eval-response accuracy at mid layers 0.87 with the norm, 0.99 per
 feature). Without the L2 term separable data would drive the logits to infinity and top-2's second weight to 0.
 Each worker sums the loss and gradient of its own tokens and one all-reduce adds them, so every worker takes
-the same steps and ends with the same gate. Only the fitted rows are written back: held rows stay bit-identical
+the same steps and ends with the same gate (L-BFGS decides locally how often to evaluate: the workers must round
+alike, as the same build of torch on one kind of machine does). Only the fitted rows are written back: held rows stay bit-identical
 (registration fits only the new experts' rows).
 
 The calibration items run as one batch packed without padding (packed_batch): rows of about PACKED_ROW tokens,
 each starting with the prefix every item shares (a chat template's system prompt, computed once a row), then
 items one after the other, each attending to that prefix and to itself, at the positions it has alone; on
 chattasks 4x fewer token positions than one right-padded batch. Memory: a worker's tokens at one layer at a
-time (as any layer-wise calibration holds them), and one module's captured inputs, at most fit_tokens of them.
+time (as any layer-wise calibration holds them), and one module's captured inputs, at most fit_tokens of them;
+rows are as wide as the longest, so an item far longer than PACKED_ROW widens them all (and the mask, R x W^2).
 """
 from __future__ import annotations
 
@@ -91,11 +93,15 @@ def solve_gate(x: torch.Tensor, labels: torch.Tensor, gate: torch.Tensor, rows: 
 
     optimizer = torch.optim.LBFGS([weights], lr=1.0, max_iter=iterations, history_size=10, tolerance_grad=1e-6,
                                   tolerance_change=1e-9, line_search_fn="strong_wolfe")
-    loss = optimizer.step(closure)
-    with torch.no_grad():
-        right = collective.sum_((logits(weights).argmax(-1) == labels).sum().double().view(1))
+    optimizer.step(closure)
+    with torch.no_grad():  # at the fitted rows (what L-BFGS returns is the loss it started from)
+        final = logits(weights)
+        loss_right = torch.stack([F.cross_entropy(final, labels, reduction="sum").double(),
+                                  (final.argmax(-1) == labels).sum().double()])
+        loss_sum, right = collective.sum_(loss_right).tolist()
+    loss = loss_sum / count + 0.5 * l2 * weights.detach().square().sum().item()
     steps = optimizer.state[weights].get("n_iter", 0)
-    return (weights.detach() / sigma), {"accuracy": right.item() / count, "loss": float(loss), "iterations": steps,
+    return (weights.detach() / sigma), {"accuracy": right / count, "loss": loss, "iterations": steps,
                                         "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -109,13 +115,16 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
     a module's rows from its captured inputs, with solve_gate's signature and result (benchmarks compare some).
     Returns {seconds, tokens (labelled, every worker), modules: {module: stats}}."""
     started = time.perf_counter()
+    plan = {name: list(range(len(model.expert_names))) for name in model.layer_names} if rows is None else rows
+    plan = {name: r for name, r in plan.items() if r and len(model.expert_names) > 1}
+    if not plan:  # nothing to fit (one expert, or only removed experts): no forward pass
+        return {"seconds": 0.0, "tokens": 0, "modules": {}}
     if not items:
-        raise ValueError("fit_gates needs at least one calibration item on every worker")
+        raise ValueError("fit_gates needs at least one calibration item on every worker: fewer workers, or more "
+                         "fit_samples")
     dtype = model.base_model.get_input_embeddings().weight.dtype
     batch = to_device(packed_batch(gate_batch(tokenizer, items, model.prompt_format), dtype), model.device)
     labels, picked = _picked_tokens(batch["token_tasks"], config.fit_tokens, config.seed + collective.rank)
-    plan = {name: list(range(len(model.expert_names))) for name in model.layer_names} if rows is None else rows
-    plan = {name: r for name, r in plan.items() if r and len(model.expert_names) > 1}
     stats: dict[str, dict] = {}
 
     def fit(layer: MeteoraLinear, args: tuple) -> None:

@@ -70,7 +70,7 @@ class GateTrainer:
         modules = report.pop("modules")
         accuracy = [m["accuracy"] for m in modules.values()]
         record = {"step": 0, "stage": "fit", **report, "modules": len(modules),
-                  "fit_accuracy": sum(accuracy) / len(accuracy) if accuracy else float("nan"),
+                  "fit_accuracy": sum(accuracy) / len(accuracy) if accuracy else None,
                   "eval_routing_accuracy": self._eval_routing(evaluation)}
         self.state.update(fit={**record, "per_module": modules}, history=self.state.get("history", []) + [record],
                           train_seconds=self.state.get("train_seconds", 0.0) + report["seconds"])
@@ -144,10 +144,10 @@ class GateTrainer:
                 "samples_per_s": len(window) * self.config.batch / seconds, "lr": learning_rate(self.step, self.config)}
 
     def summary(self) -> dict:
-        """What the checkpoint's training summary records of the method."""
-        history, seconds = self.state.get("history", []), self.state.get("train_seconds", 0.0)
-        steps = 0 if self.config.method == "fit" else self.config.steps
-        return {"method": self.config.method, "steps": steps, "batch": self.config.batch, "lr": self.config.lr,
+        """What the checkpoint's training summary records of what ran: the fit, the loop, or both."""
+        history, seconds, steps = self.state.get("history", []), self.state.get("train_seconds", 0.0), self.step
+        method = "+".join([m for m, ran in (("fit", self.fitted), ("sgd", steps > 0)) if ran]) or "none"
+        return {"method": method, "steps": steps, "batch": self.config.batch, "lr": self.config.lr,
                 "gate_weight": self.config.gate_weight, "exclude_prompt": self.config.exclude_prompt,
                 "seed": self.config.seed, "freeze_old": self.config.freeze_old, "new_fraction": self.new_fraction,
                 "train_seconds": round(seconds, 2),

@@ -100,9 +100,20 @@ def test_two_workers_fit_the_gates_and_sgd_goes_on_from_the_fit(registry, tmp_pa
     assert lines and lines[-1].startswith("fit done: ")  # the driver prints the workers' progress
 
     both = train(load_train_config(None, settings(registry, tmp_path, "fit-sgd", method="fit+sgd", fit_samples=16, steps=20)))
-    assert history_steps(both) == [0, 10, 20] and both["history"][0]["stage"] == "fit"
-    assert both["history"][0]["eval_routing_accuracy"] == fit["eval_routing_accuracy"]  # the same fit, then the loop
+    assert both["method"] == "fit+sgd" and history_steps(both) == [0, 10, 20] and both["history"][0]["stage"] == "fit"
+    assert both["history"][0]["eval_routing_accuracy"] == pytest.approx(fit["eval_routing_accuracy"], abs=0.005)  # the same fit
     assert both["train_seconds"] > both["fit"]["seconds"]
+
+
+def test_a_run_depends_on_the_settings_its_method_reads(registry, tmp_path):
+    experts = [(name, "sha") for name in TASKS]
+
+    def fingerprint(method, **extra):
+        return load_train_config(None, settings(registry, tmp_path, "m", method=method, **extra)).run_fingerprint(experts)
+
+    assert fingerprint("fit") == fingerprint("fit", lr=0.5, steps=7) != fingerprint("fit", fit_l2=0.5)
+    assert fingerprint("sgd") == fingerprint("sgd", fit_l2=0.5) != fingerprint("sgd", lr=0.5)
+    assert fingerprint("fit+sgd", lr=0.5) != fingerprint("fit+sgd") != fingerprint("fit+sgd", fit_l2=0.5)
 
 
 def _descendant_train_workers() -> list[psutil.Process]:

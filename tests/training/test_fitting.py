@@ -114,9 +114,11 @@ def test_a_packed_batch_computes_what_the_padded_batch_does_at_every_labelled_to
     model.prompt_format = PromptFormat("chat")
     items = fit_items(samples, CONFIG)
     packed = packed_batch(gate_batch(chat, items, model.prompt_format))
-    prefix = len("system: be brief\nuser: ")
+    prefix = len("system: be brief\nuser: ")  # the scaffolding every item starts with: once a row
     assert torch.equal(packed["input_ids"][:, :prefix], packed["input_ids"][:1, :prefix].expand(len(packed["input_ids"]), -1))
     assert len(packed["input_ids"]) < len(items) / 2  # several items a row
+    starts = (packed["position_ids"] == prefix).sum(1)  # each item goes on from the shared prefix's positions
+    assert int(starts.sum()) == len(items) and int(starts.min()) >= 2
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         padded_x, padded_labels = captured_inputs(model, chat, items, module)
         packed_x, packed_labels = captured_inputs(model, chat, items, module, packed=True)
@@ -150,6 +152,15 @@ def test_registration_fits_only_new_rows_and_leaves_old_rows_bit_identical(world
     for name, layer in model.layers.items():
         assert torch.equal(layer.meteora_gate[:2], before[name][:2])
         assert not torch.equal(layer.meteora_gate[2], before[name][2])
+
+
+def test_nothing_to_fit_runs_no_forward_pass(world):
+    _, tokenizer, _, _ = world
+    model = fused(world)
+    before = {name: layer.meteora_gate.detach().clone() for name, layer in model.layers.items()}
+    report = fit_gates(model, tokenizer, [], CONFIG, rows={name: [] for name in model.layer_names})  # experts removed
+    assert report == {"seconds": 0.0, "tokens": 0, "modules": {}}
+    assert all(torch.equal(layer.meteora_gate, before[name]) for name, layer in model.layers.items())
 
 
 def test_each_module_is_fitted_on_inputs_under_the_gates_fitted_before_it(world):
