@@ -1,23 +1,25 @@
 """The real-model benchmark: chattasks on SmolLM2-135M-Instruct (offline, from PyPI), through the whole pipeline.
 
-One run, on a local Ray started here; every stage through pipelines/workflow.run (collect -> train the gates
-with Ray Train, 2 CPU workers -> evaluate -> deploy on Ray Serve):
+One run, on a local Ray started here; every stage through pipelines/workflow.run (collect -> the gates with Ray
+Train, 2 CPU workers, by --method -> deploy on Ray Serve -> evaluate):
   build      the suite (cached by content; --fresh-cache builds it from nothing): seconds per phase
   first      the first 10 adapters (attention projections): per task and on composite-3/5/10 (the paper's
              protocol: numbered, --shots worked examples): base, own adapter, LoRA-B, merged, MeteoRA top-1 and
              top-2 (composites also at --temperature), perfect routing, the oracle; routing accuracy on eval
              responses; a chat request through the deployed endpoint with the openai client
   increment  +2 adapters on MLP projections (modules no earlier adapter targets), --init-from the first
-             checkpoint, 25% of the steps, redeployed in place: old tasks against the first round, new tasks
-             against their oracle, training time against the first round's
+             checkpoint (the fit: only their rows; SGD: 25% of the steps), redeployed in place while a client keeps
+             asking a new task's question: seconds from the workflow's start to the first answer routed to the new
+             expert, failed requests; old tasks against the first round, new tasks against their oracle,
+             training time against the first round's
   byo        an adapter trained outside the project with plain peft (examples/byo_adapter.py), its JSONL and a
              manifest entry: registered, trained incrementally, evaluated, served and asked through the openai client
   speed      prefill and decode tokens/s, side by side: the base, PEFT with one adapter, MeteoRA (torch backend,
              all 12 experts at their mixed ranks, top-2); decode batch 8 and 1
-  scaling    gate-training samples/s with 1 and with 2 workers
+  scaling    gate training (--method) with 1 and with 2 workers: seconds (and samples/s for SGD)
 Writes benchmarks/results/chattasks/: results.json (with the command and the machine), results.md, plots.
 
-    python benchmarks/bench_chattasks.py [--steps 300] [--lr 0.01] [--samples 30] [--composites 10] [--shots 0]
+    python benchmarks/bench_chattasks.py [--method fit] [--steps 300] [--lr 0.01] [--samples 30] [--composites 10]
 """
 from __future__ import annotations
 
@@ -30,17 +32,19 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "examples")]
 import ray  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from bench_mixture import decode_tokens_per_s, machine, prefill_tokens_per_s  # noqa: E402
+from client import keep_asking, new_question  # noqa: E402
 from meteora import MeteoraModel, load_base_model  # noqa: E402
 from meteora.evaluation import markdown_table  # noqa: E402
 from meteora.registry import load_manifest  # noqa: E402
@@ -114,16 +118,17 @@ def speed(checkpoint: str, adapter: Path, repeats: int, new_tokens: int) -> dict
             "adapted_layers": len(fused.layer_names), "peft_adapter": adapter.name, "samples": samples}
 
 
-def scaling(registry: str, storage: Path, steps: int) -> dict:
-    """Training samples/s of the gates with 1 and with 2 workers (the job's startup excluded)."""
+def scaling(registry: str, storage: Path, method: str, steps: int) -> dict:
+    """Gate training by `method` with 1 and with 2 workers: its seconds (the job's startup excluded), and samples/s
+    of the SGD loop."""
     result = {}
     for workers in (1, 2):
         values = {"registry": registry, "storage_path": str(storage), "name": f"scaling-{workers}-{uuid.uuid4().hex[:6]}",
-                  "num_workers": workers, "cpus_per_worker": 2 / workers, "steps": steps, "batch": 16,
-                  "checkpoint_every": steps, "eval_samples": 0}
+                  "method": method, "num_workers": workers, "cpus_per_worker": 2 / workers, "steps": steps, "batch": 16,
+                  "checkpoint_every": steps, "eval_samples": 0, "composite_fraction": 0.25}
         summary = train(load_train_config(None, [f"{k}={v}" for k, v in values.items()]))
         result[f"workers_{workers}"] = {"samples_per_s": summary["samples_per_s"], "train_seconds": summary["train_seconds"]}
-    result["speedup"] = round(result["workers_2"]["samples_per_s"] / result["workers_1"]["samples_per_s"], 3)
+    result["speedup"] = round(result["workers_1"]["train_seconds"] / result["workers_2"]["train_seconds"], 3)
     return result
 
 
@@ -134,7 +139,8 @@ def mean(values) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="gate-training steps of the first registration")
+    parser.add_argument("--method", default="fit", choices=("fit", "sgd", "fit+sgd"), help="how the gates learn")
+    parser.add_argument("--steps", type=int, default=300, help="SGD steps of the first registration (sgd, fit+sgd)")
     parser.add_argument("--lr", type=float, default=0.01, help="the gates' learning rate (0.005 before 2026-12-04)")
     parser.add_argument("--composite-fraction", type=float, default=0.25, help="share of gate-training items that are composites")
     parser.add_argument("--samples", type=int, default=30, help="eval samples per task")
@@ -167,7 +173,8 @@ def main() -> None:
 
     ray.init(**LOCAL_RAY)
     port = free_ports(1)[0]
-    common = [f"registry={work / 'registry'}", f"work_dir={work}", f"train.steps={args.steps}", "train.batch=16",
+    common = [f"registry={work / 'registry'}", f"work_dir={work}", f"train.method={args.method}",
+              f"train.steps={args.steps}", "train.batch=16",
               f"train.lr={args.lr}", "train.cpus_per_worker=1", "train.precision=fast",
               f"train.composite_fraction={args.composite_fraction}",
               "incremental_steps=0.25",  # the increment's target is <= 30% of the first training's time, startup included
@@ -184,8 +191,22 @@ def main() -> None:
     print(markdown_table(result["first"]["evaluation"]["per_task"], result["first"]["evaluation"]["composite"]), flush=True)
 
     config = load_workflow_config(None, [*common, "evaluate.composite=[]"])
-    more = run(load_manifest(paths["more"]), config, can_deploy=True)
-    result["increment"] = {"outputs": {k: dataclasses.asdict(v) for k, v in more.items()}, "evaluation": evaluation(more)}
+    grown = load_manifest(paths["more"])
+    expert, question = new_question(grown, grown.names[FIRST])
+    stop, outcomes = threading.Event(), []
+    client = threading.Thread(target=keep_asking, args=(f"http://127.0.0.1:{port}", question, expert, stop, outcomes))
+    client.start()
+    try:  # the client asks while the new adapters are registered and deployed; then the evaluation runs alone
+        run(grown, config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"enabled": False})}),
+            can_deploy=True)
+    finally:
+        stop.set()
+        client.join()
+    more = run(grown, config, can_deploy=True)
+    result["increment"] = {"outputs": {k: dataclasses.asdict(v) for k, v in more.items()}, "evaluation": evaluation(more),
+                           "client": {"asked": question, "expert": expert, "requests": len(outcomes),
+                                      "failed": sum(not ok for _, ok, _ in outcomes),
+                                      "first_routed_to_new_expert_s": next((round(at, 1) for at, _, new in outcomes if new), None)}}
 
     if not args.no_byo:
         result["byo"] = bring_your_own(built, work, config, port)
@@ -195,7 +216,7 @@ def main() -> None:
     serve.shutdown()
     adapter = Path(load_manifest(paths["first"]).adapters[0].uri)
     result["speed"] = speed(more["train"].checkpoint, adapter, repeats=3, new_tokens=32)
-    result["scaling"] = scaling(str(work / "registry"), work / "scaling-runs", steps=20)
+    result["scaling"] = scaling(str(work / "registry"), work / "scaling-runs", args.method, steps=20)
     ray.shutdown()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -249,12 +270,13 @@ def summarize(result: dict) -> dict:
             "new_over_oracle": {t: round(more["per_task"]["meteora top-2"][t] / max(more["per_task"]["own adapter"][t], 1e-9), 3)
                                 for t in new},
             "time_ratio": round(result["increment"]["outputs"]["train"]["train_seconds"] / first_seconds, 3),
+            "client": result["increment"]["client"],
         },
         "byo": {"top2": result["byo"]["evaluation"]["per_task"]["meteora top-2"].get("acronym"),
                 "own_adapter": result["byo"]["evaluation"]["per_task"]["own adapter"].get("acronym"),
                 "asked": result["byo"]["asked"]} if "byo" in result else None,
         "speed_ratio_to_peft": result["speed"]["ratio_to_peft_one_adapter"]["meteora_torch_top2"],
-        "gate_training_samples_per_s": result["scaling"],
+        "gate_training_scaling": result["scaling"],
         "build_seconds": result["build"]["report"]["seconds"],
     }
 

@@ -1,9 +1,9 @@
 """Fitted gates against the paper's SGD loop on the real model (chattasks on SmolLM2-135M-Instruct), side by side
 in one run: one registry, one evaluation.
 
-  methods       the first 10 adapters, with 2 Ray Train workers: sgd (bench-real's recipe: --sgd-steps x 16, lr 0.01,
-                a quarter composites), fit, and fit+sgd (the fit, then --refine-steps of the loop); the fit also with
-                1 worker. Wall time of the training and of the whole job, peak memory of a worker, routing accuracy
+  methods       the first 10 adapters: fit and fit+sgd (the fit, then --refine-steps of the loop) with 2 Ray Train
+                workers, the fit also with 1; sgd (bench-real's recipe: --sgd-steps x 16, lr 0.01, a quarter
+                composites) with 1 worker of 2 CPUs (2 workers of the loop do not fit in this machine's memory). Wall time of the training and of the whole job, peak memory of a worker, routing accuracy
                 on eval responses, per task MeteoRA top-1 / top-2 and composite-3/5/10 (--composites per n). The
                 fit's evaluation also scores the baselines (base, own adapters, LoRA-B, merged, perfect routing).
   registration  +2 adapters on MLP projections (modules no first adapter targets) from the fit's checkpoint: only
@@ -39,7 +39,7 @@ from meteora import MeteoraModel, load_tokenizer  # noqa: E402
 from meteora.evaluation import CompositeSettings, accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
 from meteora.registry import Registry, load_manifest  # noqa: E402
 from meteora.training import (GateTrainingConfig, fit_gates, fit_items, init_gates_from, registry_samples,  # noqa: E402
-                              response_routing_accuracy, shuffled, solve_gate)
+                              response_routing_accuracy, shuffled, solve_gates)
 from pipelines.collect_adapters import collect  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402
@@ -125,31 +125,36 @@ def scaled_rows(directions: torch.Tensor, x: torch.Tensor, labels: torch.Tensor,
 NO_STATS = {"accuracy": float("nan"), "iterations": 0, "seconds": 0.0}
 
 
-def class_means_solver(x, labels, gate, rows, l2, iterations, collective):
-    """Each fresh row: its task's mean input minus the other tasks' (0 for a task with no tokens here)."""
-    x = x.float()
-    directions = torch.stack([x[labels == row].mean(0) - x[labels != row].mean(0) if (labels == row).any()
-                              else torch.zeros(x.shape[1]) for row in rows])
-    return scaled_rows(directions, x, labels, gate, list(rows)), NO_STATS
+def per_gate(direction_rule):
+    """A solver with solve_gates' signature from direction_rule(x, labels, gate, row) -> [d_in]: each fresh row that
+    direction, its sign and scale fitted from the data (scaled_rows)."""
+    def solve(x, labels, gates, rows, l2, iterations, collective):
+        x = x.float()
+        fitted = [scaled_rows(torch.stack([direction_rule(x, labels, gate, row) for row in r]), x, labels, gate, list(r))
+                  for gate, r in zip(gates, rows)]
+        return fitted, [NO_STATS] * len(gates)
+
+    return solve
 
 
-def arrow_solver(model: MeteoraModel):
+def class_mean_difference(x, labels, gate, row) -> torch.Tensor:
+    """The row's task's mean input minus the other tasks' (0 for a task with no tokens here)."""
+    own = labels == row
+    return x[own].mean(0) - x[~own].mean(0) if own.any() else torch.zeros(x.shape[1])
+
+
+def arrow_prototype(model: MeteoraModel):
     """Arrow's prototype: the top right singular vector of the expert's B A at this module; 0 where the expert has
     no factors (Arrow has no vector there)."""
     layers = {layer.meteora_gate.data_ptr(): layer for layer in model.layers.values()}
 
-    def solve(x, labels, gate, rows, l2, iterations, collective):
-        layer, directions = layers[gate.data_ptr()], []
-        for row in rows:
-            A, B_t = layer.meteora_experts.expert(row)  # [r, d_in], [r, d_out] (scaling folded in)
-            if A.shape[0] == 0:
-                directions.append(torch.zeros(x.shape[1]))
-                continue
-            _, _, vh = torch.linalg.svd(B_t.float().t() @ A.float(), full_matrices=False)  # B A = U S V^T
-            directions.append(vh[0])
-        return scaled_rows(torch.stack(directions), x, labels, gate, list(rows)), NO_STATS
+    def direction(x, labels, gate, row) -> torch.Tensor:
+        A, B_t = layers[gate.data_ptr()].meteora_experts.expert(row)  # [r, d_in], [r, d_out] (scaling folded in)
+        if A.shape[0] == 0:
+            return torch.zeros(x.shape[1])
+        return torch.linalg.svd(B_t.float().t() @ A.float(), full_matrices=False)[2][0]  # B A = U S V^T: V's first row
 
-    return solve
+    return direction
 
 
 def initialisations(registry: Registry, first_checkpoint: str, names: list[str], samples: int) -> dict:
@@ -166,7 +171,8 @@ def initialisations(registry: Registry, first_checkpoint: str, names: list[str],
         warm = init_gates_from(model, first_checkpoint)  # copied rows, and fresh rows at the old rows' mean
         started = time.perf_counter()
         if how != "mean of old rows":
-            solve = {"class means": class_means_solver, "arrow": arrow_solver(model), "fit": solve_gate}[how]
+            solve = {"class means": per_gate(class_mean_difference), "arrow": per_gate(arrow_prototype(model)),
+                     "fit": solve_gates}[how]
             fit_gates(model, tokenizer, fit_items(train_samples, config), config, rows=warm.fresh_rows(model), solve=solve)
         seconds = time.perf_counter() - started
         top2 = accuracy_per_task(model, tokenizer, eval_sets, model.prompt_format)
@@ -200,21 +206,24 @@ def main() -> None:
     names = Registry(registry).names
     first = names[:FIRST]
 
-    two = {"num_workers": 2, "cpus_per_worker": 1}
-    runs = {
+    two, one = {"num_workers": 2, "cpus_per_worker": 1}, {"num_workers": 1, "cpus_per_worker": 2}
+    runs = {  # the loop runs on 1 worker: with 2, each peaked near 10 GB and this 24 GB machine killed them (NOTES)
         "fit": lambda: train_job(registry, work, "fit", first, method="fit", **two),
-        "fit, 1 worker": lambda: train_job(registry, work, "fit-1", first, method="fit", num_workers=1, cpus_per_worker=2),
+        "fit, 1 worker": lambda: train_job(registry, work, "fit-1", first, method="fit", **one),
         "fit+sgd": lambda: train_job(registry, work, "fit-sgd", first, method="fit+sgd", steps=args.refine_steps, **two),
-        "sgd": lambda: train_job(registry, work, "sgd", first, method="sgd", steps=args.sgd_steps, **two),
+        "sgd": lambda: train_job(registry, work, "sgd-1", first, method="sgd", steps=args.sgd_steps, **one),
     }
-    methods = {name: method_row(stages.run(f"train {name}", action)) for name, action in runs.items()}
-    evaluations = {name: stages.run(f"evaluate {name}", lambda name=name: evaluated(
-        paths["first"], methods[name]["checkpoint"], work / "eval" / name.replace("+", "-"), args.samples, args.composites,
-        baselines=name == "fit")) for name in ("fit", "fit+sgd", "sgd")}
-
+    methods = {name: method_row(stages.run(f"train {name}", runs[name])) for name in ("fit", "fit, 1 worker", "fit+sgd")}
     fitted = methods["fit"]["checkpoint"]
-    grown = stages.run("registration", lambda: method_row(train_job(
+    grown = stages.run("registration", lambda: method_row(train_job(  # the timed stages first, the evaluations after
         registry, work, "registration", names, method="fit", init_from=fitted, freeze_old=True, **two)))
+
+    def evaluation(name: str) -> dict:
+        return stages.run(f"evaluate {name}", lambda: evaluated(
+            paths["first"], methods[name]["checkpoint"], work / "eval" / name.replace("+", "-"), args.samples,
+            args.composites, baselines=name == "fit"))
+
+    evaluations = {name: evaluation(name) for name in ("fit", "fit+sgd")}
     old, new = gates(fitted), gates(grown["checkpoint"])
     held = all(torch.equal(new[k][:FIRST], v) for k, v in old.items())
     new_tasks = stages.run("registration: new tasks", lambda: evaluated(
@@ -222,6 +231,8 @@ def main() -> None:
     old_tasks = {name: stages.run(f"registration: old tasks, {name}", lambda checkpoint=checkpoint: old_task_scores(
         paths["first"], checkpoint, args.old_samples)) for name, checkpoint in (("before", fitted), ("after", grown["checkpoint"]))}
     inits = stages.run("initialisations", lambda: initialisations(Registry(registry), fitted, names, args.samples))
+    methods["sgd"] = method_row(stages.run("train sgd", runs["sgd"]))  # last: an hour
+    evaluations["sgd"] = evaluation("sgd")
     ray.shutdown()
 
     own = evaluations["fit"]["per_task"]["own adapter"]

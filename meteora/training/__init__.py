@@ -15,7 +15,7 @@ from .attention import training_attention
 from .batches import gate_batch, gate_step, registry_samples, response_routing_accuracy
 from .collective import Collective
 from .config import METHODS, GateTrainingConfig
-from .fitting import fit_gates, fit_items, solve_gate
+from .fitting import fit_gates, fit_items, solve_gates
 from .loss import MeteoraLoss, lm_labels, meteora_loss, routing_accuracy, task_labels
 from .sampling import Sample, composite_around, new_share, shard, shuffled, step_samples
 from .state import load_train_state, save_train_state
@@ -25,5 +25,5 @@ from .warm_start import WarmStart, init_gates_from
 __all__ = ["METHODS", "Collective", "GateTrainer", "GateTrainingConfig", "MeteoraLoss", "Sample", "WarmStart",
            "composite_around", "fit_gates", "fit_items", "gate_batch", "gate_step", "init_gates_from", "learning_rate",
            "lm_labels", "load_train_state", "meteora_loss", "new_share", "registry_samples", "response_routing_accuracy",
-           "routing_accuracy", "save_train_state", "shard", "shuffled", "solve_gate", "step_samples", "task_labels",
+           "routing_accuracy", "save_train_state", "shard", "shuffled", "solve_gates", "step_samples", "task_labels",
            "training_attention"]

@@ -29,7 +29,7 @@ class GateTrainingConfig:
     fit_samples: int = 24  # fit: train samples per expert in the calibration items
     fit_tokens: int = 8192  # fit: labelled tokens per module and worker the gate is fitted on (0: all)
     fit_l2: float = 1e-2  # fit: L2 weight on the gate rows, each input feature in units of its RMS
-    fit_iters: int = 50  # fit: L-BFGS iterations per module
+    fit_iters: int = 25  # fit: L-BFGS iterations per module (or per group of modules reading one input)
 
     def __post_init__(self):
         if self.method not in METHODS:

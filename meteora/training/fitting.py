@@ -63,56 +63,72 @@ def fit_items(samples: list[Sample], config: GateTrainingConfig, experts: Sequen
     return items
 
 
-def solve_gate(x: torch.Tensor, labels: torch.Tensor, gate: torch.Tensor, rows: Sequence[int], l2: float,
-               iterations: int, collective: Collective = Collective()) -> tuple[torch.Tensor, dict]:
-    """The rows `rows` of the gate that minimise the module's loss (above) over every worker's tokens; the other
-    rows of `gate` held. x [N, d_in] this worker's inputs, labels [N] expert ids, gate [E, d_in].
-    Returns the fitted rows [len(rows), d_in] fp32 and {accuracy, loss, iterations, seconds} (every worker's tokens)."""
+def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Tensor], rows: Sequence[Sequence[int]],
+                l2: float, iterations: int, collective: Collective = Collective()) -> tuple[list[torch.Tensor], list[dict]]:
+    """For gates whose modules read the same inputs (q, k and v; gate and up), the rows rows[j] of gates[j] that
+    minimise module j's loss (above) over every worker's tokens, its other rows held. The losses are independent,
+    so their sum is minimised as one problem: one L-BFGS, one all-reduce per evaluation, for all of them; the
+    gradient is computed in closed form (softmax minus one-hot), with no autograd graph.
+    x [N, d_in] this worker's inputs, labels [N] expert ids, gates[j] [E, d_in]. Returns per module the fitted rows
+    [len(rows[j]), d_in] fp32 and {accuracy, loss, iterations, seconds} over every worker's tokens."""
     started = time.perf_counter()
-    x, gate, device = x.float(), gate.detach().float(), x.device  # collectives reduce tensors where the inputs are
+    x = x.float()
     totals = collective.sum_(torch.cat([x.square().sum(0), x.new_tensor([x.shape[0]])]).double())
     count = max(totals[-1].item(), 1.0)
     sigma = (totals[:-1] / count).sqrt().float().clamp_min(1e-6)  # [d_in] each feature's RMS
-    xs, rows_index = x / sigma, torch.tensor(list(rows), dtype=torch.int64, device=device)
-    held = torch.ones(gate.shape[0], dtype=torch.bool, device=device)
-    held[rows_index] = False
-    fixed = x.new_zeros(x.shape[0], gate.shape[0])  # [N, E]: the held rows' logits, constants
-    fixed[:, held] = x @ gate[held].t()
-    weights = (gate[rows_index] * sigma).requires_grad_()  # [n_rows, d_in] in the standardised space
+    xs, sizes = x / sigma, [len(r) for r in rows]
+    parts = [_held_logits(x, gate.detach().float(), r) for gate, r in zip(gates, rows)]  # per module (fixed, index)
+    start = torch.cat([gate.detach().float()[index] for gate, (_, index) in zip(gates, parts)])
+    weights = (start * sigma).requires_grad_()  # [R, d_in]: every module's fitted rows, in the standardised space
+    one_hot = F.one_hot(labels, gates[0].shape[0]).float() if labels.numel() else x.new_zeros(0, gates[0].shape[0])
 
-    def logits(w: torch.Tensor) -> torch.Tensor:
-        return fixed.index_copy(1, rows_index, xs @ w.t())  # [N, E]
+    def per_module(w: torch.Tensor) -> list[torch.Tensor]:
+        return [fixed.index_copy(1, index, z) for (fixed, index), z in zip(parts, (xs @ w.t()).split(sizes, 1))]
 
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits(weights), labels, reduction="sum") / count
-        loss.backward()
-        summed = collective.sum_(torch.cat([loss.detach().view(1), weights.grad.flatten()]))
-        weights.grad.copy_(summed[1:].view_as(weights)).add_(weights.detach(), alpha=l2)
+        loss, dz = x.new_zeros(()), []
+        for logits, (_, index) in zip(per_module(weights.detach()), parts):
+            log_p = torch.log_softmax(logits, dim=-1)  # [N, E]
+            loss -= (log_p * one_hot).sum()
+            dz.append((log_p.exp() - one_hot).index_select(1, index))  # d loss / d logits of the fitted rows
+        gradient = torch.cat(dz, 1).t() @ xs  # [R, d_in]
+        summed = collective.sum_(torch.cat([loss.view(1), gradient.flatten()])) / count
+        weights.grad = summed[1:].view_as(weights) + l2 * weights.detach()
         return summed[0] + 0.5 * l2 * weights.detach().square().sum()
 
     optimizer = torch.optim.LBFGS([weights], lr=1.0, max_iter=iterations, history_size=10, tolerance_grad=1e-6,
                                   tolerance_change=1e-9, line_search_fn="strong_wolfe")
     optimizer.step(closure)
-    with torch.no_grad():  # at the fitted rows (what L-BFGS returns is the loss it started from)
-        final = logits(weights)
-        loss_right = torch.stack([F.cross_entropy(final, labels, reduction="sum").double(),
-                                  (final.argmax(-1) == labels).sum().double()])
-        loss_sum, right = collective.sum_(loss_right).tolist()
-    loss = loss_sum / count + 0.5 * l2 * weights.detach().square().sum().item()
+    fitted = weights.detach()
+    with torch.no_grad():  # each module's loss and accuracy at the fitted rows, every worker's tokens
+        scores = [torch.stack([F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()])
+                  for logits in per_module(fitted)]
+        scores = collective.sum_(torch.stack(scores).double()).tolist()
     steps = optimizer.state[weights].get("n_iter", 0)
-    return (weights.detach() / sigma), {"accuracy": right / count, "loss": loss, "iterations": steps,
-                                        "seconds": round(time.perf_counter() - started, 3)}
+    seconds = round((time.perf_counter() - started) / len(gates), 3)  # the group's time, shared among its modules
+    stats = [{"accuracy": right / count, "loss": loss / count + 0.5 * l2 * w.square().sum().item(), "iterations": steps,
+              "seconds": seconds} for (loss, right), w in zip(scores, fitted.split(sizes))]
+    return [w / sigma for w in fitted.split(sizes)], stats
+
+
+def _held_logits(x: torch.Tensor, gate: torch.Tensor, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N, E] logits of the gate's held rows, 0 in the fitted rows' columns; the fitted rows' index)."""
+    index = torch.tensor(list(rows), dtype=torch.int64, device=x.device)
+    held = torch.ones(gate.shape[0], dtype=torch.bool, device=x.device)
+    held[index] = False
+    fixed = x.new_zeros(x.shape[0], gate.shape[0])
+    fixed[:, held] = x @ gate[held].t()
+    return fixed, index
 
 
 @torch.no_grad()
 def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTrainingConfig,
               collective: Collective = Collective(), rows: dict[str, list[int]] | None = None,
-              on_module: Callable[[int, int, str, dict], None] | None = None, solve: Callable = None) -> dict:
+              on_module: Callable[[int, int, str, dict], None] | None = None, solve: Callable = solve_gates) -> dict:
     """Fit the gates of `model` in place from this worker's calibration `items`, in one forward pass (above).
     rows: per module the rows to fit (registration: the new experts'; a module missing from it is left as it is);
     default every row of every gate. on_module(done, total, module, stats) after each fit. solve: another rule for
-    a module's rows from its captured inputs, with solve_gate's signature and result (benchmarks compare some).
+    a module group's rows from their captured inputs, with solve_gates' signature and result (benchmarks compare).
     Returns {seconds, tokens (labelled, every worker), modules: {module: stats}}."""
     started = time.perf_counter()
     plan = {name: list(range(len(model.expert_names))) for name in model.layer_names} if rows is None else rows
@@ -125,19 +141,22 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
     dtype = model.base_model.get_input_embeddings().weight.dtype
     batch = to_device(packed_batch(gate_batch(tokenizer, items, model.prompt_format), dtype), model.device)
     labels, picked = _picked_tokens(batch["token_tasks"], config.fit_tokens, config.seed + collective.rank)
+    groups = _input_groups(model, batch["input_ids"][:1, :2], plan)  # leader -> the modules reading its input
     stats: dict[str, dict] = {}
 
     def fit(layer: MeteoraLinear, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).index_select(0, picked)  # [N, d_in] this worker's labelled tokens
-        fitted, stats[layer.name] = (solve or solve_gate)(x, labels, layer.meteora_gate, plan[layer.name], config.fit_l2,
-                                                          config.fit_iters, collective)
-        layer.meteora_gate.index_copy_(0, torch.tensor(plan[layer.name], device=fitted.device),
-                                       fitted.to(layer.meteora_gate.device))
-        if on_module is not None:
-            on_module(len(stats), len(plan), layer.name, stats[layer.name])
+        members = [model.layers[name] for name in groups[layer.name]]
+        fitted, group_stats = solve(x, labels, [m.meteora_gate for m in members], [plan[m.name] for m in members],
+                                    config.fit_l2, config.fit_iters, collective)
+        for member, rows_fitted, member_stats in zip(members, fitted, group_stats):
+            gate = member.meteora_gate
+            gate.index_copy_(0, torch.tensor(plan[member.name], device=gate.device), rows_fitted.to(gate.device))
+            stats[member.name] = member_stats
+            if on_module is not None:
+                on_module(len(stats), len(plan), member.name, member_stats)
 
-    hooks = [layer.register_forward_pre_hook(lambda module, args: fit(module, args))
-             for name, layer in model.layers.items() if name in plan]
+    hooks = [model.layers[leader].register_forward_pre_hook(lambda module, args: fit(module, args)) for leader in groups]
     try:
         model.eval()
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
@@ -147,6 +166,29 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
             hook.remove()
     tokens = collective.sum_(labels.new_tensor([labels.numel()], dtype=torch.float64)).item()
     return {"seconds": round(time.perf_counter() - started, 2), "tokens": int(tokens), "modules": stats}
+
+
+def _input_groups(model: MeteoraModel, probe: torch.Tensor, plan: dict) -> dict[str, list[str]]:
+    """{first module: every planned module that reads the same input tensor (q, k, v; gate, up)}, found by a forward
+    of a few probe tokens that records which tensor each adapted module is called with, in calling order."""
+    calls: list[tuple[str, torch.Tensor]] = []  # the tensors themselves, kept alive: no two can share an identity
+    hooks = [layer.register_forward_pre_hook(lambda module, args: calls.append((module.name, args[0])))
+             for layer in model.layers.values()]
+    try:
+        model(input_ids=probe, use_cache=False, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    groups: dict[str, list[str]] = {}
+    leader, last_input = None, None
+    for name, tensor in calls:
+        if name not in plan:
+            continue
+        if tensor is not last_input or leader is None:
+            leader = name
+        groups.setdefault(leader, []).append(name)
+        last_input = tensor
+    return groups
 
 
 def packed_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,

@@ -19,9 +19,15 @@ ATTENTION = {"reverse": ["q_proj", "v_proj"], "upper": ["q_proj", "k_proj", "v_p
 MLP = {"length": ["gate_proj", "up_proj", "down_proj"]}
 
 
+@pytest.fixture(scope="module", params=["fit", "sgd"])
+def method(request) -> str:
+    """How the gates learn: the fit fits only the fresh rows, the loop trains only them."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("init-from")
+def world(tmp_path_factory, method):
+    root = tmp_path_factory.mktemp(f"init-from-{method}")
     manifest = write_world(root / "v1", {"reverse": 4, "upper": 8, "length": 2}, targets={**ATTENTION, **MLP})
     assert collect(load_manifest(manifest), str(root / "registry")).committed
     return root
@@ -47,15 +53,16 @@ def earlier_checkpoint(world: Path, experts: list[str]) -> dict:
     return {"output": str(world / "earlier")}
 
 
-def test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint(world):
+def test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint(world, method):
     attention = earlier_checkpoint(world, ["reverse", "upper"])
     old = gates(attention)
     assert all(".self_attn." in module for module in old)  # only attention modules were adapted
 
     # + an expert on the MLP: the attention gates keep reverse's and upper's rows, the MLP gates are new
-    grown = run(world, "mlp", ["reverse", "upper", "length"], init_from=attention["output"], freeze_old="true")
+    grown = run(world, "mlp", ["reverse", "upper", "length"], init_from=attention["output"], freeze_old="true", method=method)
     new = gates(grown)
     warm = grown["warm_start"]
+    assert grown["method"] == method
     assert warm["experts"] == {"reverse": "copied", "upper": "copied", "length": "fresh"}
     assert warm["init_from"] == attention["output"]
     assert {m for m, how in warm["modules"].items() if how == "new"} == {m for m in new if ".mlp." in m} != set()
@@ -66,7 +73,8 @@ def test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint(wo
     # upper updated (same name, new weights): its rows start fresh, the others' are copied
     update = write_world(world / "v2", {"upper": 8}, targets=ATTENTION, seed=1)
     assert [row["status"] for row in collect(load_manifest(update), str(world / "registry")).rows] == ["new version"]
-    updated = run(world, "updated", ["reverse", "upper", "length"], init_from=grown["output"], freeze_old="true")
+    updated = run(world, "updated", ["reverse", "upper", "length"], init_from=grown["output"], freeze_old="true",
+                  method=method)
     assert updated["warm_start"]["experts"] == {"reverse": "copied", "upper": "fresh", "length": "copied"}
     after_update = gates(updated)
     for module, rows in new.items():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from meteora import MeteoraModel
 from meteora.prompts import PromptFormat
-from meteora.training import Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, solve_gate
+from meteora.training import Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, solve_gates
 from meteora.training.fitting import packed_batch
 from suites.tinytasks import char_tokenizer, split_samples
 from tiny import ALL_MODULES, assert_serves, make_adapter, tiny_base
@@ -130,17 +130,45 @@ def test_solving_some_rows_holds_the_others_bit_identical_and_is_optimal_for_the
     torch.manual_seed(0)
     x, labels = torch.randn(300, 16) * 7.0, torch.randint(0, 4, (300,))
     gate = torch.randn(4, 16) * 0.1
-    rows, stats = solve_gate(x, labels, gate, [1, 3], l2=1e-2, iterations=500)
+    [rows], [stats] = solve_gates(x, labels, [gate], [[1, 3]], l2=1e-2, iterations=500)
     full = gate.clone()
     full[[1, 3]] = rows
     assert torch.equal(full[[0, 2]], gate[[0, 2]])
-    s2 = x.square().mean(0)
-    free = full.clone().requires_grad_()
-    loss = F.cross_entropy(x @ free.t(), labels) + 0.5 * 1e-2 * (s2 * free[[1, 3]].square()).sum()
-    loss.backward()
-    assert free.grad[[1, 3]].abs().max() < 1e-4  # stationary in the fitted rows: the optimum of a convex loss
-    assert free.grad[[0, 2]].abs().max() > 1e-3  # but not in the held ones (they were not fitted)
+    def gradient(G: torch.Tensor) -> torch.Tensor:  # of the loss, per row, in units of each input feature's RMS
+        sigma, free = x.square().mean(0).sqrt(), G.clone().requires_grad_()
+        loss = F.cross_entropy(x @ free.t(), labels) + 0.5 * 1e-2 * ((free[[1, 3]] * sigma).square()).sum()
+        loss.backward()
+        return free.grad / sigma
+
+    before, after = gradient(gate).abs().amax(1), gradient(full).abs().amax(1)
+    assert (after[[1, 3]] < 1e-4 * before[[1, 3]].max()).all()  # stationary in the fitted rows: the convex optimum
+    assert (after[[0, 2]] > 1e-2 * before[[0, 2]]).all()  # but not in the held ones (they were not fitted)
     assert stats["iterations"] > 0
+
+
+def test_gates_reading_one_input_are_solved_together_as_each_alone():
+    torch.manual_seed(1)
+    x, labels = torch.randn(400, 16) * 3.0, torch.randint(0, 3, (400,))
+    gates, rows = [torch.randn(3, 16) * 0.1, torch.randn(3, 16) * 0.1], [[0, 1, 2], [2]]
+    together, _ = solve_gates(x, labels, gates, rows, l2=1e-2, iterations=500)
+    for gate, r, fitted in zip(gates, rows, together):
+        [alone], _ = solve_gates(x, labels, [gate], [r], l2=1e-2, iterations=500)
+        torch.testing.assert_close(fitted, alone, rtol=0, atol=1e-3 * alone.abs().max().item())
+
+
+def test_modules_reading_one_input_form_one_group(world):
+    from meteora.training.fitting import _input_groups
+
+    model = fused(world)
+    plan = {name: [0, 1, 2] for name in model.layer_names}
+    groups = _input_groups(model, torch.tensor([[1, 5]]), plan)
+    layer = "model.layers.1"
+    assert groups[f"{layer}.self_attn.q_proj"] == [f"{layer}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
+    assert groups[f"{layer}.self_attn.o_proj"] == [f"{layer}.self_attn.o_proj"]
+    assert groups[f"{layer}.mlp.gate_proj"] == [f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj"]
+    assert sorted(m for group in groups.values() for m in group) == sorted(model.layer_names)
+    without_q = _input_groups(model, torch.tensor([[1, 5]]), {k: v for k, v in plan.items() if not k.endswith("q_proj")})
+    assert without_q[f"{layer}.self_attn.k_proj"] == [f"{layer}.self_attn.k_proj", f"{layer}.self_attn.v_proj"]
 
 
 def test_registration_fits_only_new_rows_and_leaves_old_rows_bit_identical(world):
@@ -175,8 +203,8 @@ def test_each_module_is_fitted_on_inputs_under_the_gates_fitted_before_it(world)
     x_final, _ = captured_inputs(model, tokenizer, items, module, packed=True)
     assert not torch.allclose(x_start, x_final, atol=1e-3)  # upstream fitting moved this module's inputs
     gate = model.layers[module].meteora_gate
-    on_final, _ = solve_gate(x_final, labels, gate, [0, 1, 2], CONFIG.fit_l2, CONFIG.fit_iters)
-    on_start, _ = solve_gate(x_start, labels, gate, [0, 1, 2], CONFIG.fit_l2, CONFIG.fit_iters)
+    [on_final], _ = solve_gates(x_final, labels, [gate], [[0, 1, 2]], CONFIG.fit_l2, CONFIG.fit_iters)
+    [on_start], _ = solve_gates(x_start, labels, [gate], [[0, 1, 2]], CONFIG.fit_l2, CONFIG.fit_iters)
     torch.testing.assert_close(gate, on_final, rtol=1e-3, atol=1e-4)
     assert not torch.allclose(gate, on_start, rtol=1e-3, atol=1e-4)
 
