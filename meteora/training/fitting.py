@@ -68,7 +68,8 @@ def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Ten
     """For gates whose modules read the same inputs (q, k and v; gate and up), the rows rows[j] of gates[j] that
     minimise module j's loss (above) over every worker's tokens, its other rows held. The losses are independent,
     so their sum is minimised as one problem: one L-BFGS, one all-reduce per evaluation, for all of them; the
-    gradient is computed in closed form (softmax minus one-hot), with no autograd graph.
+    gradient is computed in closed form (softmax minus one-hot), with no autograd graph, and logits are kept as
+    [E, N] (a softmax over a short contiguous axis is 30x faster than over rows of E on a CPU).
     x [N, d_in] this worker's inputs, labels [N] expert ids, gates[j] [E, d_in]. Returns per module the fitted rows
     [len(rows[j]), d_in] fp32 and {accuracy, loss, iterations, seconds} over every worker's tokens."""
     started = time.perf_counter()
@@ -77,21 +78,22 @@ def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Ten
     count = max(totals[-1].item(), 1.0)
     sigma = (totals[:-1] / count).sqrt().float().clamp_min(1e-6)  # [d_in] each feature's RMS
     xs, sizes = x / sigma, [len(r) for r in rows]
+    xs_t = xs.t().contiguous()  # [d_in, N]
     parts = [_held_logits(x, gate.detach().float(), r) for gate, r in zip(gates, rows)]  # per module (fixed, index)
     start = torch.cat([gate.detach().float()[index] for gate, (_, index) in zip(gates, parts)])
     weights = (start * sigma).requires_grad_()  # [R, d_in]: every module's fitted rows, in the standardised space
-    one_hot = F.one_hot(labels, gates[0].shape[0]).float() if labels.numel() else x.new_zeros(0, gates[0].shape[0])
+    one_hot = F.one_hot(labels, gates[0].shape[0]).t().float() if labels.numel() else x.new_zeros(gates[0].shape[0], 0)
 
-    def per_module(w: torch.Tensor) -> list[torch.Tensor]:
-        return [fixed.index_copy(1, index, z) for (fixed, index), z in zip(parts, (xs @ w.t()).split(sizes, 1))]
+    def per_module(w: torch.Tensor) -> list[torch.Tensor]:  # each module's logits [E, N]
+        return [fixed.index_copy(0, index, z) for (fixed, index), z in zip(parts, (w @ xs_t).split(sizes, 0))]
 
     def closure() -> torch.Tensor:
         loss, dz = x.new_zeros(()), []
         for logits, (_, index) in zip(per_module(weights.detach()), parts):
-            log_p = torch.log_softmax(logits, dim=-1)  # [N, E]
+            log_p = torch.log_softmax(logits, dim=0)  # [E, N]
             loss -= (log_p * one_hot).sum()
-            dz.append((log_p.exp() - one_hot).index_select(1, index))  # d loss / d logits of the fitted rows
-        gradient = torch.cat(dz, 1).t() @ xs  # [R, d_in]
+            dz.append((log_p.exp() - one_hot).index_select(0, index))  # d loss / d logits of the fitted rows
+        gradient = torch.cat(dz) @ xs  # [R, d_in]
         summed = collective.sum_(torch.cat([loss.view(1), gradient.flatten()])) / count
         weights.grad = summed[1:].view_as(weights) + l2 * weights.detach()
         return summed[0] + 0.5 * l2 * weights.detach().square().sum()
@@ -101,7 +103,7 @@ def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Ten
     optimizer.step(closure)
     fitted = weights.detach()
     with torch.no_grad():  # each module's loss and accuracy at the fitted rows, every worker's tokens
-        scores = [torch.stack([F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()])
+        scores = [torch.stack([-(torch.log_softmax(logits, dim=0) * one_hot).sum(), (logits.argmax(0) == labels).sum()])
                   for logits in per_module(fitted)]
         scores = collective.sum_(torch.stack(scores).double()).tolist()
     steps = optimizer.state[weights].get("n_iter", 0)
@@ -112,12 +114,12 @@ def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Ten
 
 
 def _held_logits(x: torch.Tensor, gate: torch.Tensor, rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """([N, E] logits of the gate's held rows, 0 in the fitted rows' columns; the fitted rows' index)."""
+    """([E, N] logits of the gate's held rows, 0 in the fitted rows; the fitted rows' index)."""
     index = torch.tensor(list(rows), dtype=torch.int64, device=x.device)
     held = torch.ones(gate.shape[0], dtype=torch.bool, device=x.device)
     held[index] = False
-    fixed = x.new_zeros(x.shape[0], gate.shape[0])
-    fixed[:, held] = x @ gate[held].t()
+    fixed = x.new_zeros(gate.shape[0], x.shape[0])
+    fixed[held] = gate[held] @ x.t()
     return fixed, index
 
 
