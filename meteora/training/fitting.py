@@ -143,7 +143,7 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
     dtype = model.base_model.get_input_embeddings().weight.dtype
     batch = to_device(packed_batch(gate_batch(tokenizer, items, model.prompt_format), dtype), model.device)
     labels, picked = _picked_tokens(batch["token_tasks"], config.fit_tokens, config.seed + collective.rank)
-    groups = _input_groups(model, batch["input_ids"][:1, :2], plan)  # leader -> the modules reading its input
+    groups = input_groups(model, batch["input_ids"][:1, :2], plan)  # leader -> the modules reading its input
     stats: dict[str, dict] = {}
 
     def fit(layer: MeteoraLinear, args: tuple) -> None:
@@ -170,7 +170,7 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
     return {"seconds": round(time.perf_counter() - started, 2), "tokens": int(tokens), "modules": stats}
 
 
-def _input_groups(model: MeteoraModel, probe: torch.Tensor, plan: dict) -> dict[str, list[str]]:
+def input_groups(model: MeteoraModel, probe: torch.Tensor, plan: dict) -> dict[str, list[str]]:
     """{first module: every planned module that reads the same input tensor (q, k, v; gate, up)}, found by a forward
     of a few probe tokens that records which tensor each adapted module is called with, in calling order."""
     calls: list[tuple[str, torch.Tensor]] = []  # the tensors themselves, kept alive: no two can share an identity

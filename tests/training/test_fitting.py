@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from meteora import MeteoraModel
 from meteora.prompts import PromptFormat
-from meteora.training import Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, solve_gates
-from meteora.training.fitting import packed_batch
+from meteora.training import (Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, input_groups, packed_batch,
+                              solve_gates)
 from suites.tinytasks import char_tokenizer, split_samples
 from tiny import ALL_MODULES, assert_serves, make_adapter, tiny_base
 
@@ -157,17 +157,15 @@ def test_gates_reading_one_input_are_solved_together_as_each_alone():
 
 
 def test_modules_reading_one_input_form_one_group(world):
-    from meteora.training.fitting import _input_groups
-
     model = fused(world)
     plan = {name: [0, 1, 2] for name in model.layer_names}
-    groups = _input_groups(model, torch.tensor([[1, 5]]), plan)
+    groups = input_groups(model, torch.tensor([[1, 5]]), plan)
     layer = "model.layers.1"
     assert groups[f"{layer}.self_attn.q_proj"] == [f"{layer}.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
     assert groups[f"{layer}.self_attn.o_proj"] == [f"{layer}.self_attn.o_proj"]
     assert groups[f"{layer}.mlp.gate_proj"] == [f"{layer}.mlp.gate_proj", f"{layer}.mlp.up_proj"]
     assert sorted(m for group in groups.values() for m in group) == sorted(model.layer_names)
-    without_q = _input_groups(model, torch.tensor([[1, 5]]), {k: v for k, v in plan.items() if not k.endswith("q_proj")})
+    without_q = input_groups(model, torch.tensor([[1, 5]]), {k: v for k, v in plan.items() if not k.endswith("q_proj")})
     assert without_q[f"{layer}.self_attn.k_proj"] == [f"{layer}.self_attn.k_proj", f"{layer}.self_attn.v_proj"]
 
 
