@@ -1,6 +1,7 @@
 """--init-from for any change of the adapters (issue 18), through the Ray Train job: old experts on attention only
-plus a new one on the MLP, then an updated adapter. With freeze_old the copied rows must come out of training exactly
-as the earlier checkpoint held them; every result loads and serves. A removed adapter: tests/pipelines/test_workflow.py."""
+plus a new one on the MLP (its rows fitted), then an updated adapter (its rows trained by SGD). With freeze_old the
+copied rows must come out exactly as the earlier checkpoint held them; every result loads and serves. A removed
+adapter: tests/pipelines/test_workflow.py."""
 from pathlib import Path
 
 import pytest
@@ -19,15 +20,9 @@ ATTENTION = {"reverse": ["q_proj", "v_proj"], "upper": ["q_proj", "k_proj", "v_p
 MLP = {"length": ["gate_proj", "up_proj", "down_proj"]}
 
 
-@pytest.fixture(scope="module", params=["fit", "sgd"])
-def method(request) -> str:
-    """How the gates learn: the fit fits only the fresh rows, the loop trains only them."""
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, method):
-    root = tmp_path_factory.mktemp(f"init-from-{method}")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("init-from")
     manifest = write_world(root / "v1", {"reverse": 4, "upper": 8, "length": 2}, targets={**ATTENTION, **MLP})
     assert collect(load_manifest(manifest), str(root / "registry")).committed
     return root
@@ -53,16 +48,16 @@ def earlier_checkpoint(world: Path, experts: list[str]) -> dict:
     return {"output": str(world / "earlier")}
 
 
-def test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint(world, method):
+def test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint(world):
     attention = earlier_checkpoint(world, ["reverse", "upper"])
     old = gates(attention)
     assert all(".self_attn." in module for module in old)  # only attention modules were adapted
 
     # + an expert on the MLP: the attention gates keep reverse's and upper's rows, the MLP gates are new
-    grown = run(world, "mlp", ["reverse", "upper", "length"], init_from=attention["output"], freeze_old="true", method=method)
+    grown = run(world, "mlp", ["reverse", "upper", "length"], init_from=attention["output"], freeze_old="true")
     new = gates(grown)
     warm = grown["warm_start"]
-    assert grown["method"] == method
+    assert grown["method"] == "fit"  # the default: only the fresh rows are fitted
     assert warm["experts"] == {"reverse": "copied", "upper": "copied", "length": "fresh"}
     assert warm["init_from"] == attention["output"]
     assert {m for m, how in warm["modules"].items() if how == "new"} == {m for m in new if ".mlp." in m} != set()
@@ -70,11 +65,11 @@ def test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint(wo
         assert torch.equal(new[module][:2], rows), module  # copied and frozen: exactly the checkpoint's
     assert_serves(grown["output"])
 
-    # upper updated (same name, new weights): its rows start fresh, the others' are copied
+    # upper updated (same name, new weights): its rows start fresh, the others' are copied; the loop trains only them
     update = write_world(world / "v2", {"upper": 8}, targets=ATTENTION, seed=1)
     assert [row["status"] for row in collect(load_manifest(update), str(world / "registry")).rows] == ["new version"]
     updated = run(world, "updated", ["reverse", "upper", "length"], init_from=grown["output"], freeze_old="true",
-                  method=method)
+                  method="sgd")
     assert updated["warm_start"]["experts"] == {"reverse": "copied", "upper": "fresh", "length": "copied"}
     after_update = gates(updated)
     for module, rows in new.items():

@@ -68,6 +68,7 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         output = capsys.readouterr().out
         assert stages_said(output) == {"collect": "skipped", "train": "running", "evaluate": "running", "deploy": "running"}
         assert "\n[evaluate] meteora top-2, composite-2: " in output  # streamed from its Ray task, worker logs off
+        assert "\nfit done: " in output  # the fit's progress, printed by the driver
         assert not first["train"].incremental
         results = json.loads((Path(first["evaluate"].out_dir) / "results.json").read_text())
         assert set(results["per_task"]["meteora top-2"]) == {"reverse", "upper"}
