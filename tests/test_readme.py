@@ -18,7 +18,7 @@ COVERAGE = [
     (r"python pipelines/workflow\.py --manifest demo-output", "tests/pipelines/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
     (r"python pipelines/collect_adapters\.py", "tests/registry/test_registry.py::test_collect_from_s3_register_more_later_and_load_a_model"),
     (r"python pipelines/train_gates\.py --init-from", "tests/pipelines/test_init_from.py::test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint"),
-    (r"python pipelines/train_gates\.py", "tests/pipelines/test_train_gates.py::test_two_workers_train_with_checkpoints_on_s3"),
+    (r"python pipelines/train_gates\.py", "tests/pipelines/test_train_gates.py::test_two_workers_fit_the_gates_then_train_them_with_checkpoints_on_s3"),
     (r"make cluster-(up|down)", "tests/pipelines/test_train_gates.py::test_ray_job_submit_against_make_cluster_up_on_a_machine_without_a_token"),
     (r"RAY_AUTH_MODE=token ray job submit .* python pipelines/train_gates\.py", "tests/pipelines/test_train_gates.py::test_ray_job_submit_against_make_cluster_up_on_a_machine_without_a_token"),
     (r"METEORA_API_KEY=sk-\.\.\. serve run configs/serve\.yaml", "tests/pipelines/test_deploy_configs.py::test_serve_run_and_serve_deploy_with_the_config_file_and_the_readme_clients"),
