@@ -211,11 +211,13 @@ def main() -> int:
         stop, outcomes = threading.Event(), []
         client = threading.Thread(target=keep_asking, args=(url, question, expert, stop, outcomes))
         client.start()
-        try:  # only the new tasks are evaluated: the old ones were, and their gate rows are as they were
-            second = run(grown, load_workflow_config(None, [*settings, f"evaluate.tasks={new}"]), can_deploy=True)
+        try:  # the client asks while the new adapters are registered and deployed
+            run(grown, load_workflow_config(None, [*settings, "evaluate.enabled=false"]), can_deploy=True)
         finally:
             stop.set()
             client.join()
+        # then only the new tasks are evaluated (the old ones were, and their gate rows are as they were)
+        second = run(grown, load_workflow_config(None, [*settings, f"evaluate.tasks={new}"]), can_deploy=True)
         results = show_evaluation(second)
         print(f"incremental training: {second['train'].train_seconds} s (the first: {first['train'].train_seconds} s)")
         (out / "checkpoint").symlink_to(second["train"].checkpoint)  # what `serve run configs/serve.yaml` serves
