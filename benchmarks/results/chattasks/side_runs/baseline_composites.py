@@ -1,7 +1,7 @@
 """LoRA-B and merged on the first registration's composites: the same prompts the bench's evaluation used
 (composite_problems is seeded; eval sets cut to the same 30 samples), 2-shot, 10 per n."""
 import sys, json
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4]))  # the repository root
 import copy
 from peft import PeftModel
 from meteora.registry import load_manifest

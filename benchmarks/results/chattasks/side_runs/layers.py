@@ -1,6 +1,6 @@
 """Per-layer routing on eval responses of a checkpoint: top-1 accuracy and top-2 hit rate by adapted layer."""
 import sys, json, collections
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4]))  # the repository root
 import torch
 from meteora import MeteoraModel, load_tokenizer
 from meteora.registry import load_manifest

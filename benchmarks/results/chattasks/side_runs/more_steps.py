@@ -1,7 +1,7 @@
 """Routing remedy: continue the first registration's gates for N more steps at lr L (in one process, bf16 base),
 then save; /tmp/real/layers.py measures per-layer routing."""
 import sys, json, time
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4]))  # the repository root
 import torch
 from meteora import MeteoraModel, load_tokenizer
 from meteora.registry import load_manifest

@@ -1,7 +1,7 @@
 """Composite remedy: the same composites asked 0-shot (the adapters were trained without worked examples):
 MeteoRA top-2 and perfect routing, first registration's checkpoint."""
 import sys, json, copy
-sys.path.insert(0, "/work/main")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[4]))  # the repository root
 from meteora import MeteoraModel
 from meteora.registry import load_manifest
 from meteora.evaluation import load_benchmark, composite_problems, composite_scores, teacher_routed_scores
