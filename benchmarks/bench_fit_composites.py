@@ -1,9 +1,9 @@
 """How much the fit's calibration items must hold composites for MeteoRA to answer composite prompts, on the
 default demo's suite (the first 4 adapters of chattasks' DEMO config on SmolLM2-135M-Instruct), in one process.
 
-Each variant fits the gates of a fresh fused model (the fit's defaults but for the variant's keys), then: routing
-accuracy on 256 eval responses, MeteoRA top-2 on --composites composite-3 prompts (summed sub-answer accuracy, and
-per position), and the demo's showcase composite (examples/demo.py: composite_problems(..., seed=3)). Perfect
+Each variant fits the gates of a fresh fused model (the fit's defaults but for the variant's keys) as
+bench_fit_settings.py does (the fit's seconds, routing accuracy on 256 eval responses), then: MeteoRA top-2 on
+--composites composite-3 prompts (summed sub-answer accuracy, and per position), and the demo's showcase composite (examples/demo.py: composite_problems(..., seed=3)). Perfect
 routing (every problem's tokens sent to its own expert) once, on the same prompts.
 
   variants     composite_fraction 0 / 0.25 / 0.5 / 0.75; composite_fraction 0.5 with fit_samples 48
@@ -17,23 +17,18 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-import ray  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench_fit_settings import collected_registry, fitted  # noqa: E402
 from bench_mixture import machine  # noqa: E402
-from meteora import MeteoraModel  # noqa: E402
 from meteora.evaluation import composite_problems, composite_scores, load_benchmark, teacher_routed_scores  # noqa: E402
-from meteora.registry import Registry, load_manifest  # noqa: E402
-from meteora.training import (GateTrainingConfig, fit_gates, fit_items, registry_samples, response_routing_accuracy,  # noqa: E402
-                              shuffled)
-from pipelines.collect_adapters import collect  # noqa: E402
-from pipelines.common import LOCAL_RAY  # noqa: E402
+from meteora.registry import load_manifest  # noqa: E402
+from meteora.training import GateTrainingConfig  # noqa: E402
 from suites.chattasks import DEMO, build  # noqa: E402
 
 DEMO_ADAPTERS = 4  # the demo's first registration (examples/demo.py)
@@ -61,28 +56,19 @@ def main() -> None:
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    manifest = load_manifest(demo_manifest(work))
-    if not (work / "registry" / "registry.json").exists():
-        ray.init(**LOCAL_RAY)
-        assert collect(manifest, str(work / "registry")).committed
-        ray.shutdown()
-    registry = Registry(str(work / "registry"))
-    names = registry.names
+    manifest_path = demo_manifest(work)
+    registry = collected_registry(manifest_path, work)
+    manifest, names = load_manifest(manifest_path), registry.names
     bench = load_benchmark(manifest, samples=30)
     problems = composite_problems(bench.eval_sets, 3, args.composites, bench.fmt, seed=0)
     showcase = composite_problems(load_benchmark(manifest, samples=8).eval_sets, 3, 1, bench.fmt, seed=3)  # the demo's
-    evaluation = shuffled(registry_samples(registry, names, "eval"), 0)[:256]
     torch.set_num_threads(2)
     rows, perfect = {}, None
     for name, overrides in VARIANTS.items():
-        config = dataclasses.replace(GateTrainingConfig(), **overrides)
-        model = MeteoraModel.from_adapters(registry.base_model["uri"], registry.adapter_dirs(names), prompt_format="chat").eval()
-        started = time.perf_counter()
-        fit_gates(model, bench.tokenizer, fit_items(registry_samples(registry, names, "train"), config), config)
+        model, row = fitted(registry, names, bench.tokenizer, dataclasses.replace(GateTrainingConfig(), **overrides))
         composite = composite_scores(model, bench.tokenizer, problems, bench.metrics, bench.fmt)
-        rows[name] = {"settings": overrides, "fit_seconds": round(time.perf_counter() - started, 1),
-                      "routing_accuracy": round(response_routing_accuracy(model, bench.tokenizer, evaluation, model.prompt_format), 4),
-                      "composite3": round(composite["summed"], 3), "per_position": composite["per_position"],
+        rows[name] = {"settings": overrides, **row, "composite3": round(composite["summed"], 3),
+                      "per_position": composite["per_position"],
                       "showcase": composite_scores(model, bench.tokenizer, showcase, bench.metrics, bench.fmt)["summed"]}
         if perfect is None:
             perfect = {"composite3": teacher_routed_scores(model, bench.tokenizer, problems, bench.metrics, bench.fmt),

@@ -63,6 +63,15 @@ def fitted(registry: Registry, names: list[str], tokenizer, config: GateTraining
                    "routing_accuracy": round(response_routing_accuracy(model, tokenizer, evaluation, model.prompt_format), 4)}
 
 
+def collected_registry(manifest: Path, work: Path) -> Registry:
+    """The manifest's adapters collected into work/registry on a local Ray, once (a later run reuses it)."""
+    if not (work / "registry" / "registry.json").exists():
+        ray.init(**LOCAL_RAY)
+        assert collect(load_manifest(manifest), str(work / "registry")).committed
+        ray.shutdown()
+    return Registry(str(work / "registry"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/bench-fit-settings")
@@ -71,12 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    paths = manifests(build(), work)
-    if not (work / "registry" / "registry.json").exists():
-        ray.init(**LOCAL_RAY)
-        assert collect(load_manifest(paths["more"]), str(work / "registry")).committed
-        ray.shutdown()
-    registry = Registry(str(work / "registry"))
+    registry = collected_registry(manifests(build(), work)["more"], work)
     every, base_uri = registry.names, registry.base_model["uri"]
     names = every[:FIRST]
     tokenizer = load_tokenizer(base_uri)
