@@ -40,9 +40,10 @@ bench: install
 bench-real: install-smollm2
 	$(PY) benchmarks/bench_chattasks.py
 
-# A local Ray head for `ray job submit` (free ports, token auth); cluster-down stops only its processes.
+# A local Ray cluster for `ray job submit` (NODES=3: a head on 127.0.0.2, worker nodes on .3, .4; free ports, token
+# auth); cluster-down stops only its processes.
 cluster-up: install
-	$(PY) pipelines/local_cluster.py up --dir $(CLUSTER_DIR)
+	$(PY) pipelines/local_cluster.py up --dir $(CLUSTER_DIR) $(if $(NODES),--nodes $(NODES))
 
 cluster-down:
 	$(PY) pipelines/local_cluster.py down --dir $(CLUSTER_DIR)

@@ -4,7 +4,7 @@
                 smollm2-demo (the default: the real SmolLM2-135M-Instruct, offline from PyPI, 6 chattasks adapters
                 trained on its chat template), smollm2 (all 12 chattasks adapters) or tinytasks (a tiny model
                 trained here, character-level tasks)
-  2. publish    copy them into the embedded object store (a local directory; --s3: a loopback S3 server started
+  2. publish    copy them into the embedded object store (a local directory; --s3: SeaweedFS on loopback started
                 here) with two manifests: demo.yaml (the first tasks) and more.yaml (the same + 2 more tasks)
   3. cluster    a local Ray head (pipelines/local_cluster.py: free ports, its own process group)
   4. workflow   pipelines/workflow.py on demo.yaml: collect -> fit the gates (2 Ray Train workers) -> deploy on
@@ -43,6 +43,7 @@ from meteora.evaluation import composite_problems, load_benchmark, markdown_tabl
 from meteora.registry import Manifest, load_manifest  # noqa: E402
 from meteora.store import open_store  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
+from pipelines.local_s3 import LocalS3  # noqa: E402
 from pipelines.common import LOCAL_RAY  # noqa: E402
 from pipelines.workflow import StageFailed, load_workflow_config, run  # noqa: E402
 from client import keep_asking, new_question  # noqa: E402
@@ -116,19 +117,15 @@ def publish(build_manifest: Path, store_uri: str, first: int) -> tuple[str, str]
     return uris[0], uris[1]
 
 
-def start_s3() -> tuple[object, dict]:
-    from moto.server import ThreadedMotoServer
-
-    port = local_cluster.free_ports(1)[0]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update(env)
+def start_s3(data_dir: Path) -> LocalS3:
+    """SeaweedFS on loopback (pipelines/local_s3.py), its settings in this process's environment, which the Ray
+    cluster started after it inherits; a bucket for the demo."""
+    server = LocalS3(data_dir).start()
+    os.environ.update(server.env)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="meteora-demo")
-    return server, env
+    return server
 
 
 def show_evaluation(outputs: dict) -> dict:
@@ -162,7 +159,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SUITES), default="smollm2-demo")
     parser.add_argument("--out", default="demo-output")
-    parser.add_argument("--s3", action="store_true", help="the object store is a loopback S3 server (moto) started here")
+    parser.add_argument("--s3", action="store_true", help="the object store is a loopback S3 server (SeaweedFS) started here")
     parser.add_argument("--eval-samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("setting", nargs="*", help="more workflow settings (configs/workflow.yaml keys, dotted)")
     args = parser.parse_args()
@@ -178,7 +175,7 @@ def main() -> int:
 
         started = step(2, "publish the assets and two manifests to the object store")
         if args.s3:
-            s3, _ = start_s3()
+            s3 = start_s3(out / "s3")
         store_uri = "s3://meteora-demo/store" if args.s3 else str(out / "store")
         demo_manifest, more_manifest = publish(built, store_uri, suite.first)
         done(started, f"{demo_manifest} ({suite.first} adapters), {more_manifest} (all)")

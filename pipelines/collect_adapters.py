@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
 from meteora.registry import Collected, Manifest, Registry, fetch_adapter, inspect_base, load_manifest, plan_index  # noqa: E402
 from meteora.store import absolute_uri, open_store  # noqa: E402
-from pipelines.common import ray_connection, runtime_env  # noqa: E402
+from pipelines.common import ray_connection, runtime_env, where_readable  # noqa: E402
 
 log = logging.getLogger("collect_adapters")
 TASK_CPUS = 0.5  # fetching is mostly I/O: two tasks share a core (each worker pays one torch import to start)
@@ -71,7 +71,8 @@ def collect(manifest: Manifest, registry_uri: str, parallel: int = 8, on_fetched
         while queue or pending:
             while queue and len(pending) < parallel:
                 spec = queue.pop(0)
-                report, payload = _fetch.options(runtime_env=runtime_env()).remote(spec, base_config)
+                fetch = _fetch.options(runtime_env=runtime_env(), **where_readable(spec.uri, *(spec.data or {}).values()))
+                report, payload = fetch.remote(spec, base_config)
                 pending[report] = (spec.name, payload)
             done, _ = ray.wait(list(pending), num_returns=1)
             name, files[name] = pending.pop(done[0])
@@ -84,7 +85,8 @@ def collect(manifest: Manifest, registry_uri: str, parallel: int = 8, on_fetched
     if index is None:
         return Outcome(rows, committed=False)
     changed = [row["name"] for row in rows if row["status"] in ("added", "new version")]
-    ray.get([_upload.options(runtime_env=runtime_env()).remote(registry_uri, files[name]) for name in changed])
+    upload = _upload.options(runtime_env=runtime_env(), **where_readable(registry_uri))
+    ray.get([upload.remote(registry_uri, files[name]) for name in changed])
     if index != registry.index:
         registry.commit(index)
     return Outcome(rows, committed=True)

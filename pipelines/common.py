@@ -2,6 +2,7 @@
 
     with ray_connection() as started_here: ...      # the initialized Ray, RAY_ADDRESS's, or a local one
     runtime_env()                                    # the driver's S3 settings and cache for tasks and workers
+    task.options(**where_readable(uri, ...))         # a task reading or writing local paths: on this node
     load_config(Model, path, ["train.steps=600"])   # YAML + dotted key=value overrides, checked by pydantic
 Paths handed to other processes go through meteora.store.absolute_uri (remote URIs as they are).
 """
@@ -14,9 +15,10 @@ from typing import Annotated, TypeVar
 
 import ray
 import yaml
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from pydantic import AfterValidator, BaseModel, ValidationError
 
-from meteora.store import checked_uri
+from meteora.store import checked_uri, is_remote
 
 ROOT = Path(__file__).parents[1]
 # A local Ray without a dashboard (no fixed ports to collide with); Ray's own processes log errors only: the
@@ -50,6 +52,14 @@ def runtime_env() -> dict:
     only ever come from the environment) and cache; progress lines printed as they are."""
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "METEORA_CACHE"}
     return {"env_vars": {**env, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+
+
+def where_readable(*uris: str | Path | None) -> dict:
+    """Ray task options that run a task where all of `uris` can be read: anywhere when they are all in the object
+    store, else on this driver's node (a local path is only this node's, on a cluster of several)."""
+    if all(uri is None or is_remote(uri) for uri in uris):
+        return {}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
 def load_config(model: type[Config], path: str | Path, overrides: list[str]) -> Config:

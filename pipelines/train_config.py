@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,6 +40,7 @@ class TrainGatesConfig(BaseModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray's placement of the workers over nodes
     max_failures: int = Field(3, ge=0)  # worker-group restarts from the latest checkpoint before giving up
     keep_checkpoints: int = Field(2, ge=1)
     precision: Precision = "auto"  # the base weights: auto = bf16 on GPU, fp32 on CPU; fast = bf16 where faster

@@ -36,7 +36,7 @@ from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 from meteora import CheckpointError, StoreError  # noqa: E402
 from meteora.model import read_checkpoint_config  # noqa: E402
 from meteora.registry import Registry, load_manifest  # noqa: E402
-from meteora.store import absolute_uri, cache_dir, open_store  # noqa: E402
+from meteora.store import absolute_uri, cache_dir, is_remote, open_store  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
 from pipelines.common import ConfigError, ray_connection, runtime_env  # noqa: E402
 from pipelines.gate_worker import PROGRESS_FILE, progress_line, train_loop_per_worker  # noqa: E402
@@ -57,13 +57,15 @@ def train(config: TrainGatesConfig) -> dict:
     run = f"{storage.rstrip('/')}/{config.name}"  # Ray Train's directory of this run
     output = absolute_uri(config.output or f"{run}/meteora")
     _check_init_from(config, registry)
+    _check_shared(registry=registry.uri, storage_path=storage, output=output, init_from=config.init_from)
     _claim_run(run, config, [(n, registry.entry(n)["sha256"], registry.trained_on(n)) for n in experts])
     job = {"config": config.flat(), "registry": registry.uri, "experts": experts, "output": output, "run": run}
     path, filesystem = _storage_location(storage)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                               resources_per_worker={"CPU": config.cpus_per_worker}),
+                                               resources_per_worker={"CPU": config.cpus_per_worker},
+                                               placement_strategy=config.placement),
         run_config=ray.train.RunConfig(
             name=config.name, storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
@@ -135,6 +137,16 @@ def _check_experts(registry: Registry, names: list[str] | None) -> list[str]:
                 raise ConfigError(f"registry {registry.uri}: adapter '{name}' has no {split} data to train its gate on")
     registry.prompt_format(names)  # one format for all
     return names
+
+
+def _check_shared(**uris: str | None) -> None:
+    """On a cluster of several nodes the workers read and write through the object store: a local path is only
+    the driver's node's (Ray Train fails at its first checkpoint on a local storage_path there)."""
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    local = [key for key, uri in uris.items() if uri is not None and not is_remote(uri)]
+    if nodes > 1 and local:
+        raise ConfigError(f"{', '.join(local)}: local paths, but this Ray cluster has {nodes} nodes: put them on "
+                          "shared storage (s3://bucket/prefix) that every node reads")
 
 
 def _check_init_from(config: TrainGatesConfig, registry: Registry) -> None:

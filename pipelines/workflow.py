@@ -15,8 +15,9 @@ train     the manifest's experts in order (weights, config,  train_gates.train (
                                                               of the steps
 deploy    the checkpoint's content, the serving settings      serve.run: a running application is updated in place (new
                                                               replicas start before old ones drain), or started
-evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task: tables, plots
-                                                              (after deploy: it reports on what serves, gates nothing)
+evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task on the driver's
+                                                              node (work_dir is local to it): tables, plots (after
+                                                              deploy: it reports on what serves, gates nothing)
 A stage whose inputs hash as at its last success is skipped and says so; its record in
 <work_dir>/workflow_state.json is written only when it succeeds, so a failed run resumes at the failed stage (a
 failed training resumes its Ray Train run from the latest checkpoint). Deploy needs a cluster that outlives the
@@ -36,6 +37,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/workflow.py` from anywhere
 
@@ -47,7 +49,7 @@ from meteora.model import checkpoint_digest, checkpoint_exists  # noqa: E402
 from meteora.registry import Manifest, Registry, load_manifest, source_tags  # noqa: E402
 from meteora.store import atomic_write  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
-from pipelines.common import ROOT, ConfigError, Uri, load_config, ray_connection, runtime_env  # noqa: E402
+from pipelines.common import ROOT, ConfigError, Uri, load_config, ray_connection, runtime_env, where_readable  # noqa: E402
 from pipelines.evaluate import EvaluateSettings, evaluate_task  # noqa: E402
 from pipelines.train_config import TrainGatesConfig  # noqa: E402
 from pipelines.train_gates import print_training_summary, train  # noqa: E402
@@ -65,6 +67,7 @@ class DeploySettings(BaseModel):
     route_prefix: str = "/"
     host: str = "127.0.0.1"  # Serve's HTTP proxy, when this job starts Serve
     http_port: int = Field(8000, ge=1, le=65535)
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"  # one endpoint, on the head (the job's node)
     settings: dict = {}  # serve_app.ServeSettings besides checkpoint
     deployment: dict = {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 1, "max_surge_percent": 100}
 
@@ -282,7 +285,7 @@ def _can_start_from(previous: Trained | None, experts: list[tuple[str, str]], re
 
 def _evaluate(manifest: Manifest, checkpoint: str, config: WorkflowConfig, work: Path) -> StageResult:
     out_dir = work / "eval" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    task = evaluate_task.options(runtime_env=runtime_env())
+    task = evaluate_task.options(runtime_env=runtime_env(), **where_readable(str(out_dir)))  # out_dir: this node's
     for streamed in task.remote(manifest, checkpoint, config.evaluate, str(out_dir)):  # progress lines, then the tables
         item = ray.get(streamed)
         if isinstance(item, str):
@@ -306,7 +309,8 @@ def _deploy(checkpoint: str, settings: DeploySettings) -> StageResult:
 
     import serve_app
 
-    serve.start(http_options={"host": settings.host, "port": settings.http_port})  # a running Serve keeps its own
+    serve.start(http_options={"host": settings.host, "port": settings.http_port},  # a running Serve keeps its own
+                proxy_location=settings.proxy_location)
     args = serve_app.ServeSettings.model_validate({**settings.settings, "checkpoint": checkpoint}).model_dump()
     updating = _app_running(settings.app_name)
     serve.run(serve_app.MeteoraServer.options(**settings.deployment).bind(args), name=settings.app_name,

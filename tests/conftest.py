@@ -16,31 +16,26 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def start_s3_server():
-    """A real S3 HTTP endpoint on loopback (moto's server mode, in a thread of this process)."""
-    from moto.server import ThreadedMotoServer
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server on loopback (SeaweedFS, its own process group), for the whole session."""
+    from pipelines.local_s3 import LocalS3
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
+    with LocalS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint():
-    """S3 on loopback, with the environment boto3 (and Ray tasks) read: endpoint, dummy keys, few retries."""
-    server, url = start_s3_server()
-    settings = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2"}
-    saved = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    yield url
+def s3_endpoint(s3_server):
+    """S3 on loopback, with the environment boto3 (and Ray tasks) read: endpoint, keys, few retries."""
+    saved = {key: os.environ.get(key) for key in s3_server.env}
+    os.environ.update(s3_server.env)
+    yield s3_server.endpoint
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    server.stop()
 
 
 @pytest.fixture(scope="session")

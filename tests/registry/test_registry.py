@@ -1,4 +1,4 @@
-"""Collecting adapters from a real S3 endpoint (moto server on loopback) into registries, with real local Ray."""
+"""Collecting adapters from a real S3 server (SeaweedFS on loopback) into registries, with real local Ray."""
 import copy
 import json
 import threading
@@ -185,18 +185,19 @@ def test_bad_input_is_rejected_and_the_registry_is_unchanged(world, populated, t
     assert snapshot(populated) == before
 
 
-def test_s3_endpoint_down_mid_run_leaves_the_registry_unchanged(world, populated, tmp_path, monkeypatch):
-    from conftest import start_s3_server
-
-    server, url = start_s3_server()  # a second endpoint onto the same buckets, which this test stops
-    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+def test_the_object_store_down_mid_collect_leaves_the_registry_unchanged_and_a_rerun_succeeds(world, populated, tmp_path,
+                                                                                                s3_server):
     manifest = write_manifest(tmp_path / "m.yaml", [entry(n) for n in RANKS])
     before = snapshot(populated)
-    outcome = collect_file(manifest, str(populated), parallel=1, on_fetched=lambda collected: server.stop())
+    try:  # the whole server stops after the first adapter is fetched, and comes back on the same ports and data
+        outcome = collect_file(manifest, str(populated), parallel=1, on_fetched=lambda collected: s3_server.stop())
+    finally:
+        s3_server.start()
     statuses = [r["status"] for r in outcome.rows]
     assert statuses == ["not committed", "rejected", "rejected"] and "would be added" in outcome.rows[0]["detail"]
     assert "Could not connect to the endpoint" in outcome.rows[1]["detail"] and outcome.exit_code == 1
     assert snapshot(populated) == before
+    assert collect_file(manifest, str(populated)).committed and set(Registry(populated).names) == {"sort", *RANKS}
 
 
 def test_same_weights_with_another_alpha_is_another_adapter(world, tmp_path):

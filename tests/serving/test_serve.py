@@ -278,7 +278,7 @@ def test_a_replica_killed_under_load_fails_cleanly_and_the_deployment_recovers(s
 
 
 def test_the_app_loads_checkpoint_and_base_model_from_s3(tmp_path, s3_endpoint, monkeypatch):
-    """The service reads both from the object store (moto's S3 server on loopback); here without Serve."""
+    """The service reads both from the object store (SeaweedFS on loopback); here without Serve."""
     import boto3
     from fastapi.testclient import TestClient
 
