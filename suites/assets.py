@@ -5,15 +5,21 @@ settings, uploaded to any store with the manifest written last (its presence mar
 
 The build runs in a child process: what it holds (a real model and a copy of it per adapter trained) goes back to
 the machine when it ends. In the caller's process it stayed (6.7 GB after the chattasks build), and the gate
-training that `make demo MODEL=smollm2` starts next was killed for memory on a 24 GB machine.
+training that `make demo MODEL=smollm2` starts next was killed for memory on a 24 GB machine. A build's child
+processes end when their parent does (a job driver stopped mid-build leaves no orphan), and report progress as
+log lines where no terminal shows tqdm's bars (a Ray job's log).
 """
 from __future__ import annotations
 
 import json
 import logging
 import multiprocessing
+import os
+import sys
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -44,13 +50,40 @@ def cached_build(out_uri: str | None, name: str, key: str, build_into: Callable[
         return manifest_uri
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / root
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=start_child) as child:
             child.submit(build_into, local, f"{out_uri}/{root}").result()
         files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST)
         for path in tqdm(files, desc="uploading", disable=None):
             store.write_bytes(f"{root}/{path.relative_to(local).as_posix()}", path.read_bytes())
         store.write_bytes(f"{root}/{MANIFEST}", (local / MANIFEST).read_bytes())  # last: marks it complete
     return manifest_uri
+
+
+def start_child() -> None:
+    """In a build's child process: log progress lines (INFO), and exit when the parent is gone (checked every
+    second: a parent killed by SIGKILL runs no cleanup that could stop its children)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def progress(items: Iterable, desc: str, total: int | None = None, every: int = 1) -> Iterator:
+    """`items`, with tqdm's bar on a terminal, else a log line after every `every` of them (a job's log shows the
+    build move)."""
+    if sys.stderr.isatty():
+        yield from tqdm(items, desc=desc, total=total, leave=every == 1)
+        return
+    total, started = total or len(items), time.perf_counter()
+    for done, item in enumerate(items, 1):
+        yield item
+        if done % every == 0 or done == total:
+            log.info("%s: %d/%d done (%.0f s)", desc, done, total, time.perf_counter() - started)
 
 
 def write_task_data(out: Path, data: dict[str, tuple[list[dict], list[dict]]]) -> None:

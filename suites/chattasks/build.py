@@ -29,11 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from meteora.model import bf16_is_fast, model_dir
 
-from ..assets import cached_build, write_manifest, write_task_data
+from ..assets import cached_build, progress, start_child, write_manifest, write_task_data
 from . import jobs, lora
 from .items import task_data
 from .lora import MLP, QKVO, QV, QVO
@@ -131,7 +130,7 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     seconds = {"base": time.perf_counter() - started}
     write_task_data(out, task_data(config))
     threads = max(1, torch.get_num_threads() // workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=jobs.start_worker,
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                              initargs=(out / "base" / gguf.name, config, threads)) as pool:
         lora_b = pool.submit(jobs.lora_b_job, out)  # the longest job first
         adapters = {task: pool.submit(jobs.adapter_job, out, task) for task in config.tasks}
@@ -152,11 +151,15 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
                    {task: f"chattasks: {TASKS[task].example}" for task in config.tasks}, prompt_format="chat")
 
 
+def _start_worker(base_file: Path, config: ChatTasksConfig, threads: int) -> None:
+    start_child()  # gone with the build's process
+    jobs.start_worker(base_file, config, threads)
+
+
 def _results(futures: dict[str, Future], description: str) -> dict:
     """Each task's job result, in the tasks' order, showing progress as they complete."""
-    for future in tqdm(as_completed(futures.values()), total=len(futures), desc=description, disable=None):
+    for future in progress(as_completed(futures.values()), f"chattasks: {description}", total=len(futures)):
         future.result()  # a failed job raises here
-    log.info("chattasks: %s done", description)
     return {task: future.result() for task, future in futures.items()}
 
 

@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from meteora.evaluation import accuracy_per_task
 from meteora.prompts import PromptFormat, composite, training_batch
 
-from ..assets import cached_build, write_manifest, write_task_data
+from ..assets import cached_build, progress, write_manifest, write_task_data
 from ..baselines import merged_adapter
 from .char_tokenizer import char_tokenizer
 from .tasks import ALL_TASKS, DEFAULT_TASKS, prompt, split_samples
@@ -109,7 +108,7 @@ def _build_into(out: Path, uri: str, config: TinyTasksConfig) -> None:
     tokenizer.save_pretrained(out / "base")
     pools = {task: _own_task_pools(data[task][0], random.Random(f"{config.seed}:{task}"), config.base_tasks)
              for task in config.tasks}
-    for index, task in enumerate(tqdm(config.tasks, desc="training one adapter per task", disable=None)):
+    for index, task in enumerate(progress(config.tasks, "tinytasks: training one adapter per task")):
         rank, targets = config.adapter_shape(index)
         _train_lora(base, tokenizer, pools[task], rank, targets, config.adapter_steps, config, seed=index).save_pretrained(out / "adapters" / task)
     mixed = [[s for task in config.tasks for s in pools[task][i]] for i in range(2)]  # the union of the adapters' data
@@ -229,7 +228,7 @@ def _train(model, tokenizer, pools: list[list[dict]], steps: int, lr: float, bat
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
     model.train()
-    for step in tqdm(range(steps), desc=desc, disable=None if desc else True, leave=False):
+    for step in progress(range(steps), f"tinytasks: {desc}", every=max(1, steps // 20)) if desc else range(steps):
         pool = pools[step % len(pools)]
         samples = rng.sample(pool, min(batch, len(pool)))
         encoded = training_batch(tokenizer, samples)
@@ -246,7 +245,7 @@ def _train(model, tokenizer, pools: list[list[dict]], steps: int, lr: float, bat
 def _measure(base, tokenizer, out: Path, eval_sets: dict[str, list[dict]]) -> dict:
     """Exact match on every eval split: base, each adapter on every task (the matrix), LoRA-B, merged."""
     result = {"base": accuracy_per_task(base, tokenizer, eval_sets, PLAIN), "adapters": {}}
-    for task in tqdm(eval_sets, desc="measuring", disable=None):
+    for task in progress(eval_sets, "tinytasks: measuring each adapter"):
         model = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapters" / task).eval()
         result["adapters"][task] = accuracy_per_task(model, tokenizer, eval_sets, PLAIN)
     for name in ("lora-b", "merged"):
