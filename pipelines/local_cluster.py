@@ -11,7 +11,7 @@ each `ray start --block` in its own process group from this virtualenv (so jobs 
 raylet with its own object store and C CPUs, and each worker node with its own HOME and METEORA_CACHE under
 --dir, so no node reads another's local files: what nodes share goes through the object store. Every port is
 picked free in 20000-32000 (workers keep Ray's 10002-19999), token auth is on (a token is made in
-~/.ray/auth_token on a machine that has none; worker nodes read that file), the head has its own temp dir, and
+~/.ray/auth_token on a machine that has none; worker nodes read that file), each node has its own temp dir, and
 `up` waits until the job API answers and every node has joined; `--dir` keeps the state (addresses, process
 groups, logs). `kill-node` SIGKILLs one worker node's process group, as losing its machine would (a SIGTERM
 would drain it politely first). `down` ends those process groups and nothing else: never `ray stop`, which
@@ -96,12 +96,16 @@ def add_node(state_dir: Path) -> dict:
     home = state_dir / f"node-{ip}"
     (home / "cache").mkdir(parents=True, exist_ok=True)
     ports = dict(zip(NODE_PORTS, free_ports(len(NODE_PORTS))))
+    # its own temp dir: on one machine a worker node would use the head's, and its runtime-env agent would delete
+    # the job's working_dir there (the driver's cwd) when its own tasks no longer need it
+    temp_dir = f"{state['temp_dir']}-{ip.rsplit('.', 1)[1]}"
     command = [_ray(), "start", "--block", f"--address={state['gcs_address']}", f"--node-ip-address={ip}",
-               f"--num-cpus={state['num_cpus']}", *(f"--{name}={port}" for name, port in ports.items())]
+               f"--num-cpus={state['num_cpus']}", f"--temp-dir={temp_dir}",
+               *(f"--{name}={port}" for name, port in ports.items())]
     env = _env(HOME=str(home), METEORA_CACHE=str(home / "cache"),
                RAY_AUTH_TOKEN_PATH=str(Path.home() / ".ray" / "auth_token"))
     process = _start(command, env, home / "ray.log")
-    state["nodes"].append({"ip": ip, "pgid": process.pid, "log": str(home / "ray.log")})
+    state["nodes"].append({"ip": ip, "pgid": process.pid, "log": str(home / "ray.log"), "temp_dir": temp_dir})
     _save(state_dir, state)
     if not _wait_for_node(state["gcs_address"], ip, process):
         raise SystemExit(f"worker node {ip} did not join in {START_TIMEOUT_S} s; see {home / 'ray.log'}")
@@ -182,6 +186,8 @@ def down(state_dir: Path) -> bool:
             for sig in signals:
                 if not signal_group(pgid, sig, 10):  # after SIGKILL, unreaped zombies may still answer
                     break
+    for node in state.get("nodes", []) + state.get("killed", []):
+        shutil.rmtree(node["temp_dir"], ignore_errors=True)
     shutil.rmtree(state["temp_dir"], ignore_errors=True)
     state_file.unlink()
     return True

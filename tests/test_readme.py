@@ -28,6 +28,10 @@ COVERAGE = [
     (r"ray job submit --address http://HEAD:8265 .* python pipelines/workflow\.py", "not runnable here (a GPU cluster); the same entry point: tests/pipelines/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
     (r"python pipelines/build_tinytasks\.py", "the same build() as make demo; cached builds: tests/suites/test_tinytasks.py::test_build_is_loadable_offline_and_cached"),
     (r"python pipelines/evaluate\.py", "tests/suites/test_tinytasks.py::test_the_evaluate_command_writes_tables_and_plots"),
+    (r"python pipelines/local_s3\.py", "tests/pipelines/test_local_cluster.py::test_the_s3_server_command_starts_one_and_stops_it"),
+    (r"python pipelines/local_cluster\.py kill-node", "tests/pipelines/test_cluster.py::test_a_node_killed_mid_training_resumes_from_s3_checkpoints_to_the_same_gates"),
+    (r"make chaos", "benchmarks/chaos_cluster.py, its results committed in benchmarks/results/cluster/"),
+    (r"RAY_AUTH_MODE=token ray job submit .* python pipelines/workflow\.py", "make chaos (benchmarks/chaos_cluster.py submits it)"),
 ]
 
 

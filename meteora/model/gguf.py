@@ -11,11 +11,13 @@ renamed into place, so a reader never sees half of it.
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ..store import cache_dir, file_sha256, is_remote, open_store, split_uri
 
@@ -31,15 +33,26 @@ def gguf_model_dir(uri: str | Path) -> Path:
     parent, name = split_uri(str(uri).removeprefix("file://"))
     folder = _local_folder(parent, name)
     target = cache_dir() / "gguf" / file_sha256(folder / name)
-    if not (target / "config.json").is_file():
+    if not _complete(target):
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            _convert(folder, name, Path(tmp) / "model")
+            converted = Path(tmp) / "model"
+            _convert(folder, name, converted)
+            if not _complete(converted):
+                raise OSError(f"converting {folder / name} wrote no complete model directory ({sorted(os.listdir(converted))})")
+            if target.exists() and not _complete(target):  # left incomplete by a process that died: replaced
+                shutil.rmtree(target, ignore_errors=True)
             try:
-                (Path(tmp) / "model").rename(target)
+                converted.rename(target)
             except OSError:  # another process finished the same conversion first
                 pass
     return target
+
+
+def _complete(model_dir: Path) -> bool:
+    """Config, weights (one file or an index of shards) and tokenizer are all there."""
+    weights = (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
+    return weights and (model_dir / "config.json").is_file() and (model_dir / "tokenizer_config.json").is_file()
 
 
 def _local_folder(parent: str, name: str) -> Path:
@@ -68,7 +81,14 @@ def _convert(folder: Path, name: str, out: Path) -> None:
         raise ValueError(f"base model {folder / name}: GGUF weights do not fit {type(loaded).__name__} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     plain.tie_weights()
-    plain.save_pretrained(out)
+    # written here rather than by save_pretrained: in a process of a torch.distributed group (a Ray Train worker)
+    # transformers writes the weights on rank 0 only, and rank 1 converting on its own node got no model
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items() if k not in tied}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    plain.config.save_pretrained(out)
+    plain.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for file in folder.iterdir():
         if file.is_file() and file.name.lower().startswith(LICENSE_PREFIXES):

@@ -1,7 +1,13 @@
 """A GGUF file as the base model: converted once into a cached transformers directory keyed by its sha256, equal to
-transformers' own GGUF load, with its license beside it, and referenced by checkpoints like any other base."""
+transformers' own GGUF load, with its license beside it, referenced by checkpoints like any other base, and
+converted whole in any process of a torch.distributed group (transformers' save_pretrained writes on rank 0 only)."""
+import os
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 from meteora import MeteoraModel, load_base_model, load_tokenizer
@@ -57,3 +63,26 @@ def test_a_gguf_base_on_s3_is_downloaded_with_its_license(gguf_file, s3_endpoint
     directory = model_dir("s3://models/smol/tiny.gguf")
     assert directory == model_dir(gguf_file) and (directory / "LICENSE").is_file()  # the same content, one conversion
     assert load_base_model("s3://models/smol/tiny.gguf").config.num_hidden_layers == 2
+
+
+def _convert_on_rank(rank: int, port: int, gguf_file, root):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), METEORA_CACHE=str(root / f"cache-{rank}"))
+    dist.init_process_group("gloo", rank=rank, world_size=2)  # as in a Ray Train worker: each node its own cache
+    try:
+        model_dir(gguf_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_of_a_distributed_group_converts_a_whole_model(gguf_file, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_convert_on_rank, args=(port, gguf_file, tmp_path), nprocs=2)
+    reference = load_base_model(gguf_file)  # converted in this process, no group
+    for rank in (0, 1):
+        (directory,) = [d for d in (tmp_path / f"cache-{rank}" / "gguf").iterdir() if d.name != "files"]
+        assert (directory / "model.safetensors").is_file() and (directory / "config.json").is_file()
+        converted = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        for (name, a), (_, b) in zip(converted.state_dict().items(), reference.state_dict().items()):
+            assert torch.equal(a, b), name
