@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -99,7 +100,7 @@ def wait_for_sgd_checkpoint(job: subprocess.Popen, label: str, timeout: float = 
     while time.monotonic() < deadline and job.poll() is None:
         listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{label}/artifacts/runs/").get("Contents", [])
         for key in [o["Key"] for o in listed if o["Key"].endswith("checkpoint_manager_snapshot.json")]:
-            steps = [int(s) for s in re.findall(r'"step": (\d+)', s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode())]
+            steps = [int(s) for s in re.findall(r'"step": ?(\d+)', s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode())]
             if steps and max(steps) > 0:
                 return max(steps)
         time.sleep(1)
@@ -206,7 +207,10 @@ def main() -> None:
         cluster = Cluster(work / "cluster")
         port = local_cluster.free_ports(1)[0]
         every = max(1, args.steps // 3)
+        # batch 4 (2 samples a worker): at 16 a worker holds about 6 GB, and the replacement group after the node
+        # loss met the first one's memory on this one 24 GB machine (Ray's memory monitor killed it at 95%)
         settings = [*suite.settings, "train.method=fit+sgd", f"train.steps={args.steps}", f"train.checkpoint_every={every}",
+                    "train.batch=4",
                     "train.placement=STRICT_SPREAD", "train.max_failures=3", "evaluate.enabled=false",
                     "deploy.host=127.0.0.2", f"deploy.http_port={port}",
                     "deploy.deployment={ray_actor_options: {num_cpus: 0.5}, max_replicas_per_node: 1, "
@@ -245,5 +249,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stopped from outside: the cluster and S3 still go down
     torch.set_num_threads(2)
     main()

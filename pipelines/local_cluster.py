@@ -5,11 +5,11 @@
     python pipelines/local_cluster.py add-node [--dir .ray-cluster]              # a replacement worker node
     python pipelines/local_cluster.py down [--dir .ray-cluster]
 
-`up` starts `ray start --head --block` on 127.0.0.2 and N-1 worker nodes on 127.0.0.3, .4, ... (loopback only:
-Ray rewrites 127.0.0.1 to the machine's outward address),
-each `ray start --block` in its own process group from this virtualenv (so jobs run its python), each a separate
-raylet with its own object store and C CPUs, and each worker node with its own HOME and METEORA_CACHE under
---dir, so no node reads another's local files: what nodes share goes through the object store. Every port is
+`up` starts `ray start --head --block` on 127.0.0.2 and N-1 worker nodes on 127.0.0.3, .4, ... (loopback only;
+Ray rewrites 127.0.0.1 to the machine's outward address), each `ray start --block` in its own process group from
+this virtualenv (so jobs run its python), each a separate raylet with its own object store and C CPUs, and each
+worker node with its own HOME and METEORA_CACHE under --dir, so no node reads another's local files: what nodes
+share goes through the object store. Every port is
 picked free in 20000-32000 (workers keep Ray's 10002-19999), token auth is on (a token is made in
 ~/.ray/auth_token on a machine that has none; worker nodes read that file), each node has its own temp dir, and
 `up` waits until the job API answers and every node has joined; `--dir` keeps the state (addresses, process
@@ -66,7 +66,8 @@ def up(state_dir: Path, num_cpus: int, nodes: int = 1, head_cpus: int | None = N
     state_dir.mkdir(parents=True, exist_ok=True)
     ports = dict(zip(PORTS, free_ports(len(PORTS))))
     temp_dir = Path(f"/tmp/meteora-ray-{ports['port']}")  # short: Ray's socket paths must stay under 108 bytes
-    command = [_ray(), "start", "--head", "--block", f"--num-cpus={num_cpus if head_cpus is None else head_cpus}", "--dashboard-host=127.0.0.1",
+    head_cpus = num_cpus if head_cpus is None else head_cpus
+    command = [_ray(), "start", "--head", "--block", f"--num-cpus={head_cpus}", "--dashboard-host=127.0.0.1",
                f"--node-ip-address={HEAD_IP}", f"--temp-dir={temp_dir}", *(f"--{name}={port}" for name, port in ports.items())]
     # `ray start` reads the token and never makes one (ray.init does): make ~/.ray/auth_token on a machine that has
     # none, keep it otherwise. The command prints the token: it is captured, not shown.
@@ -74,7 +75,7 @@ def up(state_dir: Path, num_cpus: int, nodes: int = 1, head_cpus: int | None = N
     process = _start(command, _env(), state_dir / "ray.log")
     state = {"pgid": process.pid, "address": f"http://127.0.0.1:{ports['dashboard-port']}",
              "gcs_address": f"{HEAD_IP}:{ports['port']}", "temp_dir": str(temp_dir), "log": str(state_dir / "ray.log"),
-             "num_cpus": num_cpus, "nodes": []}
+             "num_cpus": num_cpus, "nodes": []}  # num_cpus: each worker node's
     _save(state_dir, state)
     if not _wait_until_up(state["address"], process):
         down(state_dir)

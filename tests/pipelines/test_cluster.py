@@ -183,3 +183,26 @@ def _wait_for_replicas(cluster: dict, base_url: str, count: int, timeout: float 
             return replicas
         time.sleep(1)
     raise AssertionError(f"{count} replicas did not come up in {timeout} s")
+
+
+def test_the_object_store_down_at_a_checkpoint_fails_that_attempt_and_the_run_resumes(local_ray, s3_server, tmp_path,
+                                                                                        monkeypatch):
+    world = write_world(tmp_path / "world", TASKS)
+    monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
+    boto3.client("s3").create_bucket(Bucket="outage")
+    assert collect(load_manifest(world), "s3://outage/registry").committed
+    config = load_train_config(None, [f"{k}={v}" for k, v in {
+        "registry": "s3://outage/registry", "storage_path": "s3://outage/runs", "name": "outage", "num_workers": 2,
+        "method": "sgd", "steps": 160, "batch": 8, "checkpoint_every": 20, "lr": 0.02, "eval_samples": 24,
+        "max_failures": 10}.items()])
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(summary=train(config)))
+    runner.start()
+    _wait_for_s3_checkpoint("outage", "runs/outage")
+    s3_server.stop()  # the store is gone for a few seconds while the next checkpoints are written
+    time.sleep(4)
+    s3_server.start()
+    runner.join(timeout=600)
+    summary = result["summary"]
+    assert len(summary["attempts"]) >= 2, summary["attempts"]
+    assert [r["step"] for r in summary["history"]] == list(range(20, 161, 20))
