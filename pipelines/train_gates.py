@@ -7,7 +7,8 @@
 2. with no registry given: build the embedded tinytasks benchmark (cached) and collect it into a registry
 3. Ray Train TorchTrainer: `num_workers` data-parallel workers (pipelines/gate_worker.py) train the gates only,
    checkpointing the gates + optimizer every `checkpoint_every` steps to `storage_path` (local or s3://);
-   a lost worker is replaced and the group resumes from the latest checkpoint (`max_failures` times)
+   a lost worker is replaced and the group resumes from the latest checkpoint (`max_failures` times), and so
+   does a run whose storage failed while a checkpoint was recorded
 4. rank 0 writes the MeteoRA checkpoint to `output`; the summary is printed and kept in its config
 Running again with the same `name` and `storage_path` resumes the run (after a driver restart, say); a name
 that already holds a run over other experts, another warm start or other settings is refused. Uses the cluster
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -45,6 +47,7 @@ from pipelines.train_config import TrainGatesConfig, load_train_config  # noqa: 
 log = logging.getLogger("train_gates")
 RUN_FILE = "meteora_run.json"  # beside Ray Train's files: which experts this run name trains
 PEER_TIMEOUT_S = 120  # a dead peer fails the step after this long instead of Ray's default 30 minutes
+STORAGE_RETRY_S = 5  # the wait before resuming a run whose storage failed
 
 
 def train(config: TrainGatesConfig) -> dict:
@@ -60,8 +63,30 @@ def train(config: TrainGatesConfig) -> dict:
     _check_shared(registry=registry.uri, storage_path=storage, output=output, init_from=config.init_from)
     _claim_run(run, config, [(n, registry.entry(n)["sha256"], registry.trained_on(n)) for n in experts])
     job = {"config": config.flat(), "registry": registry.uri, "experts": experts, "output": output, "run": run}
+    log.info("training the gates of %d experts (%s) with %d workers; run '%s' in %s",
+             len(experts), ", ".join(experts), config.num_workers, config.name, storage)
+    with _progress_printed(run, config.training.steps):
+        _fit(config, job, storage)
+    return {**read_checkpoint_config(output).training, "output": output}
+
+
+def _fit(config: TrainGatesConfig, job: dict, storage: str) -> None:
+    """Ray Train's fit, run again from the run's latest checkpoint when its storage failed (an object store down
+    while the controller records a checkpoint fails the whole fit, not one attempt), up to max_failures times."""
+    for failures in itertools.count():
+        try:
+            return _trainer(config, job, storage).fit()
+        except ray.train.ControllerError as err:
+            if failures >= config.max_failures or not isinstance(err.controller_failure, OSError):
+                raise
+            log.warning("run '%s': its storage failed (%s); resuming from its latest checkpoint in %d s",
+                        config.name, str(err.controller_failure).splitlines()[0], STORAGE_RETRY_S)
+            time.sleep(STORAGE_RETRY_S)
+
+
+def _trainer(config: TrainGatesConfig, job: dict, storage: str) -> TorchTrainer:
     path, filesystem = _storage_location(storage)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker, train_loop_config=job,
         scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                resources_per_worker={"CPU": config.cpus_per_worker},
@@ -74,11 +99,6 @@ def train(config: TrainGatesConfig) -> dict:
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),  # its every report and checkpoint: Ray's log files
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo", timeout_s=PEER_TIMEOUT_S),
     )
-    log.info("training the gates of %d experts (%s) with %d workers; run '%s' in %s",
-             len(experts), ", ".join(experts), config.num_workers, config.name, storage)
-    with _progress_printed(run, config.training.steps):
-        trainer.fit()
-    return {**read_checkpoint_config(output).training, "output": output}
 
 
 @contextlib.contextmanager

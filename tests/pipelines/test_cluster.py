@@ -185,8 +185,8 @@ def _wait_for_replicas(cluster: dict, base_url: str, count: int, timeout: float 
     raise AssertionError(f"{count} replicas did not come up in {timeout} s")
 
 
-def test_the_object_store_down_at_a_checkpoint_fails_that_attempt_and_the_run_resumes(local_ray, s3_server, tmp_path,
-                                                                                        monkeypatch):
+def test_the_object_store_down_at_a_checkpoint_fails_that_attempt_and_the_run_resumes(local_ray, s3_server, s3_endpoint,
+                                                                                        tmp_path, monkeypatch):
     world = write_world(tmp_path / "world", TASKS)
     monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
     boto3.client("s3").create_bucket(Bucket="outage")
