@@ -1,7 +1,8 @@
 """A node lost on a real multi-node Ray cluster (pipelines/local_cluster.py: a head on 127.0.0.2 and worker nodes
 on .3, .4, each its own raylet, object store, HOME and cache) with SeaweedFS as the only shared store: a worker
-node SIGKILLed mid-training resumes the run from its S3 checkpoints to the gates of an undisturbed run, and a
-node holding a Serve replica SIGKILLed under load leaves every request answered or refused, never hung."""
+node SIGKILLed mid-training resumes the run from its S3 checkpoints to the gates of an undisturbed run, a node
+holding a Serve replica SIGKILLed under load leaves every request answered or refused, never hung, and the
+object store stopped for seconds mid-run costs an attempt, not the run."""
 import json
 import os
 from collections import Counter
