@@ -12,7 +12,7 @@ worker node during gate training and another during serving; then the same workf
    the node of a replica is SIGKILLed; a replacement node joins; the seconds until 2 replicas serve again
 5. the same workflow into another prefix with nothing killed (and nothing deployed): registry, checkpoint and
    gates compared
-Writes benchmarks/results/cluster/chaos.json (command, machine, every number); stops everything.
+Writes benchmarks/results/cluster/chaos.json (command, machine, every number) and chaos.md; stops everything.
 
     python benchmarks/chaos_cluster.py [--model smollm2-demo|tinytasks] [--steps 12] [--work /tmp/meteora-chaos]
 """
@@ -59,7 +59,11 @@ class Cluster:
         self.state = json.loads((state_dir / local_cluster.STATE_FILE).read_text())
 
     def list(self, kind: str, *filters: str) -> list[dict]:
-        return local_cluster.ray_list(self.state["gcs_address"], kind, *filters)
+        command = [str(BIN / "ray"), "list", kind, f"--address={self.state['gcs_address']}", "--format=json", "--limit=10000"]
+        for condition in filters:
+            command += ["--filter", condition]
+        out = subprocess.run(command, env=_ray_env(), capture_output=True, text=True, check=True).stdout
+        return json.loads(out) if out.startswith("[") else []
 
     def ips(self) -> dict[str, str]:
         return {n["node_id"]: n["node_ip"] for n in self.list("nodes")}

@@ -120,7 +120,7 @@ def kill_node(state_dir: Path, ip: str) -> None:
     if node is None:
         raise SystemExit(f"no worker node {ip} in {state_dir} (nodes: {[n['ip'] for n in state['nodes']]}); "
                          "the head cannot be killed this way")
-    stop_group(node["pgid"], (signal.SIGKILL,))
+    signal_group(node["pgid"], signal.SIGKILL, 10)
     state["nodes"].remove(node)
     _save(state_dir, {**state, "killed": [*state.get("killed", []), node]})
 
@@ -153,20 +153,12 @@ def _wait_for_node(gcs_address: str, ip: str, process: subprocess.Popen) -> bool
     """Whether a live node with address `ip` is in the cluster before the deadline (asked of the GCS by `ray list`)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(subprocess.CalledProcessError):  # the GCS does not answer yet
-            if ray_list(gcs_address, "nodes", "state=ALIVE", f"node_ip={ip}"):
-                return True
+        listed = subprocess.run([_ray(), "list", "nodes", f"--address={gcs_address}", "--filter", "state=ALIVE",
+                                 "--filter", f"node_ip={ip}", "--format=json"], env=_env(), capture_output=True, text=True)
+        if listed.returncode == 0 and listed.stdout.startswith("[") and json.loads(listed.stdout):  # else "No resource..."
+            return True
         time.sleep(1)
     return False
-
-
-def ray_list(gcs_address: str, kind: str, *filters: str) -> list[dict]:
-    """Ray's state API for the cluster at `gcs_address` (`ray list KIND --filter F ...`): its rows, [] for none."""
-    command = [_ray(), "list", kind, f"--address={gcs_address}", "--format=json", "--limit=10000"]
-    for condition in filters:
-        command += ["--filter", condition]
-    out = subprocess.run(command, env=_env(), capture_output=True, text=True, check=True).stdout
-    return json.loads(out) if out.startswith("[") else []  # none: "No resource in the cluster"
 
 
 def _wait_until_up(address: str, process: subprocess.Popen) -> bool:
@@ -189,10 +181,12 @@ def down(state_dir: Path) -> bool:
         return False
     state = json.loads(state_file.read_text())
     # worker nodes are killed outright (a SIGTERM would first drain each for 30 s), then the head is asked to stop
-    groups = [(node["pgid"], (signal.SIGKILL,)) for node in state.get("nodes", [])]
-    for pgid, signals in [*groups, (state["pgid"], (signal.SIGTERM, signal.SIGKILL))]:
+    groups = [(node["pgid"], [signal.SIGKILL]) for node in state.get("nodes", [])]
+    for pgid, signals in [*groups, (state["pgid"], [signal.SIGTERM, signal.SIGKILL])]:
         if _runs_the_cluster(pgid, state):  # after a crash the group id may belong to others now
-            stop_group(pgid, signals)
+            for sig in signals:
+                if not signal_group(pgid, sig, 10):  # after SIGKILL, unreaped zombies may still answer
+                    break
     for node in state.get("nodes", []) + state.get("killed", []):
         shutil.rmtree(node["temp_dir"], ignore_errors=True)
     shutil.rmtree(state["temp_dir"], ignore_errors=True)
@@ -212,13 +206,6 @@ def _runs_the_cluster(pgid: int, state: dict) -> bool:
         except (ProcessLookupError, psutil.Error):
             continue
     return False
-
-
-def stop_group(pgid: int, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGKILL)) -> None:
-    """Send each of `signals` in turn to the process group, waiting up to 10 s each, until none of it is left."""
-    for sig in signals:
-        if not signal_group(pgid, sig, 10):
-            return
 
 
 def signal_group(pgid: int, sig: int, wait_s: float) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/local_s3.py` from anywhere
 
-from pipelines.local_cluster import free_ports, stop_group  # noqa: E402
+from pipelines.local_cluster import free_ports, signal_group  # noqa: E402
 
 SERVICES = ["s3", "master", "volume", "filer", "admin"]  # each binds port and port + 10000 (gRPC)
 STATE_FILE = "s3.json"
@@ -70,7 +71,9 @@ class LocalS3:
 
     def stop(self) -> None:
         if self.process is not None:
-            stop_group(self.process.pid)
+            for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+                if not signal_group(self.process.pid, sig, wait_s):
+                    break
             self.process.wait()
             self.process = None
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no S3 server from {state_dir} is up")
             return 0
         state = json.loads(state_file.read_text())
-        stop_group(state["pgid"])
+        signal_group(state["pgid"], signal.SIGTERM, 10) and signal_group(state["pgid"], signal.SIGKILL, 10)
         state_file.unlink()
         print("S3 server stopped")
         return 0
