@@ -45,10 +45,11 @@ bench-real: install-smollm2
 chaos: install-smollm2
 	$(PY) benchmarks/chaos_cluster.py $(if $(MODEL),--model $(MODEL))
 
-# A local Ray cluster for `ray job submit` (NODES=3: a head on 127.0.0.2, worker nodes on .3, .4; free ports, token
-# auth); cluster-down stops only its processes.
+# A local Ray cluster for `ray job submit` (NODES=3: a head on 127.0.0.2, worker nodes on .3, .4; CPUS each,
+# HEAD_CPUS on the head; free ports, token auth); cluster-down stops only its processes.
 cluster-up: install
-	$(PY) pipelines/local_cluster.py up --dir $(CLUSTER_DIR) $(if $(NODES),--nodes $(NODES))
+	$(PY) pipelines/local_cluster.py up --dir $(CLUSTER_DIR) $(if $(NODES),--nodes $(NODES)) \
+		$(if $(CPUS),--num-cpus $(CPUS)) $(if $(HEAD_CPUS),--head-cpus $(HEAD_CPUS))
 
 cluster-down:
 	$(PY) pipelines/local_cluster.py down --dir $(CLUSTER_DIR)

@@ -75,7 +75,8 @@ def up(state_dir: Path, num_cpus: int, nodes: int = 1, head_cpus: int | None = N
     process = _start(command, _env(), state_dir / "ray.log")
     state = {"pgid": process.pid, "address": f"http://127.0.0.1:{ports['dashboard-port']}",
              "gcs_address": f"{HEAD_IP}:{ports['port']}", "temp_dir": str(temp_dir), "log": str(state_dir / "ray.log"),
-             "num_cpus": num_cpus, "nodes": []}  # num_cpus: each worker node's
+             "num_cpus": num_cpus, "nodes": [],  # num_cpus: each worker node's
+             "token_path": str(Path.home() / ".ray" / "auth_token")}  # worker nodes read it, whoever adds them
     _save(state_dir, state)
     if not _wait_until_up(state["address"], process):
         down(state_dir)
@@ -103,12 +104,11 @@ def add_node(state_dir: Path) -> dict:
     command = [_ray(), "start", "--block", f"--address={state['gcs_address']}", f"--node-ip-address={ip}",
                f"--num-cpus={state['num_cpus']}", f"--temp-dir={temp_dir}",
                *(f"--{name}={port}" for name, port in ports.items())]
-    env = _env(HOME=str(home), METEORA_CACHE=str(home / "cache"),
-               RAY_AUTH_TOKEN_PATH=str(Path.home() / ".ray" / "auth_token"))
+    env = _env(HOME=str(home), METEORA_CACHE=str(home / "cache"), RAY_AUTH_TOKEN_PATH=state["token_path"])
     process = _start(command, env, home / "ray.log")
     state["nodes"].append({"ip": ip, "pgid": process.pid, "log": str(home / "ray.log"), "temp_dir": temp_dir})
     _save(state_dir, state)
-    if not _wait_for_node(state["gcs_address"], ip, process):
+    if not _wait_for_node(state, ip, process):
         raise SystemExit(f"worker node {ip} did not join in {START_TIMEOUT_S} s; see {home / 'ray.log'}")
     return state
 
@@ -149,12 +149,13 @@ def _save(state_dir: Path, state: dict) -> None:
     (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
-def _wait_for_node(gcs_address: str, ip: str, process: subprocess.Popen) -> bool:
+def _wait_for_node(state: dict, ip: str, process: subprocess.Popen) -> bool:
     """Whether a live node with address `ip` is in the cluster before the deadline (asked of the GCS by `ray list`)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
-        listed = subprocess.run([_ray(), "list", "nodes", f"--address={gcs_address}", "--filter", "state=ALIVE",
-                                 "--filter", f"node_ip={ip}", "--format=json"], env=_env(), capture_output=True, text=True)
+        listed = subprocess.run([_ray(), "list", "nodes", f"--address={state['gcs_address']}", "--filter", "state=ALIVE",
+                                 "--filter", f"node_ip={ip}", "--format=json"],
+                                env=_env(RAY_AUTH_TOKEN_PATH=state["token_path"]), capture_output=True, text=True)
         if listed.returncode == 0 and listed.stdout.startswith("[") and json.loads(listed.stdout):  # else "No resource..."
             return True
         time.sleep(1)
@@ -175,18 +176,16 @@ def _wait_until_up(address: str, process: subprocess.Popen) -> bool:
 
 
 def down(state_dir: Path) -> bool:
-    """Stop the cluster started from `state_dir` (its worker nodes, then its head); False when none was up."""
+    """Stop the cluster started from `state_dir` (its worker nodes, then its head); False when none was up.
+    Each process group is SIGKILLed: the cluster keeps no state beyond its temp dirs (no GCS persistence), so a
+    SIGTERM, which drains a worker node for 30 s and the head for 10-20, would save nothing."""
     state_file = state_dir / STATE_FILE
     if not state_file.exists():
         return False
     state = json.loads(state_file.read_text())
-    # worker nodes are killed outright (a SIGTERM would first drain each for 30 s), then the head is asked to stop
-    groups = [(node["pgid"], [signal.SIGKILL]) for node in state.get("nodes", [])]
-    for pgid, signals in [*groups, (state["pgid"], [signal.SIGTERM, signal.SIGKILL])]:
+    for pgid in [node["pgid"] for node in state.get("nodes", [])] + [state["pgid"]]:
         if _runs_the_cluster(pgid, state):  # after a crash the group id may belong to others now
-            for sig in signals:
-                if not signal_group(pgid, sig, 10):  # after SIGKILL, unreaped zombies may still answer
-                    break
+            signal_group(pgid, signal.SIGKILL, 10)
     for node in state.get("nodes", []) + state.get("killed", []):
         shutil.rmtree(node["temp_dir"], ignore_errors=True)
     shutil.rmtree(state["temp_dir"], ignore_errors=True)
@@ -218,12 +217,21 @@ def signal_group(pgid: int, sig: int, wait_s: float) -> bool:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):  # the group's leader, when this process started it: reap it
             os.waitpid(pgid, os.WNOHANG)
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+        if not _group_alive(pgid):
             return False
         time.sleep(0.2)
     return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of the group runs: a zombie (dead, not yet reaped by whoever adopted it) does not."""
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

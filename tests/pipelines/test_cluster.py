@@ -1,9 +1,10 @@
-"""A node lost on a real multi-node Ray cluster (pipelines/local_cluster.py: a head on 127.0.0.2 and worker nodes
+"""A node lost on a real multi-node Ray cluster (`make cluster-up NODES=3`: a head on 127.0.0.2 and worker nodes
 on .3, .4, each its own raylet, object store, HOME and cache) with SeaweedFS as the only shared store: a worker
 node SIGKILLed mid-training resumes the run from its S3 checkpoints to the gates of an undisturbed run, a node
 holding a Serve replica SIGKILLed under load leaves every request answered or refused, never hung, and the
 object store stopped for seconds mid-run costs an attempt, not the run."""
 import json
+import logging
 import os
 from collections import Counter
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import boto3
 import httpx
 import openai
+import psutil
 import pytest
 import torch
 import yaml
@@ -35,18 +37,38 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failu
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3_endpoint):
-    """The head (no CPUs: drivers, Train's controller, Serve's controller and proxy) and 2 worker nodes of 1 CPU."""
-    state_dir = tmp_path_factory.mktemp("cluster")
-    saved = {key: os.environ.get(key) for key in FAST_NODE_DEATH}
-    os.environ.update(FAST_NODE_DEATH)  # the nodes inherit them (and the S3 settings), not this process's Ray
-    try:
-        state = local_cluster.up(state_dir, num_cpus=1, nodes=3, head_cpus=0)
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.update({key: value})
+    """`make cluster-up NODES=3` on a machine that never ran Ray (a HOME without a token): the head (no CPUs:
+    drivers, Train's controller, Serve's controller and proxy) and 2 worker nodes of 1 CPU; `make cluster-down`
+    leaves none of its processes. `env` is a client's environment on that machine."""
+    state_dir, home = tmp_path_factory.mktemp("cluster"), tmp_path_factory.mktemp("home")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")},
+           "HOME": str(home), "RAY_AUTH_MODE": "token"}
+    make = ["make", "-C", str(ROOT), f"CLUSTER_DIR={state_dir}"]
+    subprocess.run([*make, "cluster-up", "NODES=3", "CPUS=1", "HEAD_CPUS=0"], check=True, capture_output=True,
+                   timeout=300, env={**env, **FAST_NODE_DEATH})  # the nodes inherit it (and the S3 settings)
+    state = json.loads((state_dir / local_cluster.STATE_FILE).read_text())
     boto3.client("s3").create_bucket(Bucket="cluster")
-    yield {**state, "dir": state_dir}
-    local_cluster.down(state_dir)
+    yield {**state, "dir": state_dir, "env": env, "home": home}
+    subprocess.run([*make, "cluster-down"], check=True, capture_output=True, timeout=120, env=env)
+    left = [p for p in psutil.process_iter() if _pgid(p) in {state["pgid"], *(n["pgid"] for n in state["nodes"])}]
+    assert not (state_dir / local_cluster.STATE_FILE).exists() and not left, left
+
+
+def _pgid(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except OSError:
+        return None
+
+
+def test_make_cluster_up_makes_a_token_on_a_machine_without_one_and_its_job_api_asks_for_it(cluster):
+    """`ray start` refuses to start without a token, which only `ray.init` or `ray get-auth-token --generate`
+    makes: `make cluster-up` (and `make demo`) make it first."""
+    token = (cluster["home"] / ".ray" / "auth_token").read_text().strip()
+    jobs = f"{cluster['address']}/api/jobs/"
+    assert httpx.get(jobs, timeout=30).status_code == 401
+    assert httpx.get(jobs, headers={"Authorization": f"Bearer {token}"}, timeout=30).status_code == 200
+    assert sorted(node_ips(cluster).values()) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 
 def ray_list(cluster: dict, kind: str, *filters: str) -> list[dict]:
@@ -54,7 +76,7 @@ def ray_list(cluster: dict, kind: str, *filters: str) -> list[dict]:
     command = [str(BIN / "ray"), "list", kind, f"--address={cluster['gcs_address']}", "--format=json", "--limit=1000"]
     for condition in filters:
         command += ["--filter", condition]
-    listed = subprocess.run(command, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, check=True)
+    listed = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, check=True)
     return json.loads(listed.stdout) if listed.stdout.startswith("[") else []  # none: "No resource in the cluster"
 
 
@@ -73,11 +95,10 @@ def test_a_node_killed_mid_training_resumes_from_s3_checkpoints_to_the_same_gate
     argv = [f"{k}={v}" for k, v in {"registry": "s3://cluster/registry", "storage_path": "s3://cluster/runs",
                                      "num_workers": 2, "method": "sgd", "steps": 160, "batch": 8, "checkpoint_every": 20,
                                      "lr": 0.02, "eval_samples": 24, "max_failures": 3, "placement": "STRICT_SPREAD"}.items()]
-    job = subprocess.Popen([str(BIN / "ray"), "job", "submit", f"--address={cluster['address']}", "--",
-                            "python", str(ROOT / "pipelines" / "train_gates.py"), *argv, "name=killed",
+    job = subprocess.Popen([str(BIN / "ray"), "job", "submit", f"--address={cluster['address']}", "--working-dir",
+                            str(ROOT), "--", "python", "pipelines/train_gates.py", *argv, "name=killed",
                             "output=s3://cluster/models/killed"],
-                           env={**os.environ, "RAY_AUTH_MODE": "token"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+                           env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_s3_checkpoint("cluster", "runs/killed")
     workers = alive_actors(cluster, "RayTrainWorker")
     ips = node_ips(cluster)
@@ -87,7 +108,7 @@ def test_a_node_killed_mid_training_resumes_from_s3_checkpoints_to_the_same_gate
     time.sleep(5)
     local_cluster.add_node(cluster["dir"])  # a replacement machine joins; the group restarts on it
     out, _ = job.communicate(timeout=600)
-    assert job.returncode == 0, out[-4000:]
+    assert job.returncode == 0 and "succeeded" in out, out[-4000:]
     summary = MeteoraModel.from_pretrained("s3://cluster/models/killed").training_summary
     attempts = summary["attempts"]
     assert len(attempts) >= 2 and 0 < attempts[-1]["started_after_step"] < 160, attempts
@@ -130,7 +151,7 @@ def test_a_node_holding_a_replica_killed_under_load_leaves_no_request_hanging(cl
     deployment["autoscaling_config"].update(min_replicas=2, initial_replicas=2, max_replicas=2)
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     subprocess.run([str(BIN / "serve"), "deploy", str(tmp_path / "serve.yaml"), "--address", cluster["address"]],
-                   env={**os.environ, "RAY_AUTH_MODE": "token"}, check=True, capture_output=True)
+                   env=cluster["env"], check=True, capture_output=True)
     base_url = f"http://127.0.0.2:{port}"
     replicas = _wait_for_replicas(cluster, base_url, 2)
     ips = node_ips(cluster)
@@ -200,10 +221,25 @@ def test_the_object_store_down_at_a_checkpoint_fails_that_attempt_and_the_run_re
     runner = threading.Thread(target=lambda: result.update(summary=train(config)))
     runner.start()
     _wait_for_s3_checkpoint("outage", "runs/outage")
-    s3_server.stop()  # the store is gone for a few seconds while the next checkpoints are written
-    time.sleep(4)
+    failed = _LogSeen("its storage failed")
+    logging.getLogger("train_gates").addHandler(failed)
+    s3_server.stop()  # the store is gone until a checkpoint write has failed (a worker's, if not the controller's:
+    failed.seen.wait(timeout=30)  # 30 s span several checkpoints), then comes back on the same port
     s3_server.start()
+    logging.getLogger("train_gates").removeHandler(failed)
     runner.join(timeout=600)
     summary = result["summary"]
     assert len(summary["attempts"]) >= 2, summary["attempts"]
     assert [r["step"] for r in summary["history"]] == list(range(20, 161, 20))
+
+
+class _LogSeen(logging.Handler):
+    """Sets `seen` once a log record containing `text` is emitted."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()

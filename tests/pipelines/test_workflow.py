@@ -111,8 +111,9 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         shrunk = {**grown, "adapters": [a for a in grown["adapters"] if a["name"] != "upper"]}  # upper removed
         shrunk_manifest = tmp_path / "shrunk.yaml"
         shrunk_manifest.write_text(yaml.safe_dump(shrunk, sort_keys=False))
-        every_row = config.model_copy(update={"incremental_freeze_old": False})
-        fourth = run(load_manifest(shrunk_manifest), every_row, can_deploy=False)  # deploying is shown above
+        every_row = config.model_copy(update={"incremental_freeze_old": False,  # deploying and evaluating: shown above
+                                              "evaluate": config.evaluate.model_copy(update={"enabled": False})})
+        fourth = run(load_manifest(shrunk_manifest), every_row, can_deploy=False)
         output = capsys.readouterr().out
         assert fourth["train"].incremental and "rows dropped for ['upper']\n" in output
         shrunk_model = MeteoraModel.from_pretrained(fourth["train"].checkpoint)
@@ -121,8 +122,7 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         assert warm["init_from"] == third["train"].checkpoint and set(warm["experts"].values()) == {"copied"}
         assert_serves(fourth["train"].checkpoint)
 
-        other_l2 = every_row.model_copy(update={"train": {**every_row.train, "fit_l2": 0.03},
-                                                "evaluate": every_row.evaluate.model_copy(update={"enabled": False})})
+        other_l2 = every_row.model_copy(update={"train": {**every_row.train, "fit_l2": 0.03}})
         fifth = run(load_manifest(shrunk_manifest), other_l2, can_deploy=False)  # the same experts, another L2 weight
         assert stages_said(capsys.readouterr().out)["train"] == "running"
         assert not fifth["train"].incremental and fifth["train"].checkpoint != fourth["train"].checkpoint
