@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .backends import pick_backend
+from .backends.fused_cpu import add_fused_delta
 from .experts import ExpertStack
 from .routing import Routing
 
@@ -32,6 +33,8 @@ class MeteoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # [..., d_out] in the base dtype
+        if self.routing.backend in ("auto", "fused") and add_fused_delta(self, x, y):  # CPU inference: one call
+            return y
         x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
         ids, weights = self.routing.route(x2, self.meteora_gate)  # [T, k], [T, k]
         self.routing.record(self.name, ids, weights, x.shape[:-1])

@@ -1,0 +1,130 @@
+"""The `fused` CPU path: a layer's routing and its experts' delta in ONE native call, added into the base output.
+
+At decode a token costs a layer some ten small torch ops (gate GEMV, top-k, softmax, gathers, shrink, weighting,
+expand, casts, add), each a few microseconds of dispatch on a CPU while the arithmetic of a 135M model's gates and
+rank-16 deltas is about one: the count of ops, not the work, made decode 0.69x PEFT's speed. fused_cpu.c does it
+all in one loop per token (semantics in its header). It is C with no dependency, built on first use by the
+machine's C compiler (`cc`, or $CC) for this CPU into the cache ($METEORA_CACHE/native/, keyed by the source,
+the flags and the CPU) and called through ctypes. Where no compiler is found, `auto` keeps the torch backend.
+
+It applies to inference with gate routing (no forced or teacher routing, no gradient, no logits kept for
+training) on fp32 CPU activations with an fp32 gate and fp32 or bf16 experts. `auto` takes it up to
+FUSED_MAX_TOKENS tokens per call (decode); above, the torch backend's multi-threaded GEMMs win as the experts
+grow (its gate GEMV runs per token: at prefill with 112 experts it is the slower path). backend="fused" takes it
+at every size (benchmarks/bench_mixture.py and bench_decode.py compare them).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import weakref
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from ...store import cache_dir
+from ..experts import ExpertStack
+from ..routing import Routing
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("fused_cpu.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
+FUSED_MAX_TOKENS = 64  # auto: decode of up to 64 sequences at once
+EXPERT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+class _Layer(ctypes.Structure):  # fused_cpu.c's meteora_layer
+    _fields_ = [("gate", ctypes.c_void_p), ("A", ctypes.c_void_p), ("B_t", ctypes.c_void_p),
+                ("offsets", ctypes.c_void_p), ("ranks", ctypes.c_void_p), ("E", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("d_in", ctypes.c_int64), ("d_out", ctypes.c_int64), ("r_max", ctypes.c_int64),
+                ("temperature", ctypes.c_float), ("experts_bf16", ctypes.c_int32)]
+
+
+class _Call:
+    """One layer's fused call: pointers into its tensors (kept alive here) and its routing settings. Rebuilt when the
+    gate moves (a cast, a new gate) or the settings change; an ExpertStack's tensors are never replaced in place."""
+
+    def __init__(self, gate: torch.Tensor, experts: ExpertStack, routing: Routing):
+        self.key = (gate.data_ptr(), routing.top_k, routing.temperature)
+        self.tensors = (gate.detach(), experts.A, experts.B_t, experts.offsets, experts.ranks)
+        self.layer = _Layer(gate.data_ptr(), experts.A.data_ptr(), experts.B_t.data_ptr(), experts.offsets.data_ptr(),
+                            experts.ranks.data_ptr(), gate.shape[0], routing.top_k, gate.shape[1],
+                            experts.B_t.shape[1], experts.r_max, routing.temperature, EXPERT_DTYPES[experts.A.dtype])
+        self.pointer = ctypes.addressof(self.layer)
+
+
+_calls: "weakref.WeakKeyDictionary[torch.nn.Module, _Call]" = weakref.WeakKeyDictionary()  # per MeteoraLinear
+
+
+def add_fused_delta(layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """y [..., d_out] += the routed experts' delta of x [..., d_in] in one native call, and the routing recorded,
+    where the fused call applies to this MeteoraLinear (see above); False, y untouched, where it does not."""
+    routing, T = layer.routing, x.numel() // x.shape[-1]
+    if (routing.forced is not None or routing.token_experts is not None or routing.gate_logits is not None
+            or (T > FUSED_MAX_TOKENS and routing.backend != "fused") or x.device.type != "cpu"
+            or x.dtype != torch.float32 or y.dtype != torch.float32 or not (x.is_contiguous() and y.is_contiguous())):
+        return False
+    gate = layer.meteora_gate
+    if y.requires_grad or (torch.is_grad_enabled() and gate.requires_grad):  # y is updated in place: no autograd
+        return False
+    call = _calls.get(layer)
+    if call is None or call.key != (gate.data_ptr(), routing.top_k, routing.temperature):
+        experts = layer.meteora_experts
+        if gate.dtype != torch.float32 or not gate.is_contiguous() or experts.A.dtype not in EXPERT_DTYPES or not fused_available():
+            return False
+        call = _calls[layer] = _Call(gate, experts, routing)
+    ids = weights = None
+    if routing.recorder is not None:
+        ids, weights = torch.empty(T, routing.top_k, dtype=torch.int64), torch.empty(T, routing.top_k)
+    _library().meteora_route_and_add(call.pointer, x.data_ptr(), T, y.data_ptr(),
+                                     None if ids is None else ids.data_ptr(),
+                                     None if weights is None else weights.data_ptr())
+    if ids is not None:
+        routing.record(layer.name, ids, weights, x.shape[:-1])
+    return True
+
+
+def fused_available() -> bool:
+    return _library() is not None
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled fused_cpu.c, built once per source, flags and CPU; None (logged once) where it cannot be."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        log.warning("no C compiler (cc, or $CC): the fused CPU path is off, the torch backend serves every call")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu().encode()])).hexdigest()
+    library = cache_dir() / "native" / f"fused_cpu-{key[:16]}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, moved in whole
+            built = Path(tmp) / library.name
+            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("the fused CPU path is off: %s failed to build %s:\n%s", compiler, SOURCE, result.stderr[-2000:])
+                return None
+            os.replace(built, library)
+    native = ctypes.CDLL(str(library))
+    native.meteora_route_and_add.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                             ctypes.c_void_p, ctypes.c_void_p]
+    native.meteora_route_and_add.restype = None
+    return native
+
+
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's model and flags (Linux), else the machine's name."""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        lines = info.read_text().splitlines()
+        return "\n".join(dict.fromkeys(line for line in lines if line.startswith(("model name", "flags"))))
+    return platform.machine() + platform.processor()
