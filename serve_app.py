@@ -46,7 +46,7 @@ class ServeSettings(BaseModel):
     checkpoint: str  # MeteoRA checkpoint: a directory or s3:// prefix
     base_model: str | None = None  # default: the base model URI the checkpoint records
     model_name: str = Field("meteora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    backend: Annotated[str, AfterValidator(check_backend)] = "auto"  # auto: Triton on GPU; on CPU fused at decode, torch
+    backend: Annotated[str, AfterValidator(check_backend)] = "auto"  # auto: Triton on GPU, one native call per layer on CPU
     max_batch_size: int = Field(16, ge=1)  # requests decoded together per replica
     max_waiting: int = Field(16, ge=0)  # prompts queued behind a full batch before 429 (16 + 16: max_ongoing_requests)
     max_prompt_tokens: int = Field(1024, ge=1)  # longer prompts: 413

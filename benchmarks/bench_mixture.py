@@ -1,12 +1,14 @@
-"""Side-by-side speed of the fused model on CPU: base, PEFT with one adapter, MeteoRA loop and torch backends.
+"""Side-by-side speed of the fused model on CPU: base, PEFT with one adapter, MeteoRA's loop, torch and auto paths
+(auto: one native call per layer, meteora/model/backends/fused_cpu.py).
 
 A Llama-shaped random model (hidden 1024, intermediate 2816, 4 layers, vocab 32000, fp32) with 28 PEFT
-adapters on all seven projections, top-2 routing. Measured in ONE run, variants interleaved per repeat so
-machine noise hits them alike; medians of the repeats; ratios against PEFT-with-one-adapter.
+adapters on all seven projections, top-2 routing; also 28 and 112 adapters of mixed ranks. Measured in ONE run,
+variants interleaved per repeat so machine noise hits them alike; medians of the repeats; ratios against
+PEFT-with-one-adapter.
   decode  batch 8 and batch 1: 128-token prompt, then N single-token steps with the KV cache (tokens/s)
   prefill batch 8 x 128 tokens, logits of the last position only, as in generate (tokens/s)
-Also: the same with heterogeneous ranks (4, 8, 16, 32 in turn), distinct experts read per decode step, and
-the experts' resident memory against the sum of the adapter files.
+Also: the same with heterogeneous ranks (4, 8, 16, 32 in turn; 28 and 112 experts), distinct experts read per
+decode step, and the experts' resident memory against the sum of the adapter files.
 
     python benchmarks/bench_mixture.py [--repeats 3] [--new-tokens 32] [--out benchmarks/results/mixture_cpu.json]
 """
@@ -31,6 +33,7 @@ from meteora import MeteoraModel
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_EXPERTS = 28
+MANY_EXPERTS = 112  # the mixed ranks again, four times as many experts: how the cost grows with them
 
 
 def build_base(seed: int = 0) -> LlamaForCausalLM:
@@ -108,12 +111,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         uniform = {f"r8-{i:02d}": root / f"r8-{i:02d}" for i in range(N_EXPERTS)}
-        mixed = {f"mixed-{i:02d}": root / f"mixed-{i:02d}" for i in range(N_EXPERTS)}
+        mixed = {f"mixed-{i:03d}": root / f"mixed-{i:03d}" for i in range(MANY_EXPERTS)}
         uniform_bytes = sum(write_adapter(base, p, 8, seed=i) for i, p in enumerate(uniform.values()))
-        mixed_bytes = sum(write_adapter(base, p, (4, 8, 16, 32)[i % 4], seed=100 + i) for i, p in enumerate(mixed.values()))
+        mixed_bytes = [write_adapter(base, p, (4, 8, 16, 32)[i % 4], seed=100 + i) for i, p in enumerate(mixed.values())]
         peft = PeftModel.from_pretrained(copy.deepcopy(base), uniform["r8-00"]).eval()
         fused = MeteoraModel.from_adapters(copy.deepcopy(base), uniform, top_k=2, backend="torch")
-        fused_mixed = MeteoraModel.from_adapters(copy.deepcopy(base), mixed, top_k=2, backend="torch")
+        fused_mixed = MeteoraModel.from_adapters(copy.deepcopy(base), dict(list(mixed.items())[:N_EXPERTS]), top_k=2,
+                                                 backend="torch")
+        fused_many = MeteoraModel.from_adapters(copy.deepcopy(base), mixed, top_k=2, backend="torch")
 
     def backend(model, name):
         def run(fn, *a):
@@ -126,8 +131,11 @@ def main() -> None:
         "peft_one_adapter": lambda fn, *a: fn(peft, *a),
         "meteora_loop": backend(fused, "loop"),
         "meteora_torch": backend(fused, "torch"),
-        "meteora_loop_mixed_ranks": backend(fused_mixed, "loop"),
+        "meteora_auto": backend(fused, "auto"),
         "meteora_torch_mixed_ranks": backend(fused_mixed, "torch"),
+        "meteora_auto_mixed_ranks": backend(fused_mixed, "auto"),
+        f"meteora_torch_{MANY_EXPERTS}_mixed_ranks": backend(fused_many, "torch"),
+        f"meteora_auto_{MANY_EXPERTS}_mixed_ranks": backend(fused_many, "auto"),
     }
     g = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, 32000, (b, 128), generator=g) for b in (8, 1)}
@@ -147,12 +155,11 @@ def main() -> None:
 
     medians = {v: {s: round(statistics.median(x), 1) for s, x in per.items()} for v, per in samples.items()}
     ratios = {v: {s: round(medians[v][s] / medians["peft_one_adapter"][s], 3) for s in scenarios} for v in variants}
-    fused.configure(backend="torch")
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": machine(),
         "setup": {"hidden": 1024, "intermediate": 2816, "layers": 4, "vocab": 32000, "dtype": "float32",
-                  "experts": N_EXPERTS, "top_k": 2, "modules": MODULES, "prompt_tokens": 128,
+                  "experts": N_EXPERTS, "many_experts": MANY_EXPERTS, "top_k": 2, "modules": MODULES, "prompt_tokens": 128,
                   "new_tokens": args.new_tokens, "repeats": args.repeats, "mixed_ranks": [4, 8, 16, 32]},
         "tokens_per_s_median": medians,
         "ratio_to_peft_one_adapter": ratios,  # the mixed-rank variants too are divided by PEFT with one rank-8 adapter
@@ -160,7 +167,8 @@ def main() -> None:
                                              "batch1": distinct_experts_per_step(fused, prompts[1])},
         "experts_memory_vs_adapter_files": {
             "uniform_r8": round(experts_bytes(fused) / uniform_bytes, 4),
-            "mixed_ranks": round(experts_bytes(fused_mixed) / mixed_bytes, 4),
+            "mixed_ranks": round(experts_bytes(fused_mixed) / sum(mixed_bytes[:N_EXPERTS]), 4),
+            f"{MANY_EXPERTS}_mixed_ranks": round(experts_bytes(fused_many) / sum(mixed_bytes), 4),
         },
         "samples": samples,
     }

@@ -13,8 +13,8 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")  # expert names; they 
 class MeteoraConfig:
     top_k: int = 2  # experts applied per token at every adapted layer (the paper uses 2)
     temperature: float = 1.0  # softmax temperature over the k picked logits (the reference raises it for composite tasks)
-    backend: str = "auto"  # "loop" (reference), "torch" (vectorized), "triton" (GPU kernels), "fused" (one native
-    # CPU call per layer), "auto" (per device and size)
+    backend: str = "auto"  # "loop" (reference), "torch" (vectorized), "triton" (GPU kernels), "auto" (per device;
+    # CPU inference: one native call per layer, backends/fused_cpu.py)
 
     def __post_init__(self):
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:

@@ -33,7 +33,7 @@ class MeteoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # [..., d_out] in the base dtype
-        if self.routing.backend in ("auto", "fused") and add_fused_delta(self, x, y):  # CPU inference: one call
+        if self.routing.backend == "auto" and add_fused_delta(self, x, y):  # CPU inference: one native call
             return y
         x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
         ids, weights = self.routing.route(x2, self.meteora_gate)  # [T, k], [T, k]

@@ -1,7 +1,8 @@
 """The fused CPU call (meteora/model/backends/fused_cpu.c): one layer's routing and experts' delta, built with the
-machine's C compiler. It matches a float64 reference of the whole layer (gate, top-k, softmax, delta), fp32 and bf16
-experts, at any temperature; `auto` takes it at decode sizes only; a machine without a compiler keeps the torch
-backend with the same outputs."""
+machine's C compiler, which `auto` takes for CPU inference. It matches a float64 reference of the whole layer (gate,
+top-k, softmax, delta), fp32 and bf16 experts, at any temperature, one token or many (shared among threads); it
+generates as the loop backend does; training and forced experts keep the torch backend; a machine without a
+compiler keeps the torch backend with the same outputs."""
 import copy
 
 import pytest
@@ -24,7 +25,7 @@ def _layer(ranks, top_k, temperature, dtype, seed=0):
                for e, r in enumerate(ranks)]
     base = nn.Linear(48, 40)
     gate = torch.randn(len(ranks), 48, generator=g)
-    routing = Routing(top_k, temperature, "fused")
+    routing = Routing(top_k, temperature, "auto")
     return MeteoraLinear("layer", base, ExpertStack.from_modules(modules, dtype), routing, gate=gate)
 
 
@@ -42,7 +43,7 @@ def _reference(layer: MeteoraLinear, x: torch.Tensor) -> tuple[torch.Tensor, tor
     return out, ids
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 300])
+@pytest.mark.parametrize("tokens", [1, 7, 300])  # 300: shared among the OpenMP threads
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("ranks", RANKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,7 +65,7 @@ def _models(tmp_path, backends):
     return [MeteoraModel.from_adapters(copy.deepcopy(base), paths, top_k=2, backend=b, seed=7) for b in backends]
 
 
-def test_auto_takes_the_fused_call_at_decode_sizes_only(tmp_path, monkeypatch):
+def test_auto_takes_the_fused_call_for_the_prompt_and_every_step_and_generates_as_the_loop_does(tmp_path, monkeypatch):
     loop_model, auto_model = _models(tmp_path, ("loop", "auto"))
     sizes = []
 
@@ -75,20 +76,20 @@ def test_auto_takes_the_fused_call_at_decode_sizes_only(tmp_path, monkeypatch):
         return fused
 
     monkeypatch.setattr(layer_module, "add_fused_delta", counted)
-    prompt = random_ids(batch=2, length=fused_cpu.FUSED_MAX_TOKENS)  # 2 x 16 tokens: the torch backend
+    prompt = random_ids(batch=2, length=40)
     with torch.no_grad():
         out = auto_model.generate(prompt, max_new_tokens=4, do_sample=False, output_scores=True,
                                   return_dict_in_generate=True, pad_token_id=0)
         reference = loop_model.generate(prompt, max_new_tokens=4, do_sample=False, output_scores=True,
                                         return_dict_in_generate=True, pad_token_id=0)
-    assert sizes and set(sizes) == {2}  # every decode step (2 tokens) at every layer, never the prompt
-    assert len(sizes) == 3 * len(auto_model.layer_names)
+    layers = len(auto_model.layer_names)
+    assert sizes == [80] * layers + [2] * 3 * layers  # the prompt (2 x 40 tokens), then 3 steps of 2, every layer
     assert torch.equal(out.sequences, reference.sequences)
     torch.testing.assert_close(torch.stack(out.scores), torch.stack(reference.scores), rtol=1e-4, atol=1e-4)
 
 
 def test_training_and_forced_experts_keep_the_torch_backend(tmp_path):
-    fused_model, torch_model = _models(tmp_path, ("fused", "torch"))
+    fused_model, torch_model = _models(tmp_path, ("auto", "torch"))
     ids = random_ids(batch=1, length=5)
     for model in (fused_model, torch_model):
         model.base_model.zero_grad()

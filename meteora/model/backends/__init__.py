@@ -1,9 +1,9 @@
 """Backends compute the experts' delta of one layer from the routing: (x, ids, weights, experts) -> delta.
 
 Each is a function in its own file; this table is the only dispatch. "auto" is resolved at every call from
-where the activations are: on a CPU at decode sizes the fused call of fused_cpu.py (routing and delta in one
-native call; the layer tries it first), the Triton kernels on CUDA (when triton is installed and no gradient is
-needed), the vectorized torch backend otherwise. "fused" takes the fused call at every size where it applies.
+where the activations are: for CPU inference the fused call of fused_cpu.py (routing and delta in one native
+call; the layer tries it first), the Triton kernels on CUDA (when triton is installed and no gradient is
+needed), the vectorized torch backend otherwise (training, forced or teacher routing).
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ BACKENDS: dict[str, DeltaFn] = {"loop": loop_delta, "torch": vectorized_delta, "
 
 
 def check_backend(name: str) -> str:
-    if name not in ("auto", "fused") and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: choose one of {sorted(BACKENDS)}, 'fused' or 'auto'")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {sorted(BACKENDS)} or 'auto'")
     return name
 
 
 def pick_backend(name: str, x: torch.Tensor, needs_grad: bool) -> DeltaFn:
     """The delta function for backend `name` applied to activations `x`, where the fused CPU call does not apply
-    (fused_cpu.py: the layer tries it first under "auto" and "fused")."""
-    if name in ("auto", "fused"):
+    (under "auto" the layer tries fused_cpu.py first)."""
+    if name == "auto":
         name = "triton" if x.is_cuda and not needs_grad and triton_available() else "torch"
     return BACKENDS[name]

@@ -10,11 +10,13 @@
  * at its own rank (the scaling folded into B_t), expert e's rows start at offsets[e] and number ranks[e]. All
  * arithmetic is fp32; A and B_t are fp32 or bf16 (upcast as they are read). ids and weights are written out for
  * the routing trace. Rows are read four at a time (four dot products share each load of x; four rows of B_t
- * update y in one pass). Single-threaded: extra threads would contend with torch's own, which spin between ops.
+ * update y in one pass).
  */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+
+#define PARALLEL_MIN_TOKENS 64
 
 static inline float from_f32(const float *p, int64_t i) { return p[i]; }
 
@@ -93,26 +95,32 @@ typedef struct {
     int32_t experts_bf16;
 } meteora_layer;
 
-/* y [T, d_out] += the delta of x [T, d_in]; ids [T, k] and weights [T, k] are written when not NULL. */
-void meteora_route_and_add(const meteora_layer *layer, const float *x, int64_t T, float *y, int64_t *ids,
-                           float *weights) {
+/* One token: y_t [d_out] += its delta; its ids and weights [k] written when not NULL. */
+static void token(const meteora_layer *layer, const float *x_t, float *y_t, int64_t *ids, float *weights) {
     const int64_t E = layer->E, k = layer->k, d_in = layer->d_in, d_out = layer->d_out;
     float logits[E], h[layer->r_max > 0 ? layer->r_max : 1], token_weights[k];
     int64_t token_ids[k];
-    for (int64_t t = 0; t < T; t++) {
-        const float *x_t = x + t * d_in;
-        float *y_t = y + t * d_out;
-        dots_f32(layer->gate, E, x_t, d_in, logits);
-        route(logits, E, k, layer->temperature, token_ids, token_weights);
-        for (int64_t j = 0; j < k; j++) {
-            int64_t first = layer->offsets[token_ids[j]], rank = layer->ranks[token_ids[j]];
-            if (layer->experts_bf16) dots_bf16((const uint16_t *)layer->A + first * d_in, rank, x_t, d_in, h);
-            else dots_f32((const float *)layer->A + first * d_in, rank, x_t, d_in, h);
-            for (int64_t c = 0; c < rank; c++) h[c] *= token_weights[j];
-            if (layer->experts_bf16) axpys_bf16(y_t, (const uint16_t *)layer->B_t + first * d_out, rank, h, d_out);
-            else axpys_f32(y_t, (const float *)layer->B_t + first * d_out, rank, h, d_out);
-        }
-        if (ids) memcpy(ids + t * k, token_ids, k * sizeof *token_ids);
-        if (weights) memcpy(weights + t * k, token_weights, k * sizeof *token_weights);
+    dots_f32(layer->gate, E, x_t, d_in, logits);
+    route(logits, E, k, layer->temperature, token_ids, token_weights);
+    for (int64_t j = 0; j < k; j++) {
+        int64_t first = layer->offsets[token_ids[j]], rank = layer->ranks[token_ids[j]];
+        if (layer->experts_bf16) dots_bf16((const uint16_t *)layer->A + first * d_in, rank, x_t, d_in, h);
+        else dots_f32((const float *)layer->A + first * d_in, rank, x_t, d_in, h);
+        for (int64_t c = 0; c < rank; c++) h[c] *= token_weights[j];
+        if (layer->experts_bf16) axpys_bf16(y_t, (const uint16_t *)layer->B_t + first * d_out, rank, h, d_out);
+        else axpys_f32(y_t, (const float *)layer->B_t + first * d_out, rank, h, d_out);
     }
+    if (ids) memcpy(ids, token_ids, k * sizeof *ids);
+    if (weights) memcpy(weights, token_weights, k * sizeof *weights);
+}
+
+/* y [T, d_out] += the delta of x [T, d_in]; ids [T, k] and weights [T, k] are written when not NULL. From
+ * PARALLEL_MIN_TOKENS tokens on, the tokens are shared among the OpenMP threads: torch's own (the process has one
+ * libgomp.so.1, loaded by torch), so they do not contend with its ops. */
+void meteora_route_and_add(const meteora_layer *layer, const float *x, int64_t T, float *y, int64_t *ids,
+                           float *weights) {
+    const int64_t k = layer->k;
+#pragma omp parallel for schedule(static) if (T >= PARALLEL_MIN_TOKENS)
+    for (int64_t t = 0; t < T; t++)
+        token(layer, x + t * layer->d_in, y + t * layer->d_out, ids ? ids + t * k : NULL, weights ? weights + t * k : NULL);
 }

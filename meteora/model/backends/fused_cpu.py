@@ -7,11 +7,10 @@ all in one loop per token (semantics in its header). It is C with no dependency,
 machine's C compiler (`cc`, or $CC) for this CPU into the cache ($METEORA_CACHE/native/, keyed by the source,
 the flags and the CPU) and called through ctypes. Where no compiler is found, `auto` keeps the torch backend.
 
-It applies to inference with gate routing (no forced or teacher routing, no gradient, no logits kept for
-training) on fp32 CPU activations with an fp32 gate and fp32 or bf16 experts. `auto` takes it up to
-FUSED_MAX_TOKENS tokens per call (decode); above, the torch backend's multi-threaded GEMMs win as the experts
-grow (its gate GEMV runs per token: at prefill with 112 experts it is the slower path). backend="fused" takes it
-at every size (benchmarks/bench_mixture.py and bench_decode.py compare them).
+The `auto` backend takes it for inference with gate routing (no forced or teacher routing, no gradient, no
+logits kept for training) on fp32 CPU activations with an fp32 gate and fp32 or bf16 experts, at every size: it
+measured faster than the torch backend at decode and at prefill, where its tokens are shared among torch's own
+OpenMP threads (benchmarks/bench_decode.py, bench_mixture.py).
 """
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ from ..routing import Routing
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("fused_cpu.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"]
-FUSED_MAX_TOKENS = 64  # auto: decode of up to 64 sequences at once
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 EXPERT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -68,7 +66,7 @@ def add_fused_delta(layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     where the fused call applies to this MeteoraLinear (see above); False, y untouched, where it does not."""
     routing, T = layer.routing, x.numel() // x.shape[-1]
     if (routing.forced is not None or routing.token_experts is not None or routing.gate_logits is not None
-            or (T > FUSED_MAX_TOKENS and routing.backend != "fused") or x.device.type != "cpu"
+            or x.device.type != "cpu"
             or x.dtype != torch.float32 or y.dtype != torch.float32 or not (x.is_contiguous() and y.is_contiguous())):
         return False
     gate = layer.meteora_gate
