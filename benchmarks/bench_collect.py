@@ -1,4 +1,4 @@
-"""Collecting 32 adapters from a loopback S3 (moto_server, its own process): Ray's parallel fetch vs one by one.
+"""Collecting 32 adapters from a loopback S3 (SeaweedFS, pipelines/local_s3.py): Ray's parallel fetch vs one by one.
 
 Variants, interleaved per repeat, each into a fresh local registry:
   ray_parallel   pipelines/collect_adapters.collect(parallel=8): Ray tasks fetch and check 8 adapters at once
@@ -17,7 +17,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from meteora.registry import fetch_adapter, inspect_base, plan_index
 ROOT = Path(__file__).parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the pipelines and the tests' tiny-model helpers
 from pipelines.collect_adapters import collect  # noqa: E402
-from pipelines.local_cluster import free_ports  # noqa: E402
+from pipelines.local_s3 import LocalS3  # noqa: E402
 from tiny import ALL_MODULES, make_adapter  # noqa: E402
 
 
@@ -56,14 +55,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/collect_loopback_s3.json")
     args = parser.parse_args()
-    port = free_ports(1)[0]
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     work = Path(tempfile.mkdtemp())
+    server = LocalS3(work / "s3").start()
+    os.environ.update(server.env)
     try:
-        time.sleep(2)
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket="bench")
         base = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
@@ -105,7 +100,7 @@ def main() -> None:
         result = {
             "command": "python " + " ".join(sys.argv),
             "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                        "s3": "moto_server on 127.0.0.1 (separate process)"},
+                        "s3": "SeaweedFS (weed mini) on 127.0.0.1, its own process group"},
             "adapters": args.adapters, "adapter_bytes_total": adapter_bytes,
             "seconds_median": medians, "seconds": seconds, "ray_parallel_cold_first_run_seconds": cold,
             "ratio_one_by_one_over_ray_parallel": medians["one_by_one"] / medians["ray_parallel"],
@@ -115,7 +110,7 @@ def main() -> None:
         print(json.dumps({k: result[k] for k in ("seconds_median", "ratio_one_by_one_over_ray_parallel")}, indent=2))
     finally:
         ray.shutdown()
-        server.terminate()
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
