@@ -100,23 +100,28 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler (cc, or $CC): the fused CPU path is off, the torch backend serves every call")
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu().encode()])).hexdigest()
-    library = cache_dir() / "native" / f"fused_cpu-{key[:16]}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, moved in whole
-            built = Path(tmp) / library.name
-            result = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True)
-            if result.returncode != 0:
-                log.warning("the fused CPU path is off: %s failed to build %s:\n%s", compiler, SOURCE, result.stderr[-2000:])
-                return None
-            os.replace(built, library)
-    native = ctypes.CDLL(str(library))
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(), _cpu().encode()]))
+    library = cache_dir() / "native" / f"fused_cpu-{key.hexdigest()[:16]}.so"
+    try:
+        if not library.exists():
+            _build(compiler, library)
+        native = ctypes.CDLL(str(library))
+    except (OSError, subprocess.CalledProcessError) as error:  # a read-only cache, a compiler that fails
+        log.warning("the fused CPU path is off, the torch backend serves every call: %s%s", error,
+                    f"\n{error.stderr[-2000:]}" if isinstance(error, subprocess.CalledProcessError) else "")
+        return None
     native.meteora_route_and_add.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                              ctypes.c_void_p, ctypes.c_void_p]
     native.meteora_route_and_add.restype = None
     return native
+
+
+def _build(compiler: str, library: Path) -> None:
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, moved in whole
+        built = Path(tmp) / library.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(built, library)
 
 
 def _cpu() -> str:
