@@ -217,13 +217,13 @@ def signal_group(pgid: int, sig: int, wait_s: float) -> bool:
     while time.monotonic() < deadline:
         with contextlib.suppress(ChildProcessError):  # the group's leader, when this process started it: reap it
             os.waitpid(pgid, os.WNOHANG)
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             return False
         time.sleep(0.2)
     return True
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether a process of the group runs: a zombie (dead, not yet reaped by whoever adopted it) does not."""
     for process in psutil.process_iter(["status"]):
         try:

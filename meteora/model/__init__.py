@@ -21,7 +21,7 @@ from .fingerprint import BaseFingerprint, BaseInfo, structure_hash
 from .gguf import is_gguf
 from .layer import MeteoraLinear
 from .meteora_model import GenerationWithRouting, MeteoraModel
-from .routing import RoutingTrace
+from .routing import Routing, RoutingTrace
 
 __all__ = [
     "BACKENDS",
@@ -38,6 +38,7 @@ __all__ = [
     "MeteoraModel",
     "NAME_PATTERN",
     "Precision",
+    "Routing",
     "RoutingTrace",
     "bf16_is_fast",
     "check_backend",

@@ -12,8 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .backends import pick_backend
-from .backends.fused_cpu import add_fused_delta
+from .backends import fused_cpu, pick_backend
 from .experts import ExpertStack
 from .routing import Routing
 
@@ -33,7 +32,7 @@ class MeteoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # [..., d_out] in the base dtype
-        if self.routing.backend == "auto" and add_fused_delta(self, x, y):  # CPU inference: one native call
+        if self.routing.backend == "auto" and fused_cpu.add_fused_delta(self, x, y):  # CPU inference: one native call
             return y
         x2 = x.reshape(-1, x.shape[-1])  # [T, d_in]
         ids, weights = self.routing.route(x2, self.meteora_gate)  # [T, k], [T, k]

@@ -10,12 +10,10 @@ import torch
 from torch import nn
 
 from meteora import ExpertStack, LoraModule, MeteoraModel
-from meteora.model import layer as layer_module
-from meteora.model.backends import fused_cpu
-from meteora.model.layer import MeteoraLinear
-from meteora.model.routing import Routing
+from meteora.model import MeteoraLinear, Routing, backends
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
+fused_cpu = backends.fused_cpu
 RANKS = ([4, 16, 0, 8, 2, 32], [4] * 12 + [2] * 8)  # one expert not targeting the layer; many small ones
 
 
@@ -69,13 +67,15 @@ def test_auto_takes_the_fused_call_for_the_prompt_and_every_step_and_generates_a
     loop_model, auto_model = _models(tmp_path, ("loop", "auto"))
     sizes = []
 
+    fused_delta = fused_cpu.add_fused_delta
+
     def counted(layer, x, y):
-        fused = fused_cpu.add_fused_delta(layer, x, y)
+        fused = fused_delta(layer, x, y)
         if fused:
             sizes.append(x.numel() // x.shape[-1])
         return fused
 
-    monkeypatch.setattr(layer_module, "add_fused_delta", counted)
+    monkeypatch.setattr(fused_cpu, "add_fused_delta", counted)
     prompt = random_ids(batch=2, length=40)
     with torch.no_grad():
         out = auto_model.generate(prompt, max_new_tokens=4, do_sample=False, output_scores=True,

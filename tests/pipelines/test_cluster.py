@@ -16,7 +16,6 @@ from pathlib import Path
 import boto3
 import httpx
 import openai
-import psutil
 import pytest
 import torch
 import yaml
@@ -50,15 +49,8 @@ def cluster(tmp_path_factory, s3_endpoint):
     boto3.client("s3").create_bucket(Bucket="cluster")
     yield {**state, "dir": state_dir, "env": env, "home": home}
     subprocess.run([*make, "cluster-down"], check=True, capture_output=True, timeout=120, env=env)
-    left = [p for p in psutil.process_iter() if _pgid(p) in {state["pgid"], *(n["pgid"] for n in state["nodes"])}]
-    assert not (state_dir / local_cluster.STATE_FILE).exists() and not left, left
-
-
-def _pgid(process: psutil.Process) -> int | None:
-    try:
-        return os.getpgid(process.pid)
-    except OSError:
-        return None
+    assert not (state_dir / local_cluster.STATE_FILE).exists()
+    assert not [g for g in (state["pgid"], *(n["pgid"] for n in state["nodes"])) if local_cluster.group_alive(g)]
 
 
 def test_make_cluster_up_makes_a_token_on_a_machine_without_one_and_its_job_api_asks_for_it(cluster):

@@ -2,14 +2,12 @@
 now belongs to other processes kills nothing. `pipelines/local_s3.py up` starts a real S3 server and `down`
 stops it."""
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import boto3
-import psutil
 
 from pipelines import local_cluster
 
@@ -42,11 +40,4 @@ def test_the_s3_server_command_starts_one_and_stops_it(tmp_path):
     finally:
         subprocess.run([*script, "down", "--dir", str(tmp_path)], capture_output=True, timeout=60, check=True)
     assert not (tmp_path / "s3.json").exists()
-    assert not [p for p in psutil.process_iter() if _in_group(p, state["pgid"])]
-
-
-def _in_group(process: psutil.Process, pgid: int) -> bool:
-    try:
-        return os.getpgid(process.pid) == pgid
-    except OSError:
-        return False
+    assert not local_cluster.group_alive(state["pgid"])

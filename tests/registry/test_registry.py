@@ -97,7 +97,7 @@ def test_collect_from_s3_register_more_later_and_load_a_model(world, tmp_path, c
     fused = MeteoraModel.from_adapters(copy.deepcopy(world["base"]), registry, top_k=2)
     direct = MeteoraModel.from_adapters(copy.deepcopy(world["base"]), {"upper": world["local"]["upper"]}, top_k=1)
     assert fused.expert_names == ["reverse", "sort", "upper", "lower"]
-    with torch.no_grad(), fused.force_experts(["upper"]):
+    with torch.no_grad(), fused.force_experts(["upper"]), direct.force_experts(["upper"]):  # one path: bit for bit
         assert torch.equal(fused(random_ids()).logits, direct(random_ids()).logits)
 
     before = snapshot(registry_dir)
