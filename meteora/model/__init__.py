@@ -4,7 +4,8 @@
     experts.py       one layer's experts stacked at their own ranks (ExpertStack)
     routing.py       top-k routing settings shared by all layers, routing traces
     layer.py         MeteoraLinear: base nn.Linear + experts + gate
-    backends/        loop (reference), torch (vectorized), triton: the experts' delta of one layer
+    backends/        loop (reference), torch (vectorized), triton: the experts' delta of one layer; fused_cpu:
+                     CPU inference's routing and delta in one native call
     meteora_model.py MeteoraModel: from_adapters, from_pretrained, save_pretrained, generate, force_experts
     base_model.py    the base model and tokenizer from a directory (local or s3://), the runtime device and dtype
     gguf.py          a GGUF base model, converted once into a cached transformers directory

@@ -216,7 +216,7 @@ def test_the_object_store_down_at_a_checkpoint_fails_that_attempt_and_the_run_re
     failed = _LogSeen("its storage failed")
     logging.getLogger("train_gates").addHandler(failed)
     s3_server.stop()  # the store is gone until a checkpoint write has failed (a worker's, if not the controller's:
-    failed.seen.wait(timeout=30)  # 30 s span several checkpoints), then comes back on the same port
+    failed.seen.wait(timeout=20)  # 20 s span several checkpoints), then comes back on the same port
     s3_server.start()
     logging.getLogger("train_gates").removeHandler(failed)
     runner.join(timeout=600)
