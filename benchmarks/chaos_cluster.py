@@ -58,20 +58,14 @@ class Cluster:
         self.dir = state_dir
         self.state = json.loads((state_dir / local_cluster.STATE_FILE).read_text())
 
-    def list(self, kind: str, *filters: str) -> list[dict]:
-        command = [str(BIN / "ray"), "list", kind, f"--address={self.state['gcs_address']}", "--format=json", "--limit=10000"]
-        for condition in filters:
-            command += ["--filter", condition]
-        out = subprocess.run(command, env=_ray_env(), capture_output=True, text=True, check=True).stdout
-        return json.loads(out) if out.startswith("[") else []
-
     def ips(self) -> dict[str, str]:
-        return {n["node_id"]: n["node_ip"] for n in self.list("nodes")}
+        return {n["node_id"]: n["node_ip"] for n in local_cluster.ray_list(self.state, "nodes")}
 
     def placed(self, class_name: str) -> list[str]:
         """The node address of every live actor of `class_name`."""
         ips = self.ips()
-        return sorted(ips[a["node_id"]] for a in self.list("actors", f"class_name={class_name}", "state=ALIVE"))
+        return sorted(ips[a["node_id"]] for a in local_cluster.ray_list(self.state, "actors", f"class_name={class_name}",
+                                                                        "state=ALIVE"))
 
     def kill(self, ip: str) -> float:
         local_cluster.kill_node(self.dir, ip)
@@ -227,7 +221,7 @@ def main() -> None:
         summary = model.training_summary
         resumed = summary["attempts"][-1]
         result["collect_tasks_on"] = dict(Counter(cluster.ips().get(t["node_id"], t["node_id"])
-                                                  for t in cluster.list("tasks", "name=_fetch")))
+                                                  for t in local_cluster.ray_list(cluster.state, "tasks", "name=_fetch")))
         result["training"] = {
             "workers_on": workers, "checkpoint_registered_at_step": resumable, "killed_node": workers[0],
             "replacement_node": replacement, "attempts": summary["attempts"],

@@ -149,15 +149,24 @@ def _save(state_dir: Path, state: dict) -> None:
     (state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+def ray_list(state: dict, kind: str, *filters: str) -> list[dict]:
+    """Ray's state API (`ray list KIND --filter ...`) asked of the cluster's GCS with its token; raises
+    CalledProcessError when the GCS does not answer."""
+    command = [_ray(), "list", kind, f"--address={state['gcs_address']}", "--format=json", "--limit=10000"]
+    for condition in filters:
+        command += ["--filter", condition]
+    listed = subprocess.run(command, env=_env(RAY_AUTH_TOKEN_PATH=state["token_path"]), capture_output=True, text=True,
+                            check=True)
+    return json.loads(listed.stdout) if listed.stdout.startswith("[") else []  # none: "No resource in the cluster"
+
+
 def _wait_for_node(state: dict, ip: str, process: subprocess.Popen) -> bool:
     """Whether a live node with address `ip` is in the cluster before the deadline (asked of the GCS by `ray list`)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and process.poll() is None:
-        listed = subprocess.run([_ray(), "list", "nodes", f"--address={state['gcs_address']}", "--filter", "state=ALIVE",
-                                 "--filter", f"node_ip={ip}", "--format=json"],
-                                env=_env(RAY_AUTH_TOKEN_PATH=state["token_path"]), capture_output=True, text=True)
-        if listed.returncode == 0 and listed.stdout.startswith("[") and json.loads(listed.stdout):  # else "No resource..."
-            return True
+        with contextlib.suppress(subprocess.CalledProcessError):  # the GCS not answering yet
+            if ray_list(state, "nodes", "state=ALIVE", f"node_ip={ip}"):
+                return True
         time.sleep(1)
     return False
 

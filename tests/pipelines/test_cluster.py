@@ -63,21 +63,12 @@ def test_make_cluster_up_makes_a_token_on_a_machine_without_one_and_its_job_api_
     assert sorted(node_ips(cluster).values()) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 
-def ray_list(cluster: dict, kind: str, *filters: str) -> list[dict]:
-    """Ray's state API, asked of the cluster's GCS (`ray list`)."""
-    command = [str(BIN / "ray"), "list", kind, f"--address={cluster['gcs_address']}", "--format=json", "--limit=1000"]
-    for condition in filters:
-        command += ["--filter", condition]
-    listed = subprocess.run(command, env=cluster["env"], capture_output=True, text=True, check=True)
-    return json.loads(listed.stdout) if listed.stdout.startswith("[") else []  # none: "No resource in the cluster"
-
-
 def node_ips(cluster: dict) -> dict[str, str]:
-    return {node["node_id"]: node["node_ip"] for node in ray_list(cluster, "nodes")}
+    return {node["node_id"]: node["node_ip"] for node in local_cluster.ray_list(cluster, "nodes")}
 
 
 def alive_actors(cluster: dict, class_name: str) -> list[dict]:
-    return ray_list(cluster, "actors", f"class_name={class_name}", "state=ALIVE")
+    return local_cluster.ray_list(cluster, "actors", f"class_name={class_name}", "state=ALIVE")
 
 
 def test_a_node_killed_mid_training_resumes_from_s3_checkpoints_to_the_same_gates(cluster, local_ray, tmp_path, monkeypatch):
