@@ -49,8 +49,9 @@ class _Call:
     """One layer's fused call: pointers into its tensors (kept alive here) and its routing settings. Rebuilt when the
     gate moves (a cast, a new gate) or the settings change; an ExpertStack's tensors are never replaced in place."""
 
-    def __init__(self, gate: torch.Tensor, experts: ExpertStack, routing: Routing):
-        self.key = (gate.data_ptr(), routing.top_k, routing.temperature)
+    def __init__(self, gate: torch.Tensor, experts: ExpertStack, routing: Routing, native: ctypes.CDLL):
+        self.key = _key(gate, routing)
+        self.run = native.meteora_route_and_add
         self.tensors = (gate.detach(), experts.A, experts.B_t, experts.offsets, experts.ranks)
         self.layer = _Layer(gate.data_ptr(), experts.A.data_ptr(), experts.B_t.data_ptr(), experts.offsets.data_ptr(),
                             experts.ranks.data_ptr(), gate.shape[0], routing.top_k, gate.shape[1],
@@ -73,20 +74,23 @@ def add_fused_delta(layer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     if y.requires_grad or (torch.is_grad_enabled() and gate.requires_grad):  # y is updated in place: no autograd
         return False
     call = _calls.get(layer)
-    if call is None or call.key != (gate.data_ptr(), routing.top_k, routing.temperature):
-        experts = layer.meteora_experts
-        if gate.dtype != torch.float32 or not gate.is_contiguous() or experts.A.dtype not in EXPERT_DTYPES or not fused_available():
+    if call is None or call.key != _key(gate, routing):
+        experts, native = layer.meteora_experts, _library()
+        if gate.dtype != torch.float32 or not gate.is_contiguous() or experts.A.dtype not in EXPERT_DTYPES or native is None:
             return False
-        call = _calls[layer] = _Call(gate, experts, routing)
+        call = _calls[layer] = _Call(gate, experts, routing, native)
     ids = weights = None
     if routing.recorder is not None:
         ids, weights = torch.empty(T, routing.top_k, dtype=torch.int64), torch.empty(T, routing.top_k)
-    _library().meteora_route_and_add(call.pointer, x.data_ptr(), T, y.data_ptr(),
-                                     None if ids is None else ids.data_ptr(),
-                                     None if weights is None else weights.data_ptr())
+    call.run(call.pointer, x.data_ptr(), T, y.data_ptr(), None if ids is None else ids.data_ptr(),
+             None if weights is None else weights.data_ptr())
     if ids is not None:
         routing.record(layer.name, ids, weights, x.shape[:-1])
     return True
+
+
+def _key(gate: torch.Tensor, routing: Routing) -> tuple:
+    return gate.data_ptr(), routing.top_k, routing.temperature
 
 
 def fused_available() -> bool:
