@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -43,7 +42,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bench_mixture import decode_tokens_per_s, machine, prefill_tokens_per_s  # noqa: E402
+from bench_mixture import (decode_tokens_per_s, machine, prefill_tokens_per_s, ratios_to_peft,  # noqa: E402
+                           side_by_side)
 from client import keep_asking, new_question  # noqa: E402
 from meteora import MeteoraModel, load_base_model  # noqa: E402
 from meteora.evaluation import markdown_table  # noqa: E402
@@ -97,24 +97,15 @@ def speed(checkpoint: str, adapter: Path, repeats: int, new_tokens: int) -> dict
     fused = MeteoraModel.from_pretrained(checkpoint, backend="torch").eval()
     base = load_base_model(fused.base_info.uri).eval()
     peft = PeftModel.from_pretrained(copy.deepcopy(base), adapter).eval()
-    variants = {"base": base, "peft_one_adapter": peft, "meteora_torch_top2": fused}
+    variants = {name: (lambda fn, *a, model=model: fn(model, *a))
+                for name, model in {"base": base, "peft_one_adapter": peft, "meteora_torch_top2": fused}.items()}
     g = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, base.config.vocab_size, (b, 128), generator=g) for b in (8, 1)}
     scenarios = {"decode_batch8": (decode_tokens_per_s, prompts[8], new_tokens),
                  "decode_batch1": (decode_tokens_per_s, prompts[1], new_tokens),
                  "prefill_batch8x128": (prefill_tokens_per_s, prompts[8])}
-    samples = {v: {s: [] for s in scenarios} for v in variants}
-    for model in variants.values():
-        prefill_tokens_per_s(model, prompts[1])  # warm-up
-    for _ in range(repeats):
-        for scenario, (fn, *args) in scenarios.items():
-            for name, model in variants.items():
-                samples[name][scenario].append(fn(model, *args))
-    medians = {v: {s: round(statistics.median(x), 1) for s, x in per.items()} for v, per in samples.items()}
-    return {"tokens_per_s_median": medians,
-            "ratio_to_peft_one_adapter": {v: {s: round(medians[v][s] / medians["peft_one_adapter"][s], 3) for s in scenarios}
-                                          for v in variants},
-            "experts": len(fused.expert_names), "ranks": sorted({e.rank for e in fused.experts}),
+    samples = side_by_side(variants, scenarios, prompts[1], repeats)
+    return {**ratios_to_peft(samples), "experts": len(fused.expert_names), "ranks": sorted({e.rank for e in fused.experts}),
             "adapted_layers": len(fused.layer_names), "peft_adapter": adapter.name, "samples": samples}
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -24,32 +23,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
-from bench_mixture import decode_tokens_per_s, machine, prefill_tokens_per_s  # noqa: E402
+from bench_mixture import decode_tokens_per_s, machine, prefill_tokens_per_s, ratios_to_peft, side_by_side  # noqa: E402
 from meteora import MeteoraModel, load_base_model  # noqa: E402
 from meteora.registry import load_manifest  # noqa: E402
 from suites.chattasks import build  # noqa: E402
-
-
-def side_by_side(variants: dict, prompts: dict, repeats: int, new_tokens: int) -> dict:
-    """{variant: {scenario: [tokens/s per repeat]}}, variants interleaved within each repeat."""
-    scenarios = {"decode_batch1": (decode_tokens_per_s, prompts[1], new_tokens),
-                 "decode_batch8": (decode_tokens_per_s, prompts[8], new_tokens),
-                 "prefill_batch8x128": (prefill_tokens_per_s, prompts[8])}
-    for run in variants.values():  # warm-up (and the fused call's build, once per machine)
-        run(decode_tokens_per_s, prompts[1], 2)
-    samples = {v: {s: [] for s in scenarios} for v in variants}
-    for repeat in range(repeats):
-        for scenario, (fn, *args) in scenarios.items():
-            for name, run in variants.items():
-                samples[name][scenario].append(run(fn, *args))
-        print(f"repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return samples
-
-
-def summary(samples: dict, reference: str = "peft_one_adapter") -> dict:
-    medians = {v: {s: round(statistics.median(x), 1) for s, x in per.items()} for v, per in samples.items()}
-    ratios = {v: {s: round(medians[v][s] / medians[reference][s], 3) for s in per} for v, per in medians.items()}
-    return {"tokens_per_s_median": medians, "ratio_to_peft_one_adapter": ratios}
 
 
 def with_backend(model: MeteoraModel, backend: str):
@@ -77,13 +54,16 @@ def main() -> None:
                 "meteora_torch": with_backend(fused, "torch"), "meteora_auto": with_backend(fused, "auto")}
     g = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, base.config.vocab_size, (b, 128), generator=g) for b in (1, 8)}
-    samples = side_by_side(variants, prompts, args.repeats, args.new_tokens)
+    scenarios = {"decode_batch1": (decode_tokens_per_s, prompts[1], args.new_tokens),
+                 "decode_batch8": (decode_tokens_per_s, prompts[8], args.new_tokens),
+                 "prefill_batch8x128": (prefill_tokens_per_s, prompts[8])}
+    samples = side_by_side(variants, scenarios, prompts[1], args.repeats)
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(),
               "setup": {"model": manifest.base_name, "experts": len(ranks), "ranks": ranks,
                         "adapted_layers": len(fused.layer_names), "top_k": 2, "peft_adapter": peft_adapter,
                         "prompt_tokens": 128, "new_tokens": args.new_tokens, "repeats": args.repeats,
                         "dtype": str(next(base.parameters()).dtype)},
-              **summary(samples), "samples": samples}
+              **ratios_to_peft(samples), "samples": samples}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("tokens_per_s_median", "ratio_to_peft_one_adapter")}, indent=2))

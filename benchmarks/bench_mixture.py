@@ -87,6 +87,28 @@ def distinct_experts_per_step(model: MeteoraModel, prompt: torch.Tensor) -> floa
     return statistics.mean(len(torch.unique(calls[0][0])) for calls in recorder.calls.values())
 
 
+def side_by_side(variants: dict, scenarios: dict, warm_up: torch.Tensor, repeats: int) -> dict:
+    """{variant: {scenario: [tokens/s per repeat]}}: variant(fn, *args) runs scenario (fn, *args) on its model; the
+    variants interleaved within each repeat, so machine noise hits them alike; one prefill of `warm_up` first."""
+    for run in variants.values():
+        run(prefill_tokens_per_s, warm_up)
+    samples = {v: {s: [] for s in scenarios} for v in variants}
+    for repeat in range(repeats):
+        for scenario, (fn, *args) in scenarios.items():
+            for name, run in variants.items():
+                samples[name][scenario].append(run(fn, *args))
+        print(f"repeat {repeat + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return samples
+
+
+def ratios_to_peft(samples: dict) -> dict:
+    """Medians of the samples and their ratios to PEFT with one adapter's."""
+    medians = {v: {s: round(statistics.median(x), 1) for s, x in per.items()} for v, per in samples.items()}
+    return {"tokens_per_s_median": medians,
+            "ratio_to_peft_one_adapter": {v: {s: round(medians[v][s] / medians["peft_one_adapter"][s], 3) for s in per}
+                                          for v, per in medians.items()}}
+
+
 def experts_bytes(model: MeteoraModel) -> int:
     return sum(layer.meteora_experts.A.nbytes + layer.meteora_experts.B_t.nbytes for layer in model.layers.values())
 
@@ -144,25 +166,14 @@ def main() -> None:
         "decode_batch1": (decode_tokens_per_s, prompts[1], args.new_tokens),
         "prefill_batch8x128": (prefill_tokens_per_s, prompts[8]),
     }
-    samples = {v: {s: [] for s in scenarios} for v in variants}
-    for run in variants.values():  # warm-up
-        run(prefill_tokens_per_s, prompts[1])
-    for repeat in range(args.repeats):
-        for scenario, (fn, *fn_args) in scenarios.items():
-            for name, run in variants.items():
-                samples[name][scenario].append(run(fn, *fn_args))
-        print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
-
-    medians = {v: {s: round(statistics.median(x), 1) for s, x in per.items()} for v, per in samples.items()}
-    ratios = {v: {s: round(medians[v][s] / medians["peft_one_adapter"][s], 3) for s in scenarios} for v in variants}
+    samples = side_by_side(variants, scenarios, prompts[1], args.repeats)
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": machine(),
         "setup": {"hidden": 1024, "intermediate": 2816, "layers": 4, "vocab": 32000, "dtype": "float32",
                   "experts": N_EXPERTS, "many_experts": MANY_EXPERTS, "top_k": 2, "modules": MODULES, "prompt_tokens": 128,
                   "new_tokens": args.new_tokens, "repeats": args.repeats, "mixed_ranks": [4, 8, 16, 32]},
-        "tokens_per_s_median": medians,
-        "ratio_to_peft_one_adapter": ratios,  # the mixed-rank variants too are divided by PEFT with one rank-8 adapter
+        **ratios_to_peft(samples),  # the mixed-rank variants too are divided by PEFT with one rank-8 adapter
         "distinct_experts_per_decode_step": {"batch8": distinct_experts_per_step(fused, prompts[8]),
                                              "batch1": distinct_experts_per_step(fused, prompts[1])},
         "experts_memory_vs_adapter_files": {
