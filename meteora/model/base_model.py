@@ -68,7 +68,7 @@ def skeleton_from_config(config: dict) -> "PreTrainedModel":
 def bf16_is_fast() -> bool:
     """Whether bf16 runs faster than fp32 here: on CUDA, and on CPUs with AMX tiles (1.9x fp32's speed training
     SmolLM2-135M); not on a Xeon with only AVX-512's bf16 instructions (0.68x:
-    benchmarks/results/chattasks/side_runs/precision.json). Other CPUs get fp32, the safe choice."""
+    experiments/FINDINGS.md, precision.py). Other CPUs get fp32, the safe choice."""
     return torch.cuda.is_available() or _cpu_has_amx()
 
 

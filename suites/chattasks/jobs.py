@@ -1,7 +1,7 @@
 """The chattasks build's jobs, run in worker processes that each load the base once: a task's adapter, LoRA-B, the
 merged baseline, exact match of the base or of an own adapter. The workers run at once, each on its share of the
 CPU threads: on 2 cores, two workers of one thread train 1.5x as many steps a second as one worker of two
-(`benchmarks/results/chattasks/side_runs/parallel_build.py`). `train_adapter` is also what side runs call."""
+(experiments/FINDINGS.md, parallel_build.py). `train_adapter` is also what side runs called."""
 from __future__ import annotations
 
 import copy

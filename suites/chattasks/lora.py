@@ -31,7 +31,7 @@ from meteora.training import training_attention
 # target module sets (SmolLM2's names, as in LLaMA)
 QV, QKVO, QVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-PASS_COST = 40  # a training pass's fixed cost on SmolLM2-135M, in tokens of a row (side_runs/passes.py)
+PASS_COST = 40  # a training pass's fixed cost on SmolLM2-135M, in tokens of a row (experiments/FINDINGS.md, passes.py)
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,9 @@ def train(model, tokenizer, fmt: PromptFormat, items: list[Item], steps: int, lr
 @contextlib.contextmanager
 def frozen_weights_in_bf16(model):
     """The frozen linear layers' weights in bf16 for a training under bf16 autocast, cast once, where autocast
-    would cast them again in every pass (the same values; 1.2x on SmolLM2-135M: side_runs/cast_once.py); their
-    fp32 weights back after. Weights tied to the input embeddings stay (the embeddings would be bf16 too)."""
+    would cast them again in every pass (the same values; 1.2x on SmolLM2-135M: experiments/FINDINGS.md,
+    cast_once.py); their fp32 weights back after. Weights tied to the input embeddings stay (the embeddings would
+    be bf16 too)."""
     tied = model.get_input_embeddings().weight
     kept = [(m.weight, m.weight.data) for m in model.modules()
             if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight is not tied]
