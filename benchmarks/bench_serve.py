@@ -4,6 +4,7 @@ One run, one local Ray, one replica (1 CPU, 1 torch thread) serving a tinytasks 
 streams a completion of exactly `--max-tokens` tokens (ignore_eos) over HTTP:
   concurrency  1, 4, 16 closed-loop clients, prompts cycling over the 8 tasks       (continuous batching)
   one-at-a-time  concurrency 16 against max_batch_size=1                            (the ratio batching must win)
+  torch backend  one-at-a-time and batched c16 again with backend=torch: what the native CPU call (auto) gains
   8 tasks / one task  concurrency 16, non-streamed, the 8-task mix vs every prompt of one task (twice each,
                medians): what routing different tasks in one batch costs
   1000         1,000 requests at concurrency 16: errors must be 0
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +30,8 @@ import torch
 from ray import serve
 
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+import bench_mixture  # noqa: E402
 import serve_app  # noqa: E402
 from meteora.registry import Registry  # noqa: E402
 from pipelines.local_cluster import free_ports  # noqa: E402
@@ -118,7 +119,7 @@ async def load(url: str, prompts: list[str], concurrency: int, total: int, max_t
             "wall_s": round(wall, 2)}
 
 
-def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
+def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int, backend: str) -> dict:
     """The same work without HTTP: GenerationEngine in this process, 16 prompts at once, one torch thread."""
     from meteora import MeteoraModel, load_tokenizer
     from meteora.prompts import prompt_format
@@ -126,7 +127,7 @@ def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = MeteoraModel.from_pretrained(checkpoint)
+    model = MeteoraModel.from_pretrained(checkpoint, backend=backend)
     tokenizer = load_tokenizer(model.base_info.uri)
     engine, params = GenerationEngine(model, tokenizer, ServingLimits(max_batch_size=16)), SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     batch = [prompt_format("plain").prompt_ids(tokenizer, p) for p in prompts[:16]]
@@ -139,8 +140,9 @@ def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int) -> dict:
     return {"concurrency": 16, "requests": 16, "tokens_per_s": round(16 * max_tokens / statistics.median(seconds[1:]), 1)}
 
 
-def deploy(checkpoint: str, max_batch_size: int) -> None:
-    settings = {"checkpoint": checkpoint, "max_batch_size": max_batch_size, "max_waiting": 1024, "torch_threads": 1}
+def deploy(checkpoint: str, max_batch_size: int, backend: str = "auto") -> None:
+    settings = {"checkpoint": checkpoint, "max_batch_size": max_batch_size, "max_waiting": 1024, "torch_threads": 1,
+                "backend": backend}
     serve.run(serve_app.MeteoraServer.options(num_replicas=1, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
                                               logging_config={"log_level": "WARNING"})
               .bind(settings), name="meteora", route_prefix="/")
@@ -162,14 +164,21 @@ def main() -> None:
         port = free_ports(1)[0]
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING"})
         url = f"http://127.0.0.1:{port}"
-        runs = {"engine alone, batch 16": engine_alone(checkpoint, mixed, args.max_tokens)}
-        print(f"{'engine alone, batch 16':>28}: {json.dumps(runs['engine alone, batch 16'])}", flush=True)
+        runs = {}
+        for backend in ("torch", "auto"):
+            name = f"engine alone, batch 16, {backend}"
+            runs[name] = engine_alone(checkpoint, mixed, args.max_tokens, backend)
+            print(f"{name:>28}: {json.dumps(runs[name])}", flush=True)
 
         def measure(name: str, prompts: list[str], concurrency: int, total: int, stream: bool = True) -> None:
             asyncio.run(load(url, prompts, concurrency, min(concurrency, 4), args.max_tokens, stream))  # warm-up
             runs[name] = asyncio.run(load(url, prompts, concurrency, total, args.max_tokens, stream))
             print(f"{name:>28}: {json.dumps(runs[name])}", flush=True)
 
+        deploy(checkpoint, max_batch_size=1, backend="torch")
+        measure("one-at-a-time c16, torch", mixed, 16, args.requests // 2)
+        deploy(checkpoint, max_batch_size=16, backend="torch")
+        measure("batched c16, torch", mixed, 16, args.requests)
         deploy(checkpoint, max_batch_size=1)
         measure("one-at-a-time c16", mixed, 16, args.requests // 2)
         deploy(checkpoint, max_batch_size=16)
@@ -192,11 +201,13 @@ def report(runs: dict, args) -> None:
 
     summary = {
         "batching_speedup_c16": round(runs["batched c16"]["tokens_per_s"] / runs["one-at-a-time c16"]["tokens_per_s"], 2),
+        "batching_speedup_c16_torch_backend": round(runs["batched c16, torch"]["tokens_per_s"]
+                                                    / runs["one-at-a-time c16, torch"]["tokens_per_s"], 2),
+        "auto_vs_torch_backend_c16": round(runs["batched c16"]["tokens_per_s"] / runs["batched c16, torch"]["tokens_per_s"], 2),
         "eight_tasks_vs_one_task_tokens_per_s": round(median_tokens_per_s("8 tasks") / median_tokens_per_s("one task"), 3),
         "long_run_errors": runs["long run c16"]["errors"],
     }
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": torch.get_num_threads(), "torch": torch.__version__, "ray": ray.__version__}
+    machine = {**bench_mixture.machine(), "ray": ray.__version__}
     command = "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps({"command": command.strip(), "machine": machine, "max_tokens": args.max_tokens,
@@ -205,7 +216,7 @@ def report(runs: dict, args) -> None:
     rows = "".join(f"| {name} | {r['concurrency']} | {r['requests']} | {r.get('errors', '')} | {r.get('requests_per_s', '')} | "
                    f"{r['tokens_per_s']} | {r.get('ttft_p50_ms', '')} | {r.get('latency_p50_ms', '')} | {r.get('latency_p99_ms', '')} |\n"
                    for name, r in runs.items())
-    (OUT / "results.md").write_text(f"`{command.strip()}` on {machine['processor']}, {machine['platform']}\n\n{header}{rows}\n"
+    (OUT / "results.md").write_text(f"`{command.strip()}` on {machine['cpu']}, {machine['platform']}\n\n{header}{rows}\n"
                                     f"Summary: {json.dumps(summary)}\n")
     plot(runs, OUT / "throughput.png")
     print(json.dumps(summary))
