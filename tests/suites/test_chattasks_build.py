@@ -3,6 +3,7 @@ merged, measurements, manifest) in 2 workers, each adapter bit for bit what one 
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 import yaml
 from peft import get_peft_model_state_dict
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 from meteora import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig
-from suites.chattasks.build import _build_into
+from suites.chattasks.build import WeakAdapters, _build_into, check_own_adapters
 from suites.chattasks.items import adapter_items, task_data
 from suites.chattasks.jobs import train_adapter
 from tiny import write_tiny_gguf
@@ -27,7 +28,7 @@ def test_two_workers_build_what_one_process_trains(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the build gives each of 2 workers 1 thread; the reference below runs on 1 too
     try:
-        _build_into(tmp_path / "suite", "file:///suite", config, gguf, license_file, workers=2)
+        _build_into(tmp_path / "suite", "file:///suite", config, gguf, license_file, workers=2, own_floor=0.0)
         torch.set_num_threads(1)
         base, tokenizer = load_base_model(gguf).eval(), load_tokenizer(gguf)
         items = adapter_items(task_data(config), config)
@@ -49,3 +50,11 @@ def test_two_workers_build_what_one_process_trains(tmp_path, monkeypatch):
     assert set(seconds["adapters"]) == set(TASKS) and seconds["total"] > seconds["measuring"] > 0
     manifest = yaml.safe_load((suite / "manifest.yaml").read_text())
     assert [a["name"] for a in manifest["adapters"]] == list(TASKS)
+
+
+def test_adapters_under_the_floor_stop_the_build_and_are_named():
+    check_own_adapters({"iso_date": 0.9, "larger": 0.8}, floor=0.8, samples=30)  # at the floor passes
+    with pytest.raises(WeakAdapters) as caught:
+        check_own_adapters({"iso_date": 0.9, "larger": 0.53, "list_max": 0.07}, floor=0.8, samples=30)
+    message = str(caught.value)
+    assert "2 of 3" in message and "larger 0.53" in message and "list_max 0.07" in message and "iso_date" not in message
