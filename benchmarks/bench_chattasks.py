@@ -48,7 +48,7 @@ from client import keep_asking, new_question  # noqa: E402
 from meteora import MeteoraModel, load_base_model  # noqa: E402
 from meteora.evaluation import markdown_table  # noqa: E402
 from meteora.registry import load_manifest  # noqa: E402
-from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from pipelines.local_cluster import free_ports  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402
 from pipelines.train_gates import train  # noqa: E402

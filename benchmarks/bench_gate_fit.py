@@ -42,7 +42,7 @@ from meteora.registry import Registry, load_manifest  # noqa: E402
 from meteora.training import (GateTrainingConfig, fit_gates, fit_items, init_gates_from, registry_samples,  # noqa: E402
                               response_routing_accuracy, shuffled, solve_gates)
 from pipelines.collect_adapters import collect  # noqa: E402
-from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402
 from pipelines.train_gates import train  # noqa: E402
 from suites.chattasks import build  # noqa: E402

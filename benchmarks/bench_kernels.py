@@ -27,7 +27,7 @@ if SMOKE:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-import kernels  # noqa: E402
+import meteora.kernels as kernels  # noqa: E402
 from meteora import ExpertStack, LoraModule  # noqa: E402
 from meteora import BACKENDS  # noqa: E402
 

@@ -35,7 +35,7 @@ import bench_mixture  # noqa: E402
 import serve_app  # noqa: E402
 from meteora.registry import Registry  # noqa: E402
 from pipelines.local_cluster import free_ports  # noqa: E402
-from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402
 from pipelines.train_gates import embedded_registry, train  # noqa: E402
 

@@ -44,7 +44,7 @@ from meteora.registry import Manifest, load_manifest  # noqa: E402
 from meteora.store import open_store  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
 from pipelines.local_s3 import LocalS3  # noqa: E402
-from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from pipelines.workflow import StageFailed, load_workflow_config, run  # noqa: E402
 from client import keep_asking, new_question  # noqa: E402
 

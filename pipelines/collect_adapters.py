@@ -28,7 +28,7 @@ from tqdm import tqdm  # noqa: E402
 from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
 from meteora.registry import Collected, Manifest, Registry, fetch_adapter, inspect_base, load_manifest, plan_index  # noqa: E402
 from meteora.store import absolute_uri, open_store  # noqa: E402
-from pipelines.common import ray_connection, runtime_env, where_readable  # noqa: E402
+from pipelines.ray_env import ray_connection, runtime_env, where_readable  # noqa: E402
 
 log = logging.getLogger("collect_adapters")
 TASK_CPUS = 0.5  # fetching is mostly I/O: two tasks share a core (each worker pays one torch import to start)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from meteora.model import Precision
 from meteora.training import GateTrainingConfig
 
-from .common import ROOT, Uri, load_config
+from .config_files import ROOT, Uri, load_config
 
 DEFAULT_CONFIG = ROOT / "configs" / "train_gates.yaml"
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

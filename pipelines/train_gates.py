@@ -40,7 +40,8 @@ from meteora.model import read_checkpoint_config  # noqa: E402
 from meteora.registry import Registry, load_manifest  # noqa: E402
 from meteora.store import absolute_uri, cache_dir, is_remote, open_store  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
-from pipelines.common import ConfigError, ray_connection, runtime_env  # noqa: E402
+from pipelines.config_files import ConfigError  # noqa: E402
+from pipelines.ray_env import ray_connection, runtime_env  # noqa: E402
 from pipelines.gate_worker import PROGRESS_FILE, progress_line, train_loop_per_worker  # noqa: E402
 from pipelines.train_config import TrainGatesConfig, load_train_config  # noqa: E402
 

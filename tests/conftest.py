@@ -45,3 +45,17 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_uri(request, tmp_path):
+    """An empty store: a local directory, or a prefix of a bucket on the loopback S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    import boto3
+
+    request.getfixturevalue("s3_endpoint")
+    client = boto3.client("s3")
+    if "stores" not in [bucket["Name"] for bucket in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket="stores")
+    return f"s3://stores/{tmp_path.name}"

@@ -1,7 +1,9 @@
-"""The library's shape: `import meteora` stays light, and code outside meteora/ uses only its public API."""
+"""The library's shape: `import meteora` stays light, code outside meteora/ uses only its public API, and no module
+imports itself back through others."""
 import ast
 import importlib
 import subprocess
+import tomllib
 import sys
 from pathlib import Path
 
@@ -48,3 +50,87 @@ def test_code_outside_the_library_uses_only_its_public_api():
                 if name not in public and not subpackage:
                     problems.append(f"{where} imports {name}, which is not in its __all__")
     assert not problems, "\n".join(problems)
+
+
+PACKAGES = {"meteora": "meteora", "pipelines": "pipelines", "serve_app": "serve_app", "suites": "suites",
+            "kernels": "meteora.kernels"}  # folder: its name as installed
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of the project by its dotted name as installed (a package by its __init__.py)."""
+    files = {}
+    for folder, package in PACKAGES.items():
+        for file in (ROOT / folder).rglob("*.py"):
+            parts = file.relative_to(ROOT / folder).with_suffix("").parts
+            files[".".join((package, *parts[:-1]) if parts[-1] == "__init__" else (package, *parts))] = file
+    return files
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the project's modules it imports anywhere in its file (top level, functions, TYPE_CHECKING)."""
+    files = _module_files()
+
+    def known(name: str) -> str | None:  # the module a dotted name lives in (`meteora.model.X` -> meteora.model)
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, file in files.items():
+        package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                edges.update(known(alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                source = ".".join(p for p in (base, node.module) if p)
+                edges.update(known(f"{source}.{alias.name}") for alias in node.names)
+        graph[module] = edges - {None, module}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted."""
+    order, low, stack, circles = {}, {}, [], []
+
+    def visit(module: str) -> None:
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in order:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], order[other])
+        if low[module] == order[module]:
+            group = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in graph:
+        if module not in order:
+            visit(module)
+    return circles
+
+
+def test_the_import_graph_has_no_circle():
+    graph = import_graph()
+    assert graph["suites.chattasks.build"] >= {"suites.chattasks.config", "suites.chattasks.jobs"}  # edges are seen
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # circles are found
+    assert import_circles(graph) == []
+
+
+def test_the_distribution_installs_every_package_and_no_top_level_kernels():
+    """pyproject lists every package folder under its installed name, and kernels/ goes in as meteora.kernels: a
+    top-level `kernels` would shadow the PyPI distribution of that name, which transformers imports when present."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {name for name, file in _module_files().items() if file.name == "__init__.py"}
+    assert packages == set(setuptools["packages"])
+    assert setuptools["package-dir"] == {"meteora.kernels": "kernels"}
+    assert "py-modules" not in setuptools and "kernels" not in {name.split(".")[0] for name in setuptools["packages"]}
+    installed = subprocess.run([sys.executable, "-c", "import meteora.kernels, sys; print(meteora.kernels.__file__); "
+                                "import importlib.util as u; print(u.find_spec('kernels'))"],
+                               capture_output=True, text=True, check=True, cwd="/").stdout.split()
+    assert installed == [str(ROOT / "kernels" / "__init__.py"), "None"]

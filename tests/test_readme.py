@@ -16,7 +16,7 @@ COVERAGE = [
     (r"make test", ".ci/run (CI)"),
     (r"make bench-real", "benchmarks/bench_chattasks.py, its results committed in benchmarks/results/chattasks/"),
     (r"python pipelines/workflow\.py --manifest demo-output", "tests/pipelines/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
-    (r"python pipelines/collect_adapters\.py", "tests/registry/test_registry.py::test_collect_from_s3_register_more_later_and_load_a_model"),
+    (r"python pipelines/collect_adapters\.py", "tests/registry/test_collection.py::test_collect_from_s3_register_more_later_and_load_a_model"),
     (r"python pipelines/train_gates\.py --init-from", "tests/pipelines/test_init_from.py::test_new_modules_and_an_updated_adapter_start_from_the_earlier_checkpoint"),
     (r"python pipelines/train_gates\.py", "tests/pipelines/test_train_gates.py::test_two_workers_fit_the_gates_then_train_them_with_checkpoints_on_s3"),
     (r"make cluster-(up|down)", "tests/pipelines/test_cluster.py::test_make_cluster_up_makes_a_token_on_a_machine_without_one_and_its_job_api_asks_for_it"),

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..prompts import Composite, PromptFormat, pad_left, to_device
+from ..batching import pad_left, to_device
+from ..prompts import Composite, PromptFormat
 from .metrics import METRICS
 
 Shots = tuple[tuple[str, str], ...]  # few-shot examples: (prompt, response) turns before the question

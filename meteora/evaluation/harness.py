@@ -22,8 +22,9 @@ from typing import Callable
 
 import torch
 
+from ..batching import pad_left
 from ..model import MeteoraModel, load_base_model, load_tokenizer, read_checkpoint_config
-from ..prompts import PromptFormat, pad_left, prompt_format
+from ..prompts import PromptFormat, prompt_format
 from ..registry import Manifest, read_samples
 from ..store import local_dir, read_uri, split_uri
 from ..training import response_routing_accuracy

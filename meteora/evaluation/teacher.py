@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import pad_left, position_ids
 from ..model import MeteoraModel
-from ..prompts import PromptFormat, encode_with_owners, pad_left, position_ids
+from ..prompts import PromptFormat, encode_with_owners
 from .answers import CompositeProblem, Shots, composite_summary
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..batching import pad_left, position_ids
 from ..model import MeteoraModel
-from ..prompts import pad_left, position_ids
 from .batched_cache import BatchedCache
 from .requests import FinishReason, SamplingParams, ServingLimits, TokenEvent, check_request
 

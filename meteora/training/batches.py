@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import pad_right, to_device
 from ..model import MeteoraModel
-from ..prompts import PromptFormat, encode_with_owners, fill_owners, pad_right, to_device
+from ..prompts import PromptFormat, encode_with_owners, fill_owners
 from ..registry import Registry, read_samples
 from .config import GateTrainingConfig
 from .loss import IGNORE, lm_labels, meteora_loss, routing_accuracy

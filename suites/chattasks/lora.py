@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from meteora.prompts import PromptFormat, encode_with_owners, pad_right
+from meteora.batching import pad_right
+from meteora.prompts import PromptFormat, encode_with_owners
 from meteora.training import training_attention
 
 # target module sets (SmolLM2's names, as in LLaMA)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import meteora.kernels as kernels
 from meteora import ExpertStack, LoraModule, MeteoraModel
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 

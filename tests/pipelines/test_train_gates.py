@@ -14,7 +14,7 @@ import pytest
 from meteora import MeteoraModel
 from meteora.registry import Registry, load_manifest
 from pipelines.collect_adapters import collect
-from pipelines.common import ConfigError
+from pipelines.config_files import ConfigError
 from pipelines.train_config import load_train_config
 from pipelines.train_gates import main, train
 from tiny import write_world

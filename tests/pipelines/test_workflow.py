@@ -13,7 +13,7 @@ import yaml
 
 from meteora import MeteoraModel
 from meteora.registry import load_manifest
-from pipelines.common import ConfigError
+from pipelines.config_files import ConfigError
 from pipelines.local_cluster import free_ports
 from pipelines.workflow import StageFailed, load_workflow_config, main, run
 from tiny import assert_serves, write_world
