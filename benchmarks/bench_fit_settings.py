@@ -10,7 +10,7 @@ logit: the logit scale the L2 term leaves sets top-2's mixing weights).
                every module captured under the first pass's gates)
 Writes benchmarks/results/gate_fit/settings.json (command, machine) and settings.md.
 
-    python benchmarks/bench_fit_settings.py [--work /tmp/bench-fit-settings] [--samples 30]
+    python benchmarks/bench_fit_settings.py [--work DIR (default: $METEORA_CACHE/bench-fit-settings)] [--samples 30]
 """
 from __future__ import annotations
 
@@ -31,13 +31,15 @@ from bench_mixture import machine  # noqa: E402
 from meteora import MeteoraModel, load_tokenizer  # noqa: E402
 from meteora.evaluation import accuracy_per_task  # noqa: E402
 from meteora.registry import Registry, load_manifest  # noqa: E402
+from meteora.store import cache_dir  # noqa: E402
 from meteora.training import (GateTrainingConfig, fit_gates, fit_items, init_gates_from, registry_samples,  # noqa: E402
-                              response_routing_accuracy, shuffled)
+                              response_routing_accuracy, shuffled, solve_gates)
 from pipelines.collect_adapters import collect  # noqa: E402
-from pipelines.common import LOCAL_RAY  # noqa: E402
+from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from suites.chattasks import build  # noqa: E402
 
 DEFAULTS = GateTrainingConfig(composite_fraction=0.25)
+WORK = str(cache_dir() / "bench-fit-settings")  # the registry and the first fit, kept between runs
 VARIANTS = {"defaults": {}, "fit_iters 50": {"fit_iters": 50}, "fit_tokens 4096": {"fit_tokens": 4096},
             "fit_l2 0.1": {"fit_l2": 0.1}, "fit_l2 0.001": {"fit_l2": 1e-3}, "fit_samples 12": {"fit_samples": 12},
             "fit_samples 48": {"fit_samples": 48}, "two passes": {}}
@@ -46,14 +48,15 @@ TEMPERATURES = (0.5, 1.0, 2.0)
 
 
 def fitted(registry: Registry, names: list[str], tokenizer, config: GateTrainingConfig, passes: int = 1,
-           init_from: str | None = None) -> tuple[MeteoraModel, dict]:
-    """A fused model of `names` with fitted gates (from init_from: only the fresh rows), and its numbers."""
+           init_from: str | None = None, solve=solve_gates) -> tuple[MeteoraModel, dict]:
+    """A fused model of `names` with fitted gates (from init_from: only the fresh rows; solve: fit_gates' rule for a
+    module group's rows), and its numbers."""
     model = MeteoraModel.from_adapters(registry.base_model["uri"], registry.adapter_dirs(names), prompt_format="chat").eval()
     fresh = init_gates_from(model, init_from).fresh_rows(model) if init_from else None
     items = fit_items(registry_samples(registry, names, "train"), config)
     started = time.perf_counter()
     for _ in range(passes):
-        report = fit_gates(model, tokenizer, items, config, rows=fresh)
+        report = fit_gates(model, tokenizer, items, config, rows=fresh, solve=solve)
     seconds = time.perf_counter() - started
     modules = report["modules"].values()
     evaluation = shuffled(registry_samples(registry, names, "eval"), 0)[:256]
@@ -74,7 +77,7 @@ def collected_registry(manifest: Path, work: Path) -> Registry:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/bench-fit-settings")
+    parser.add_argument("--work", default=WORK)
     parser.add_argument("--samples", type=int, default=30, help="eval samples per task for top-2 per task")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gate_fit"))
     args = parser.parse_args()

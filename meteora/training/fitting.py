@@ -37,8 +37,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..batching import to_device
 from ..model import MeteoraLinear, MeteoraModel
-from ..prompts import to_device
 from .batches import gate_batch
 from .collective import Collective
 from .config import GateTrainingConfig
@@ -63,15 +63,21 @@ def fit_items(samples: list[Sample], config: GateTrainingConfig, experts: Sequen
     return items
 
 
+Penalty = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Tensor], rows: Sequence[Sequence[int]],
-                l2: float, iterations: int, collective: Collective = Collective()) -> tuple[list[torch.Tensor], list[dict]]:
+                l2: float, iterations: int, collective: Collective = Collective(),
+                penalty: Penalty | None = None) -> tuple[list[torch.Tensor], list[dict]]:
     """For gates whose modules read the same inputs (q, k and v; gate and up), the rows rows[j] of gates[j] that
     minimise module j's loss (above) over every worker's tokens, its other rows held. The losses are independent,
     so their sum is minimised as one problem: one L-BFGS, one all-reduce per evaluation, for all of them; the
     gradient is computed in closed form (softmax minus one-hot), with no autograd graph, and logits are kept as
     [E, N] (a softmax over a short contiguous axis is 30x faster than over rows of E on a CPU).
-    x [N, d_in] this worker's inputs, labels [N] expert ids, gates[j] [E, d_in]. Returns per module the fitted rows
-    [len(rows[j]), d_in] fp32 and {accuracy, loss, iterations, seconds} over every worker's tokens."""
+    x [N, d_in] this worker's inputs, labels [N] expert ids, gates[j] [E, d_in]. penalty(logits [E, N], labels): a
+    term added to each module's summed loss and its gradient [E, N] (experiments/registration.py tries one). Returns
+    per module the fitted rows [len(rows[j]), d_in] fp32 and {accuracy, loss, iterations, seconds} over every
+    worker's tokens (the loss without the penalty)."""
     started = time.perf_counter()
     x = x.float()
     totals = collective.sum_(torch.cat([x.square().sum(0), x.new_tensor([x.shape[0]])]).double())
@@ -92,7 +98,11 @@ def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Ten
         for logits, (_, index) in zip(per_module(weights.detach()), parts):
             log_p = torch.log_softmax(logits, dim=0)  # [E, N]
             loss -= (log_p * one_hot).sum()
-            dz.append((log_p.exp() - one_hot).index_select(0, index))  # d loss / d logits of the fitted rows
+            d_logits = log_p.exp() - one_hot
+            if penalty is not None:
+                value, gradient = penalty(logits, labels)
+                loss, d_logits = loss + value, d_logits + gradient
+            dz.append(d_logits.index_select(0, index))  # d loss / d logits of the fitted rows
         gradient = torch.cat(dz) @ xs  # [R, d_in]
         summed = collective.sum_(torch.cat([loss.view(1), gradient.flatten()])) / count
         weights.grad = summed[1:].view_as(weights) + l2 * weights.detach()
