@@ -59,11 +59,9 @@ FIRST = 10  # the first registration; the rest of RECIPES is the increment
 
 
 def manifests(built: str, out: Path, byo_entry: dict | None = None) -> dict[str, Path]:
-    """first.yaml (the first 10 adapters), more.yaml (all 12) and byo.yaml (+ the bring-your-own adapter), beside
-    the build's baselines (where the evaluation finds LoRA-B and merged)."""
+    """first.yaml (the first 10 adapters), more.yaml (all 12) and byo.yaml (+ the bring-your-own adapter), each
+    naming the build's baselines (LoRA-B and merged)."""
     document = yaml.safe_load(Path(built).read_text())
-    if not (out / "baselines").exists():
-        (out / "baselines").symlink_to(Path(built).parent / "baselines")
     subsets = {"first": document["adapters"][:FIRST], "more": document["adapters"]}
     if byo_entry:
         subsets["byo"] = document["adapters"] + [byo_entry]

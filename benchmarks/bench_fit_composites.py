@@ -27,7 +27,6 @@ import yaml  # noqa: E402
 from bench_fit_settings import collected_registry, fitted  # noqa: E402
 from bench_mixture import machine  # noqa: E402
 from meteora.evaluation import composite_problems, composite_scores, load_benchmark, teacher_routed_scores  # noqa: E402
-from meteora.registry import load_manifest  # noqa: E402
 from meteora.training import GateTrainingConfig  # noqa: E402
 from suites.chattasks import DEMO, build  # noqa: E402
 
@@ -58,10 +57,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     manifest_path = demo_manifest(work)
     registry = collected_registry(manifest_path, work)
-    manifest, names = load_manifest(manifest_path), registry.names
-    bench = load_benchmark(manifest, samples=30)
+    names = registry.names
+    bench = load_benchmark(registry, samples=30)
     problems = composite_problems(bench.eval_sets, 3, args.composites, bench.fmt, seed=0)
-    showcase = composite_problems(load_benchmark(manifest, samples=8).eval_sets, 3, 1, bench.fmt, seed=3)  # the demo's
+    showcase = composite_problems(load_benchmark(registry, samples=8).eval_sets, 3, 1, bench.fmt, seed=3)  # the demo's
     torch.set_num_threads(2)
     rows, perfect = {}, None
     for name, overrides in VARIANTS.items():

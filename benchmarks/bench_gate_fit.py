@@ -85,9 +85,9 @@ def method_row(summary: dict) -> dict:
             "checkpoint": summary["output"]}
 
 
-def evaluated(manifest: Path, checkpoint: str, out: Path, samples: int, composites: int, baselines: bool,
-              tasks: list[str] | None = None) -> dict:
-    bench = load_benchmark(load_manifest(manifest), tasks, samples)
+def evaluated(registry: Registry, tasks: list[str], checkpoint: str, out: Path, samples: int, composites: int,
+              baselines: bool) -> dict:
+    bench = load_benchmark(registry, tasks, list(registry.index.get("baselines", {})) if baselines else [], samples)
     settings = CompositeSettings((3, 5, 10) if composites else (), composites or 1)
     results = evaluate(bench, checkpoint, settings, out, baselines=baselines)
     return {key: results[key] for key in ("per_task", "composite", "routing_accuracy")}
@@ -222,16 +222,17 @@ def main() -> None:
 
     def evaluation(name: str) -> dict:
         return stages.run(f"evaluate {name}", lambda: evaluated(
-            paths["first"], methods[name]["checkpoint"], work / "eval" / name.replace("+", "-"), args.samples,
-            args.composites, baselines=name == "fit"))
+            Registry(registry), names[:FIRST], methods[name]["checkpoint"], work / "eval" / name.replace("+", "-"),
+            args.samples, args.composites, baselines=name == "fit"))
 
     evaluations = {name: evaluation(name) for name in ("fit", "fit+sgd")}
     old, new = gates(fitted), gates(grown["checkpoint"])
     held = all(torch.equal(new[k][:FIRST], v) for k, v in old.items())
     new_tasks = stages.run("registration: new tasks", lambda: evaluated(
-        paths["more"], grown["checkpoint"], work / "eval" / "registration", args.samples, 0, True, names[FIRST:]))
+        Registry(registry), names[FIRST:], grown["checkpoint"], work / "eval" / "registration", args.samples, 0, True))
     old_tasks = {name: stages.run(f"registration: old tasks, {name}", lambda checkpoint=checkpoint: old_task_scores(
-        paths["first"], checkpoint, args.old_samples)) for name, checkpoint in (("before", fitted), ("after", grown["checkpoint"]))}
+        Registry(registry), names[:FIRST], checkpoint, args.old_samples))
+        for name, checkpoint in (("before", fitted), ("after", grown["checkpoint"]))}
     inits = stages.run("initialisations", lambda: initialisations(Registry(registry), fitted, names, args.samples))
     if args.sgd_steps:  # last: the longest; 0 leaves the loop out (the report says so)
         methods["sgd"] = method_row(stages.run("train sgd", runs["sgd"]))
@@ -247,8 +248,8 @@ def main() -> None:
     write(result, out, work)
 
 
-def old_task_scores(manifest: Path, checkpoint: str, samples: int) -> dict[str, float]:
-    bench = load_benchmark(load_manifest(manifest), samples=samples)
+def old_task_scores(registry: Registry, tasks: list[str], checkpoint: str, samples: int) -> dict[str, float]:
+    bench = load_benchmark(registry, tasks, samples=samples)
     model = MeteoraModel.from_pretrained(checkpoint, base_model=copy.deepcopy(bench.base)).eval()
     return accuracy_per_task(model, bench.tokenizer, bench.eval_sets, bench.fmt, bench.metrics)
 

@@ -67,7 +67,7 @@ def main() -> None:
     ray.init(**LOCAL_RAY)
     manifest, registry = build(), embedded_registry()
     tasks = Registry(registry).names
-    bench = load_benchmark(load_manifest(manifest))
+    bench = load_benchmark(Registry(registry), baselines=[b.name for b in load_manifest(manifest).baselines])
 
     scaling = {}
     for workers in (1, 2):

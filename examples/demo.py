@@ -40,7 +40,7 @@ import ray  # noqa: E402
 import yaml  # noqa: E402
 
 from meteora.evaluation import composite_problems, load_benchmark, markdown_table  # noqa: E402
-from meteora.registry import Manifest, load_manifest  # noqa: E402
+from meteora.registry import Registry, load_manifest  # noqa: E402
 from meteora.store import open_store  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
 from pipelines.local_s3 import LocalS3  # noqa: E402
@@ -109,6 +109,8 @@ def publish(build_manifest: Path, store_uri: str, first: int) -> tuple[str, str]
     for adapter in manifest["adapters"]:
         adapter["uri"] = moved(adapter["uri"])
         adapter["data"] = {split: moved(uri) for split, uri in adapter["data"].items()}
+    for baseline in manifest["baselines"]:
+        baseline["uri"] = moved(baseline["uri"])
     uris = []
     for name, count in (("demo.yaml", first), ("more.yaml", len(manifest["adapters"]))):
         subset = {**manifest, "adapters": manifest["adapters"][:count]}
@@ -135,12 +137,12 @@ def show_evaluation(outputs: dict) -> dict:
     return results
 
 
-def ask_composite(url: str, manifest: Manifest) -> None:
+def ask_composite(url: str, registry: Registry, tasks: list[str]) -> None:
     """One composite prompt (3 tasks) through the OpenAI-compatible endpoint, with its routing per token: as a raw
     completion in the plain format, as a user message in the chat format."""
     from openai import OpenAI
 
-    bench = load_benchmark(manifest, samples=8)
+    bench = load_benchmark(registry, tasks, samples=8)
     problem = composite_problems(bench.eval_sets, 3, 1, bench.fmt, seed=3)[0]
     client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("METEORA_API_KEY", "none"))
     options = {"model": "meteora", "max_tokens": 64, "temperature": 0, "extra_body": {"return_routing": True}}
@@ -199,7 +201,7 @@ def main() -> int:
         done(started, f"{suite.first} adapters fused, trained, evaluated and serving at {url}")
 
         started = step(5, "a composite prompt through the OpenAI-compatible endpoint")
-        ask_composite(url, load_manifest(demo_manifest))
+        ask_composite(url, Registry(config.registry), load_manifest(demo_manifest).names)
         done(started, "answered")
 
         started = step(6, f"register 2 more adapters: workflow on {more_manifest}, redeploying in place under load")

@@ -5,7 +5,8 @@
     python pipelines/collect_adapters.py --registry R --remove NAME [NAME ...]
 
 1. parse the manifest and read the base model's config (no weights) -> a skeleton to check shapes against
-2. Ray tasks: fetch each adapter and its task data, check them (safetensors only, sha256, shapes, JSONL)
+2. Ray tasks: fetch each adapter and its task data, and each baseline, check them (safetensors only, sha256,
+   shapes, JSONL)
 3. if anything was rejected: print why, exit 1, and leave the registry byte-for-byte as it was
 4. otherwise Ray tasks upload the new content-addressed objects, then ONE atomic write of registry.json
 Registering again with identical content is a no-op; changed content under a name is a new version;
@@ -36,7 +37,7 @@ TASK_CPUS = 0.5  # fetching is mostly I/O: two tasks share a core (each worker p
 
 @dataclass
 class Outcome:
-    rows: list[dict]  # {name, status, detail} per adapter
+    rows: list[dict]  # {name, status, detail} per adapter, then per baseline
     committed: bool
 
     @property
@@ -61,32 +62,34 @@ def _upload(registry_uri: str, files: dict[str, bytes]) -> int:
 
 
 def collect(manifest: Manifest, registry_uri: str, parallel: int = 8, on_fetched=None) -> Outcome:
-    """Run the collection on the connected Ray. `on_fetched(collected)` is called as each adapter's check completes."""
+    """Run the collection (the manifest's adapters, then its baselines) on the connected Ray. `on_fetched(collected)`
+    is called as each one's check completes."""
     base_config, base = inspect_base(manifest)
     registry_uri = absolute_uri(registry_uri)  # the upload tasks may run in another directory
     registry = Registry(registry_uri)
+    keys = [("adapter", spec.name) for spec in manifest.adapters] + [("baseline", spec.name) for spec in manifest.baselines]
     results, files = {}, {}
-    pending, queue = {}, list(manifest.adapters)
+    pending, queue = {}, list(zip(keys, manifest.adapters + manifest.baselines))
     with tqdm(total=len(queue), desc="fetching and checking adapters", unit="adapter", disable=None) as bar:
         while queue or pending:
             while queue and len(pending) < parallel:
-                spec = queue.pop(0)
+                key, spec = queue.pop(0)
                 fetch = _fetch.options(runtime_env=runtime_env(), **where_readable(spec.uri, *(spec.data or {}).values()))
                 report, payload = fetch.remote(spec, base_config)
-                pending[report] = (spec.name, payload)
+                pending[report] = (key, payload)
             done, _ = ray.wait(list(pending), num_returns=1)
-            name, files[name] = pending.pop(done[0])
-            results[name] = ray.get(done[0])
+            key, files[key] = pending.pop(done[0])
+            results[key] = ray.get(done[0])
             bar.update(1)
             if on_fetched is not None:
-                on_fetched(results[name])
-    ordered = [results[spec.name] for spec in manifest.adapters]
-    index, rows = plan_index(registry, base, ordered)
+                on_fetched(results[key])
+    index, rows = plan_index(registry, base, [results[k] for k in keys if k[0] == "adapter"],
+                             [results[k] for k in keys if k[0] == "baseline"])
     if index is None:
         return Outcome(rows, committed=False)
-    changed = [row["name"] for row in rows if row["status"] in ("added", "new version")]
+    changed = [key for key, row in zip(keys, rows) if row["status"] in ("added", "new version")]  # rows follow keys
     upload = _upload.options(runtime_env=runtime_env(), **where_readable(registry_uri))
-    ray.get([upload.remote(registry_uri, files[name]) for name in changed])
+    ray.get([upload.remote(registry_uri, files[key]) for key in changed])
     if index != registry.index:
         registry.commit(index)
     return Outcome(rows, committed=True)
@@ -102,9 +105,10 @@ def print_summary(rows: list[dict]) -> None:
 def print_registry(registry: Registry) -> None:
     base = registry.base_model
     print(f"registry {registry.uri}: base model {base['name'] if base else '(none yet)'}")
-    rows = [{"name": name, "status": f"v{e['version']} r={e['rank']}",
+    rows = [{"name": name + kind, "status": f"v{e['version']} r={e['rank']}",
              "detail": f"{e['sha256'][:12]} {','.join(e['target_modules'])} {e['description']}"}
-            for name, e in registry.index["adapters"].items()]
+            for kind, entries in (("", registry.index["adapters"]), (" (baseline)", registry.index.get("baselines", {})))
+            for name, e in entries.items()]
     if rows:
         print_summary(rows)
 

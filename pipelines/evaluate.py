@@ -1,15 +1,19 @@
 """Evaluate a benchmark: per-task accuracy and composite-n for base, own adapter, LoRA-B, merged and MeteoRA.
 
-    python pipelines/evaluate.py [--manifest M] [--checkpoint C] [--tasks a,b] [--composite 3,5] [--out eval-output]
+    python pipelines/evaluate.py [--manifest M] [--registry R] [--checkpoint C] [--tasks a,b] [--composite 3,5]
+                                 [--out eval-output]
 
-Without --manifest it evaluates the embedded tinytasks benchmark (building it first if needed). MeteoRA rows
-appear when a checkpoint is given; the routing plot then shows learned gates. The workflow's evaluate stage
-runs the same `evaluate_manifest` in a Ray task.
+The manifest names what is evaluated (its adapters as tasks, its baselines); the adapters, their eval data and
+the baselines are read from the registry they were collected into (collected first, a no-op when unchanged;
+default registry: one per manifest in the cache). Without --manifest it evaluates the embedded tinytasks
+benchmark (building it first if needed). MeteoRA rows appear when a checkpoint is given; the routing plot then
+shows learned gates. The workflow's evaluate stage runs the same `evaluate_manifest` in a Ray task.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import logging
 import logging.handlers
 import queue
@@ -22,9 +26,12 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/evaluate
 import ray  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from meteora import ManifestError, StoreError  # noqa: E402
+from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
 from meteora.evaluation import CompositeSettings, evaluate, load_benchmark, markdown_table  # noqa: E402
-from meteora.registry import Manifest, load_manifest  # noqa: E402
+from meteora.registry import Manifest, Registry, load_manifest  # noqa: E402
+from meteora.store import cache_dir  # noqa: E402
+from pipelines.collect_adapters import collect, print_summary  # noqa: E402
+from pipelines.ray_env import ray_connection  # noqa: E402
 
 
 DEFAULTS = CompositeSettings()
@@ -44,18 +51,36 @@ class EvaluateSettings(BaseModel):
         return CompositeSettings(tuple(self.composite), self.composite_count, self.composite_shots, self.composite_temperature)
 
 
-def evaluate_manifest(manifest: Manifest, checkpoint: str | None, settings: EvaluateSettings, out_dir: str | Path) -> dict:
-    """Every variant per task and on composites; results.json, results.md and the plots in `out_dir`."""
-    bench = load_benchmark(manifest, settings.tasks, settings.samples)
+def evaluate_manifest(manifest: Manifest, registry: str, checkpoint: str | None, settings: EvaluateSettings,
+                      out_dir: str | Path) -> dict:
+    """Every variant per task and on composites, of the manifest's adapters (or settings.tasks among them) and its
+    baselines as `registry` holds them; results.json, results.md and the plots in `out_dir`."""
+    unknown = sorted(set(settings.tasks or []) - set(manifest.names))
+    if unknown:
+        raise ValueError(f"{manifest.path}: unknown tasks {unknown}; the manifest has {manifest.names}")
+    bench = load_benchmark(Registry(registry), settings.tasks or manifest.names, [b.name for b in manifest.baselines],
+                           settings.samples)
     return evaluate(bench, checkpoint, settings.composites(), out_dir)
 
 
+def collected(manifest: Manifest, registry: str | None = None) -> Registry:
+    """The manifest collected into `registry` (default: one per manifest location, in the cache) on the connected Ray
+    or a local one: a no-op when nothing changed. RegistryError, after the table of why, when it is rejected."""
+    registry = registry or str(cache_dir() / "registries" / f"evaluate-{hashlib.sha256(manifest.path.encode()).hexdigest()[:12]}")
+    with ray_connection():
+        outcome = collect(manifest, registry)
+    if not outcome.committed:
+        print_summary(outcome.rows)
+        raise RegistryError(f"{manifest.path} could not be collected into {registry} (the table above says why)")
+    return Registry(registry)
+
+
 @ray.remote(num_cpus=1)
-def evaluate_task(manifest: Manifest, checkpoint: str, settings: EvaluateSettings, out_dir: str):
+def evaluate_task(manifest: Manifest, registry: str, checkpoint: str, settings: EvaluateSettings, out_dir: str):
     """evaluate_manifest in a Ray task (the workflow's evaluate stage), streamed: the harness's progress lines (str)
     as it scores each variant, then the tables (dict), so the driver shows progress whatever the workers' logs do."""
     with _progress_records() as records, ThreadPoolExecutor(1) as pool:
-        running = pool.submit(evaluate_manifest, manifest, checkpoint, settings, out_dir)
+        running = pool.submit(evaluate_manifest, manifest, registry, checkpoint, settings, out_dir)
         while not (running.done() and records.empty()):
             with contextlib.suppress(queue.Empty):
                 yield records.get(timeout=1).getMessage()
@@ -82,6 +107,7 @@ def _progress_records():
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", default=None)
+    parser.add_argument("--registry", default=None, help="where the manifest is collected (default: in the cache)")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the manifest's adapters")
     parser.add_argument("--composite", default=None, help=f"composite sizes n (empty for none; default {DEFAULTS.sizes})")
@@ -102,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                  "composite_count": args.composite_count, "composite_shots": args.composite_shots,
                  "composite_temperature": args.composite_temperature, "samples": args.samples}
         settings = EvaluateSettings(**{key: value for key, value in given.items() if value is not None})
-        results = evaluate_manifest(load_manifest(args.manifest), args.checkpoint, settings, args.out)
+        manifest = load_manifest(args.manifest)
+        results = evaluate_manifest(manifest, collected(manifest, args.registry).uri, args.checkpoint, settings, args.out)
     except (ManifestError, StoreError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

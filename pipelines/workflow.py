@@ -16,8 +16,9 @@ train     the manifest's experts in order (weights, config,  train_gates.train (
 deploy    the checkpoint's content, the serving settings      deploy.deploy: serve.run, a running application updated in
                                                               place (new replicas start before old ones drain)
 evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task on the driver's
-                                                              node (work_dir is local to it): tables, plots (after
-                                                              deploy: it reports on what serves, gates nothing)
+                                                              node (work_dir is local to it), reading the registry:
+                                                              tables, plots (after deploy: it reports on what
+                                                              serves, gates nothing)
 A stage whose inputs hash as at its last success is skipped and says so; its record in
 <work_dir>/workflow_state.json is written only when it succeeds, so a failed run resumes at the failed stage (a
 failed training resumes its Ray Train run from the latest checkpoint). Deploy needs a cluster that outlives the
@@ -151,8 +152,8 @@ def _can_start_from(previous: Trained | None, experts: list[tuple[str, str]], re
 
 def _evaluate(manifest: Manifest, checkpoint: str, config: WorkflowConfig, work: Path) -> StageResult:
     out_dir = work / "eval" / checkpoint.rstrip("/").rsplit("/", 1)[-1]
-    task = evaluate_task.options(runtime_env=runtime_env(), **where_readable(str(out_dir)))  # out_dir: this node's
-    for streamed in task.remote(manifest, checkpoint, config.evaluate, str(out_dir)):  # progress lines, then the tables
+    task = evaluate_task.options(runtime_env=runtime_env(), **where_readable(str(out_dir), config.registry))
+    for streamed in task.remote(manifest, config.registry, checkpoint, config.evaluate, str(out_dir)):  # progress, tables
         item = ray.get(streamed)
         if isinstance(item, str):
             print(f"[evaluate] {item}", flush=True)

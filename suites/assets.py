@@ -31,6 +31,8 @@ from meteora.store import absolute_uri, cache_dir, open_store
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.yaml"
+BASELINES = {"lora-b": "the paper's LoRA-B: one LoRA trained on every task's items together",
+             "merged": "the adapters' uniform average (peft add_weighted_adapter, cat)"}
 
 
 def default_uri() -> str:
@@ -97,9 +99,13 @@ def write_task_data(out: Path, data: dict[str, tuple[list[dict], list[dict]]]) -
 
 def write_manifest(out: Path, uri: str, base_model: dict, descriptions: dict[str, str], **shared) -> None:
     """<out>/manifest.yaml: an AdapterManifest over the build's adapters/<task>/ and data/<task>/ as they will lie
-    under `uri`, one entry per task in `descriptions` (task -> description); `shared`: fields every entry has."""
+    under `uri`, one entry per task in `descriptions` (task -> description), and its baselines/<name>/ (LoRA-B and
+    merged); `shared`: fields every adapter entry has."""
     adapters = [{"name": task, "uri": f"{uri}/adapters/{task}/", "description": description,
                  "data": {"train": f"{uri}/data/{task}/train.jsonl", "eval": f"{uri}/data/{task}/eval.jsonl"},
                  "metric": "exact_match", **shared} for task, description in descriptions.items()]
-    manifest = {"apiVersion": API_VERSION, "kind": KIND, "base_model": base_model, "adapters": adapters}
+    baselines = [{"name": name, "uri": f"{uri}/baselines/{name}/", "description": description}
+                 for name, description in BASELINES.items()]
+    manifest = {"apiVersion": API_VERSION, "kind": KIND, "base_model": base_model, "adapters": adapters,
+                "baselines": baselines}
     (out / MANIFEST).write_text(yaml.safe_dump(manifest, sort_keys=False))

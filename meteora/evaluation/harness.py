@@ -1,12 +1,14 @@
-"""The evaluation harness: every variant of a manifest's tasks, per task and on composite-n problems.
+"""The evaluation harness: every variant of a registry's tasks, per task and on composite-n problems.
 
     variants  base | own adapter (each task's expert forced: the oracle; on composites, every sub-problem asked
-              alone with its own expert) | lora-b | merged (baselines beside the manifest, when present) |
+              alone with its own expert) | lora-b | merged (the baselines asked for, from the registry) |
               meteora top-1 / top-2 (from a checkpoint, when given; on composites also top-2 at a raised routing
               temperature, when asked) | perfect routing (composites: every problem's tokens sent to its expert;
               on a single task that is the own adapter)
     outputs   results.json, results.md, accuracy.png, routing.png (one composite generation: tokens x experts)
-Every variant answers the same prompts, in the manifest's prompt format (the composites too: meteora.prompts).
+Everything is read through the registry (adapters, eval data, baselines: what was collected and checked, not
+what the manifest's sources hold now). Every variant answers the same prompts, in the adapters' prompt format
+(the composites too: meteora.prompts).
 Progress: one INFO line on this module's logger per variant scored (its mean or summed score, its seconds).
 """
 from __future__ import annotations
@@ -25,8 +27,7 @@ import torch
 from ..batching import pad_left
 from ..model import MeteoraModel, load_base_model, load_tokenizer, read_checkpoint_config
 from ..prompts import PromptFormat, prompt_format
-from ..registry import Manifest, read_samples
-from ..store import local_dir, read_uri, split_uri
+from ..registry import Registry, read_samples
 from ..training import response_routing_accuracy
 from .answers import (accuracy_per_task, composite_oracle_scores, composite_problems, composite_scores, composite_shots,
                       task_accuracy)
@@ -55,30 +56,27 @@ class CompositeSettings:
     temperature: float | None = None  # also score MeteoRA top-2 at this routing temperature (the paper raises it)
 
 
-def load_benchmark(manifest: Manifest, tasks: list[str] | None = None, samples: int | None = None) -> Benchmark:
-    """A manifest's base model, adapters and eval data (from any store); the baselines/ beside it if present."""
-    specs = [s for s in manifest.adapters if tasks is None or s.name in tasks]
-    missing = sorted(set(tasks or []) - {s.name for s in specs})
+def load_benchmark(registry: Registry, tasks: list[str] | None = None, baselines: list[str] = (),
+                   samples: int | None = None) -> Benchmark:
+    """The registry's base model, the adapters and eval data of `tasks` (default: all, in registry order) and the
+    `baselines` asked for, all as the registry holds them; `samples`: the first eval samples of each task."""
+    tasks = list(tasks or registry.names)
+    missing = sorted(set(tasks) - set(registry.names))
     if missing:
-        raise ValueError(f"{manifest.path}: unknown tasks {missing}; the manifest has {manifest.names}")
-    no_eval = [s.name for s in specs if not (s.data or {}).get("eval")]
+        raise ValueError(f"registry {registry.uri}: unknown tasks {missing}; it holds {registry.names}")
+    no_eval = [name for name in tasks if "eval" not in registry.entry(name).get("data", {})]
     if no_eval:
-        raise ValueError(f"{manifest.path}: adapters {no_eval} have no eval data (data.eval)")
-    formats = sorted({s.prompt_format for s in specs})
-    if len(formats) != 1:
-        raise ValueError(f"{manifest.path}: the adapters mix prompt formats {formats}")
-    eval_sets = {}
-    for spec in specs:
-        eval_sets[spec.name] = read_samples(read_uri(spec.data["eval"]), f"eval data {spec.data['eval']}")[:samples]
-    root = local_dir(f"{split_uri(manifest.path)[0]}/baselines")  # beside a remote manifest: mirrored
+        raise ValueError(f"registry {registry.uri}: adapters {no_eval} have no eval data (data.eval in their manifest)")
+    eval_sets = {name: read_samples(registry.data_file(name, "eval").read_bytes(), f"{name}'s eval data")[:samples]
+                 for name in tasks}
     return Benchmark(
-        tokenizer=load_tokenizer(manifest.base_uri),
-        base=load_base_model(manifest.base_uri).eval(),
-        adapters={s.name: local_dir(s.uri) for s in specs},
+        tokenizer=load_tokenizer(registry.base_model["uri"]),
+        base=load_base_model(registry.base_model["uri"]).eval(),
+        adapters=registry.adapter_dirs(tasks),
         eval_sets=eval_sets,
-        metrics={s.name: s.metric for s in specs},
-        baselines={p.name: p for p in sorted(root.iterdir())} if root.is_dir() else {},
-        fmt=prompt_format(formats[0]),
+        metrics={name: registry.entry(name).get("metric", "exact_match") for name in tasks},
+        baselines=registry.baseline_dirs(list(baselines)),
+        fmt=prompt_format(registry.prompt_format(tasks)),
     )
 
 

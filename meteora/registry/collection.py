@@ -4,8 +4,8 @@ pipelines/collect_adapters.py runs `fetch_adapter` in parallel tasks).
     inspect_base(manifest)              the base model's config -> a weightless skeleton and its structure hash
     fetch_adapter(spec, base_config)    read one adapter (and its data) from its store and check everything;
                                         -> Collected: the registry entry and the content-addressed files, or why not
-    plan_index(registry, ...)           the new index and a summary row per adapter (added / unchanged / new
-                                        version / updated / rejected)
+    plan_index(registry, ...)           the new index and a summary row per adapter and baseline (added /
+                                        unchanged / new version / updated / rejected)
 Nothing here writes to the registry: the driver commits only when every adapter was accepted.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def source_tags(manifest: Manifest) -> list[list[str | None]]:
     """Per adapter, a tag of each object it is collected from (its config, weights and data; None: missing). They
     change when an object is replaced in place, which the manifest's own bytes do not show."""
     tags = []
-    for spec in manifest.adapters:
+    for spec in manifest.adapters + manifest.baselines:
         store = open_store(spec.uri)
         data = [split_uri(uri) for uri in (spec.data or {}).values()]
         tags.append([store.tag(CONFIG_FILE), store.tag(WEIGHTS_FILE)] + [open_store(parent).tag(key) for parent, key in data])
@@ -117,25 +117,36 @@ def read_samples(content: bytes, where: str) -> list[dict]:
     return samples
 
 
-def plan_index(registry: Registry, base: dict, results: list[Collected]) -> tuple[dict | None, list[dict]]:
-    """The new index (None when anything is rejected: then nothing may change) and one summary row per adapter."""
+def plan_index(registry: Registry, base: dict, results: list[Collected],
+               baselines: list[Collected] = ()) -> tuple[dict | None, list[dict]]:
+    """The new index (None when anything is rejected: then nothing may change) and one summary row per adapter
+    and per baseline (named "<name> (baseline)")."""
     held = registry.base_model
     if held is not None and held["fingerprint"] != base["fingerprint"]:
         reason = f"the registry holds adapters for base model '{held['name']}' ({held['fingerprint']}), not this one"
-        return None, [{"name": r.name, "status": "rejected", "detail": reason} for r in results]
-    rows, adapters = [], dict(registry.index["adapters"])
+        return None, [{"name": r.name, "status": "rejected", "detail": reason} for r in [*results, *baselines]]
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for result in results:
-        if result.error is not None:
-            rows.append({"name": result.name, "status": "rejected", "detail": result.error})
-            continue
-        status, adapters[result.name] = _merge(adapters.get(result.name), result.entry, now)
-        rows.append({"name": result.name, "status": status, "detail": result.entry["sha256"][:12]})
+    adapters, rows = _merged(registry.index["adapters"], results, now, "")
+    kept_baselines, baseline_rows = _merged(registry.index.get("baselines", {}), baselines, now, " (baseline)")
+    rows += baseline_rows
     if any(row["status"] == "rejected" for row in rows):  # nothing is committed: say what would have happened
         return None, [row if row["status"] == "rejected" else
                       {**row, "status": "not committed", "detail": f"would be {row['status']} ({row['detail']})"}
                       for row in rows]
-    return {**registry.index, "base_model": held or base, "adapters": adapters}, rows
+    index = {**registry.index, "base_model": held or base, "adapters": adapters}
+    return (index | {"baselines": kept_baselines}) if kept_baselines else index, rows
+
+
+def _merged(entries: dict, results: list[Collected], now: str, label: str) -> tuple[dict, list[dict]]:
+    """The entries with each accepted result merged in, and a row per result."""
+    merged, rows = dict(entries), []
+    for result in results:
+        if result.error is not None:
+            rows.append({"name": result.name + label, "status": "rejected", "detail": result.error})
+            continue
+        status, merged[result.name] = _merge(merged.get(result.name), result.entry, now)
+        rows.append({"name": result.name + label, "status": status, "detail": result.entry["sha256"][:12]})
+    return merged, rows
 
 
 def _merge(old: dict | None, new: dict, now: str) -> tuple[str, dict]:

@@ -11,6 +11,8 @@
         data: {train: s3://.../train.jsonl, eval: s3://.../eval.jsonl}   # optional
         metric: exact_match                     # optional: exact_match | contains | bleu | rouge_l
         prompt_format: chat                     # optional: plain (default) | chat (meteora.prompts)
+    baselines:                                  # optional: PEFT adapters evaluated beside MeteoRA (not experts)
+      - {name: lora-b, uri: s3://meteora-demo/baselines/lora-b/}     # description, sha256: optional
 
 Unknown keys are errors (a typo must not be silently ignored). Every error names the file, the adapter and
 the field. Relative paths are read relative to the manifest's directory.
@@ -52,6 +54,7 @@ class Manifest:
     base_name: str
     base_uri: str
     adapters: tuple[AdapterSpec, ...]
+    baselines: tuple[AdapterSpec, ...] = ()  # collected into the registry like adapters, never fused as experts
 
     @property
     def names(self) -> list[str]:
@@ -76,7 +79,7 @@ def load_manifest(path: str | Path) -> Manifest:
 
 def parse_manifest(document, where: str, root: str, digest: str = "") -> Manifest:
     """Check a manifest's document; relative URIs in it are taken from `root` (its directory or prefix)."""
-    _mapping(document, where, required=("apiVersion", "kind", "base_model", "adapters"))
+    _mapping(document, where, required=("apiVersion", "kind", "base_model", "adapters"), optional=("baselines",))
     if document["apiVersion"] != API_VERSION or document["kind"] != KIND:
         raise ManifestError(f"{where}: apiVersion/kind must be {API_VERSION}/{KIND}, got "
                             f"{document['apiVersion']!r}/{document['kind']!r}")
@@ -85,12 +88,17 @@ def parse_manifest(document, where: str, root: str, digest: str = "") -> Manifes
     if not isinstance(adapters, list) or not adapters:
         raise ManifestError(f"{where}: field 'adapters' must be a non-empty list")
     specs = tuple(_adapter(entry, f"{where}: adapters[{i}]", root) for i, entry in enumerate(adapters))
-    names = [spec.name for spec in specs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ManifestError(f"{where}: duplicate adapter names {duplicates}")
+    baselines = document.get("baselines", [])
+    if not isinstance(baselines, list):
+        raise ManifestError(f"{where}: field 'baselines' must be a list")
+    extra = tuple(_baseline(entry, f"{where}: baselines[{i}]", root) for i, entry in enumerate(baselines))
+    for kind, group in (("adapter", specs), ("baseline", extra)):
+        names = [spec.name for spec in group]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ManifestError(f"{where}: duplicate {kind} names {duplicates}")
     base_uri = _resolve(_string(base, "uri", f"{where}: base_model"), root)
-    return Manifest(where, digest, _string(base, "name", f"{where}: base_model"), base_uri, specs)
+    return Manifest(where, digest, _string(base, "name", f"{where}: base_model"), base_uri, specs, extra)
 
 
 def _adapter(entry, where: str, root: str) -> AdapterSpec:
@@ -119,6 +127,13 @@ def _adapter(entry, where: str, root: str) -> AdapterSpec:
         raise ManifestError(f"{where}: field 'prompt_format' must be one of {list(FORMATS)}, got {prompt_format!r}")
     return AdapterSpec(name, _resolve(_string(entry, "uri", where), root), description, sha, data or None, metric,
                        prompt_format)
+
+
+def _baseline(entry, where: str, root: str) -> AdapterSpec:
+    """A baseline: an adapter entry without data, metric or prompt format (it is scored on the tasks' own)."""
+    named = f"{where} ('{entry['name']}')" if isinstance(entry, dict) and isinstance(entry.get("name"), str) else where
+    _mapping(entry, named, required=("name", "uri"), optional=("description", "sha256"))
+    return _adapter(entry, where, root)
 
 
 def _mapping(value, where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:

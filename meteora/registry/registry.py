@@ -3,7 +3,9 @@
     registry.json                     format_version, base_model {name, uri, fingerprint},
                                       adapters {name: {sha256, config_sha256, content_sha256, rank, alpha,
                                       target_modules, description, data {train, eval: sha256}, metric, source_uri,
-                                      registered_at, version}}
+                                      registered_at, version}},
+                                      baselines {name: {sha256, config_sha256, content_sha256, ...}} (optional:
+                                      the manifest's baselines, evaluated beside MeteoRA, never fused)
     adapters/<content_sha256>/adapter_config.json, adapter_model.safetensors
                                       (sha256 is the weights' hash, as in the manifest; the directory is keyed by
                                       config and weights together, so two adapters differing only in alpha differ)
@@ -73,6 +75,14 @@ class Registry:
         """{name: local PEFT adapter directory} in registry order (S3 objects are cached locally, hash-checked)."""
         return {name: self._local_adapter(self.entry(name)) for name in (names or self.names)}
 
+    def baseline_dirs(self, names: list[str]) -> dict[str, Path]:
+        """{name: local PEFT directory} of the baselines `names`, as adapter_dirs."""
+        held = self.index.get("baselines", {})
+        missing = [name for name in names if name not in held]
+        if missing:
+            raise RegistryError(f"registry {self.uri} has no baselines {missing}; it holds {sorted(held)}")
+        return {name: self._local_adapter(held[name]) for name in names}
+
     def prompt_format(self, names: list[str]) -> str:
         """The prompt format the adapters `names` were trained in: one, or RegistryError (a fused model has one)."""
         formats = sorted({self.entry(name).get("prompt_format", "plain") for name in names})
@@ -96,11 +106,12 @@ class Registry:
 
     def remove(self, names: list[str]) -> None:
         """Drop adapters from the index in one compare-and-swap commit. Their content-addressed files stay (another
-        entry may share them); nothing is changed when a name is unknown. An emptied registry takes any base again."""
+        entry may share them); nothing is changed when a name is unknown. An emptied registry takes any base again
+        (its baselines, trained on the old one, go too)."""
         for name in names:
             self.entry(name)
         kept = {n: e for n, e in self.index["adapters"].items() if n not in names}
-        self.commit({**self.index, "adapters": kept, **({} if kept else {"base_model": None})})
+        self.commit({**self.index, "adapters": kept, **({} if kept else {"base_model": None, "baselines": {}})})
 
     def _local_adapter(self, entry: dict) -> Path:
         weights = self._local(adapter_key(entry["content_sha256"], WEIGHTS_FILE), entry["sha256"])
@@ -134,7 +145,9 @@ def _parse_index(raw: bytes, uri: str) -> dict:
         raise RegistryError(f"{where}: format_version must be {FORMAT_VERSION}")
     if not isinstance(index.get("adapters"), dict) or not isinstance(index.get("base_model"), (dict, type(None))):
         raise RegistryError(f"{where}: 'adapters' must be a mapping and 'base_model' a mapping or null")
-    for name, entry in index["adapters"].items():
+    if not isinstance(index.get("baselines", {}), dict):
+        raise RegistryError(f"{where}: 'baselines' must be a mapping")
+    for name, entry in [*index["adapters"].items(), *index.get("baselines", {}).items()]:
         if not isinstance(entry, dict) or not isinstance(entry.get("data", {}), dict):
             raise RegistryError(f"{where}: entry {name!r} must be a mapping")
         shas = [entry.get(k) for k in ("sha256", "config_sha256", "content_sha256")] + list(entry.get("data", {}).values())

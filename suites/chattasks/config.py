@@ -12,7 +12,7 @@ from . import lora
 from .lora import MLP, QKVO, QV, QVO
 from .tasks import TASKS
 
-BUILD_VERSION = 2  # bump when the recipe changes, so cached builds are not reused
+BUILD_VERSION = 3  # bump when the recipe or the manifest changes, so cached builds are not reused (3: baselines)
 
 
 @dataclass(frozen=True)

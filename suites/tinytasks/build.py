@@ -45,7 +45,7 @@ from ..baselines import merged_adapter
 from .char_tokenizer import char_tokenizer
 from .tasks import ALL_TASKS, DEFAULT_TASKS, prompt, split_samples
 
-BUILD_VERSION = 5  # bump when the recipe changes, so cached builds are not reused
+BUILD_VERSION = 6  # bump when the recipe or the manifest changes, so cached builds are not reused (6: baselines)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_MODULES = ATTENTION + ["gate_proj", "up_proj", "down_proj"]
 ECHO_ALPHABET = "abcdefghijklmnopABCDEFGHIJKLMNOP0123456789"  # every character an answer may hold

@@ -49,9 +49,10 @@ def entry(name, source=None, **extra):
             **extra}
 
 
-def write_manifest(path: Path, entries) -> Path:
+def write_manifest(path: Path, entries, baselines=None) -> Path:
     document = {"apiVersion": "meteora/v1", "kind": "AdapterManifest",
-                "base_model": {"name": "tiny-base", "uri": "s3://world/base/"}, "adapters": entries}
+                "base_model": {"name": "tiny-base", "uri": "s3://world/base/"}, "adapters": entries,
+                **({"baselines": baselines} if baselines is not None else {})}
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
@@ -138,7 +139,7 @@ def _pickle_only(files):
     files["adapter_model.bin"] = files.pop("adapter_model.safetensors")
 
 
-BAD = {  # case -> (manifest entries or raw text, message in the error / rejection)
+BAD = {  # case -> (manifest entries, raw text or {"baselines": entries}, message in the error / rejection)
     "malformed_yaml": ("adapters: [name: x\n", "not valid YAML"),
     "unknown_key": ([entry("reverse") | {"descripton": "typo"}], "unknown field(s) ['descripton']"),
     "bad_name": ([entry("Reverse!")], "field 'name'"),
@@ -153,6 +154,10 @@ BAD = {  # case -> (manifest entries or raw text, message in the error / rejecti
     "empty_prompt": ([entry("reverse") | {"data": {"train": "s3://world/data/empty.jsonl"}}], "line 2 has an empty 'prompt'"),
     "truncated": (lambda w: [_bad_object(w, "truncated", _truncate)], "truncated or corrupt"),
     "pickle_only": (lambda w: [_bad_object(w, "pickled", _pickle_only)], "pickle"),
+    "baseline_with_data": ({"baselines": [entry("lora-b", "sort")]}, "baselines[0] ('lora-b'): unknown field(s) ['data']"),
+    "baseline_other_base": ({"baselines": [{"name": "lora-b", "uri": "s3://world/adapters/other-base/"}]}, "shape mismatch"),
+    "duplicate_baselines": ({"baselines": [{"name": "b", "uri": "s3://world/adapters/sort/"}] * 2},
+                            "duplicate baseline names"),
 }
 
 
@@ -173,6 +178,8 @@ def test_bad_input_is_rejected_and_the_registry_is_unchanged(world, populated, t
     manifest = tmp_path / "bad.yaml"
     if isinstance(spec, str):
         manifest.write_text(spec)
+    elif isinstance(spec, dict):  # the adapters good, the baselines not
+        write_manifest(manifest, [entry("upper")], spec["baselines"])
     else:
         spec = spec(world) if callable(spec) else spec
         write_manifest(manifest, [entry("upper")] + spec)  # a good adapter beside the bad one

@@ -83,13 +83,14 @@ def tiny_registry(built, tmp_path_factory, local_ray):
     _, manifest = built
     path = tmp_path_factory.mktemp("registry")
     outcome = collect(load_manifest(manifest), str(path))
-    assert outcome.committed and [r["status"] for r in outcome.rows] == ["added"] * 3
+    assert outcome.committed and [r["status"] for r in outcome.rows] == ["added"] * 5  # 3 adapters, 2 baselines
     return Registry(path)
 
 
 def test_generated_manifest_is_accepted_by_the_registry_pipeline(tiny_registry):
     assert tiny_registry.names == list(TINY.tasks)
     assert tiny_registry.base_model["name"] == f"tinytasks-base-{TINY.key()}"
+    assert list(tiny_registry.index["baselines"]) == ["lora-b", "merged"]
 
 
 def test_gates_train_on_the_registry_data(tiny_registry):
@@ -120,10 +121,9 @@ def test_merged_baseline_is_the_uniform_average_of_the_adapters(built):
         torch.testing.assert_close(fused(ids).logits, merged(ids).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_harness_runs_end_to_end_with_a_checkpoint(built, tmp_path, caplog):
+def test_harness_runs_end_to_end_with_a_checkpoint(tiny_registry, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="meteora.evaluation")
-    _, manifest = built
-    bench = load_benchmark(load_manifest(manifest), samples=6)
+    bench = load_benchmark(tiny_registry, baselines=["lora-b", "merged"], samples=6)
     checkpoint = tmp_path / "ckpt"
     MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=2).save_pretrained(checkpoint)
     results = evaluate(bench, checkpoint, CompositeSettings(sizes=(2, 3), count=4, temperature=2.0), out_dir=tmp_path / "eval")
@@ -154,7 +154,7 @@ def test_the_evaluate_command_writes_tables_and_plots(built, tmp_path, capsys):
     assert main(["--manifest", manifest, "--tasks", "nope"]) == 2
 
 
-def test_build_into_s3_then_the_cache_hits(s3_endpoint, tmp_path, monkeypatch):
+def test_build_into_s3_then_the_cache_hits(s3_endpoint, local_ray, tmp_path, monkeypatch):
     import boto3
 
     monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
@@ -163,15 +163,15 @@ def test_build_into_s3_then_the_cache_hits(s3_endpoint, tmp_path, monkeypatch):
     assert manifest == f"s3://tiny-build/bench/tinytasks-{TINY.key()}/manifest.yaml"
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="tiny-build")["Contents"]]
     assert any(k.endswith("adapters/upper/adapter_model.safetensors") for k in keys)
-    bench = load_benchmark(load_manifest(manifest), samples=2)  # reads the base, the data and the baselines from S3
+    assert collect(load_manifest(manifest), "s3://tiny-build/registry").committed  # from S3 into S3
+    bench = load_benchmark(Registry("s3://tiny-build/registry"), baselines=["lora-b", "merged"], samples=2)
     assert list(bench.eval_sets) == list(TINY.tasks) and set(bench.baselines) == {"lora-b", "merged"}
     start = time.perf_counter()
     assert build("s3://tiny-build/bench", TINY) == manifest and time.perf_counter() - start < 2
 
 
-def test_a_relative_output_directory_gives_a_working_manifest(tmp_path, monkeypatch):
+def test_a_relative_output_directory_gives_a_working_manifest(tmp_path, monkeypatch, local_ray):
     monkeypatch.chdir(tmp_path)
     manifest = build("relative-out", TINY)
     assert Path(manifest).is_absolute()
-    bench = load_benchmark(load_manifest(manifest), samples=2)
-    assert list(bench.eval_sets) == list(TINY.tasks)
+    assert collect(load_manifest(manifest), "registry").committed
