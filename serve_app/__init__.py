@@ -10,6 +10,8 @@ Each replica batches the requests it holds: a request joins the running batch at
 requests for different tasks share forward passes, the gates routing every token. Extensions to OpenAI's
 schema: "experts" (force these adapters, like model "<model>:<expert>") and "return_routing" (per generated
 token, the experts' weights). Bad input is a 4xx in OpenAI's error shape, never a 5xx.
+One file per part: settings.py, schemas.py (request bodies), errors.py, routes.py, responses.py, sse.py,
+metrics.py, deployment.py (the Ray Serve deployment and app_builder).
 """
 from .deployment import MeteoraServer, app_builder
 from .errors import APIError, api_error
