@@ -41,7 +41,9 @@ from .smollm2 import smollm2_files
 from .tasks import TASKS
 
 
-OWN_FLOOR = 0.8  # exact match each own adapter must reach at build time (config.report_samples eval samples)
+# Each own adapter's exact match at build time (config.report_samples eval samples) must reach this: the recipes
+# give 0.80-1.00 on an Intel Xeon; adapters that did not learn (tinytasks on an Intel base) gave 0.06-0.59.
+OWN_FLOOR = 0.7
 
 
 class WeakAdapters(RuntimeError):
