@@ -27,7 +27,7 @@ class StoreError(OSError):
 
 class RequestError(ValueError):
     """A generation request cannot be served; `param` names the request field, `code` says what is wrong.
-    The subclasses tell a server which status to answer (serve_app.py maps them to OpenAI's 4xx)."""
+    The subclasses tell a server which status to answer (serve_app/errors.py maps them to OpenAI's 4xx)."""
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
