@@ -19,8 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/local_s3.py` from anywhere
@@ -83,15 +81,24 @@ class LocalS3:
         self.stop()
 
     def _answers(self) -> bool:
-        """Whether S3 answers a request (any HTTP status) before the deadline, while the server runs."""
+        """Whether S3 serves reads before the deadline, while the server runs: a signed listing of the buckets and,
+        for data kept across a restart, one object of each (the gateway answers before its volume server is up)."""
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"], region_name=KEYS["AWS_DEFAULT_REGION"],
+                              config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5))
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                urllib.request.urlopen(self.endpoint, timeout=2)
+                for bucket in client.list_buckets()["Buckets"]:
+                    first = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", [])
+                    if first:
+                        client.get_object(Bucket=bucket["Name"], Key=first[0]["Key"], Range="bytes=0-0")["Body"].read()
                 return True
-            except urllib.error.HTTPError:  # S3 refuses an unsigned request: it is up
-                return True
-            except OSError:
+            except (BotoCoreError, ClientError):
                 time.sleep(0.5)
         return False
 
