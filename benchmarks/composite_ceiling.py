@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from meteora import MeteoraModel  # noqa: E402
 from meteora.evaluation import composite_problems, load_benchmark  # noqa: E402
 from meteora.registry import load_manifest  # noqa: E402
-from pipelines.evaluate import collected  # noqa: E402
+from pipelines.collect_adapters import collected  # noqa: E402
+from pipelines.evaluate import manifest_registry  # noqa: E402
 from meteora.store import open_store, split_uri  # noqa: E402
 from meteora.training import gate_batch  # noqa: E402
 from suites.tinytasks import ALL_TASKS, build  # noqa: E402
@@ -117,7 +118,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "composite_ceiling.json"))
     args = parser.parse_args()
     manifest = args.manifest or build()
-    bench = load_benchmark(collected(load_manifest(manifest)))
+    loaded = load_manifest(manifest)
+    bench = load_benchmark(collected(loaded, manifest_registry(loaded)))
     if bench.fmt.name != "plain":  # its line starts and answer lengths read the plain format's layout
         parser.error(f"{manifest}: prompt format {bench.fmt.name!r}; this benchmark reads the plain format only")
     model = MeteoraModel.from_pretrained(args.checkpoint, base_model=copy.deepcopy(bench.base)).eval()

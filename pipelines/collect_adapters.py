@@ -95,6 +95,17 @@ def collect(manifest: Manifest, registry_uri: str, parallel: int = 8, on_fetched
     return Outcome(rows, committed=True)
 
 
+def collected(manifest: Manifest, registry_uri: str) -> Registry:
+    """The manifest collected into the registry on the connected Ray (or a local one started for it): a no-op when
+    nothing changed. RegistryError, after the table of why, when anything is rejected."""
+    with ray_connection():
+        outcome = collect(manifest, registry_uri)
+    if not outcome.committed:
+        print_summary(outcome.rows)
+        raise RegistryError(f"{manifest.path} could not be collected into {registry_uri} (the table above says why)")
+    return Registry(registry_uri)
+
+
 def print_summary(rows: list[dict]) -> None:
     width = max([len(r["name"]) for r in rows] + [7])
     print(f"{'adapter':<{width}}  {'status':<12} detail")

@@ -26,12 +26,11 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/evaluate
 import ray  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
+from meteora import ManifestError, StoreError  # noqa: E402
 from meteora.evaluation import CompositeSettings, evaluate, load_benchmark, markdown_table  # noqa: E402
 from meteora.registry import Manifest, Registry, load_manifest  # noqa: E402
 from meteora.store import cache_dir  # noqa: E402
-from pipelines.collect_adapters import collect, print_summary  # noqa: E402
-from pipelines.ray_env import ray_connection  # noqa: E402
+from pipelines.collect_adapters import collected  # noqa: E402
 
 
 DEFAULTS = CompositeSettings()
@@ -63,16 +62,9 @@ def evaluate_manifest(manifest: Manifest, registry: str, checkpoint: str | None,
     return evaluate(bench, checkpoint, settings.composites(), out_dir)
 
 
-def collected(manifest: Manifest, registry: str | None = None) -> Registry:
-    """The manifest collected into `registry` (default: one per manifest location, in the cache) on the connected Ray
-    or a local one: a no-op when nothing changed. RegistryError, after the table of why, when it is rejected."""
-    registry = registry or str(cache_dir() / "registries" / f"evaluate-{hashlib.sha256(manifest.path.encode()).hexdigest()[:12]}")
-    with ray_connection():
-        outcome = collect(manifest, registry)
-    if not outcome.committed:
-        print_summary(outcome.rows)
-        raise RegistryError(f"{manifest.path} could not be collected into {registry} (the table above says why)")
-    return Registry(registry)
+def manifest_registry(manifest: Manifest) -> str:
+    """The registry a manifest evaluated on its own is collected into: one per manifest location, in the cache."""
+    return str(cache_dir() / "registries" / f"evaluate-{hashlib.sha256(manifest.path.encode()).hexdigest()[:12]}")
 
 
 @ray.remote(num_cpus=1)
@@ -129,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                  "composite_temperature": args.composite_temperature, "samples": args.samples}
         settings = EvaluateSettings(**{key: value for key, value in given.items() if value is not None})
         manifest = load_manifest(args.manifest)
-        results = evaluate_manifest(manifest, collected(manifest, args.registry).uri, args.checkpoint, settings, args.out)
+        registry = collected(manifest, args.registry or manifest_registry(manifest))
+        results = evaluate_manifest(manifest, registry.uri, args.checkpoint, settings, args.out)
     except (ManifestError, StoreError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ from meteora import CheckpointError, StoreError  # noqa: E402
 from meteora.model import read_checkpoint_config  # noqa: E402
 from meteora.registry import Registry, load_manifest  # noqa: E402
 from meteora.store import absolute_uri, cache_dir, is_remote, open_store  # noqa: E402
-from pipelines.collect_adapters import collect, print_summary  # noqa: E402
+from pipelines.collect_adapters import collected  # noqa: E402
 from pipelines.config_files import ConfigError  # noqa: E402
 from pipelines.ray_env import ray_connection, runtime_env  # noqa: E402
 from pipelines.gate_worker import PROGRESS_FILE, progress_line, train_loop_per_worker  # noqa: E402
@@ -137,12 +137,7 @@ def embedded_registry() -> str:
     from suites.tinytasks import build
 
     manifest = load_manifest(build())
-    registry = cache_dir() / "registries" / Path(manifest.path).parent.name
-    outcome = collect(manifest, str(registry))
-    if not outcome.committed:
-        print_summary(outcome.rows)
-        raise ConfigError(f"the embedded tinytasks manifest {manifest.path} could not be collected into {registry}")
-    return str(registry)
+    return collected(manifest, str(cache_dir() / "registries" / Path(manifest.path).parent.name)).uri
 
 
 def _check_experts(registry: Registry, names: list[str] | None) -> list[str]:
