@@ -19,6 +19,7 @@ from meteora.store import is_remote
 
 # A local Ray without a dashboard (no fixed ports to collide with); Ray's own processes log errors only: the
 # drivers print one progress line per stage or checkpoint themselves.
+CHECKOUT = Path(__file__).parents[1]  # where pipelines/ is imported from
 LOCAL_RAY = {"include_dashboard": False, "logging_config": ray.LoggingConfig(log_level="ERROR")}
 
 
@@ -38,9 +39,12 @@ def ray_connection():
 
 def runtime_env() -> dict:
     """A runtime_env for tasks and Train workers: the driver's AWS settings (endpoint, credentials, retries: secrets
-    only ever come from the environment) and cache; progress lines printed as they are."""
+    only ever come from the environment) and cache; progress lines printed as they are; and this checkout on the
+    Python path, for the drivers' own modules (pipelines/ is run from the checkout, not installed; under
+    `ray job submit --working-dir`, Ray puts the uploaded copy first)."""
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "METEORA_CACHE"}
-    return {"env_vars": {**env, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    path = os.pathsep.join(filter(None, [str(CHECKOUT), os.environ.get("PYTHONPATH")]))
+    return {"env_vars": {**env, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONPATH": path}}
 
 
 def where_readable(*uris: str | Path | None) -> dict:

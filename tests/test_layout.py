@@ -1,5 +1,5 @@
-"""The library's shape: `import meteora` stays light, code outside meteora/ uses only its public API, and no module
-imports itself back through others."""
+"""The library's shape: `import meteora` stays light, code outside meteora/ uses only its public API, no module
+imports itself back through others, and the distribution installs no top-level name another project owns."""
 import ast
 import importlib
 import subprocess
@@ -122,15 +122,34 @@ def test_the_import_graph_has_no_circle():
     assert import_circles(graph) == []
 
 
-def test_the_distribution_installs_every_package_and_no_top_level_kernels():
-    """pyproject lists every package folder under its installed name, and kernels/ goes in as meteora.kernels: a
-    top-level `kernels` would shadow the PyPI distribution of that name, which transformers imports when present."""
+INSTALLED_NOT = {"pipelines"}  # run from the checkout (PyPI has a project `pipelines`)
+
+
+def test_the_distribution_installs_every_package_and_no_top_level_kernels_or_pipelines():
+    """pyproject lists every package folder under its installed name but pipelines/, and kernels/ goes in as
+    meteora.kernels: a top-level `kernels` would shadow the PyPI distribution of that name, which transformers
+    imports when present."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    packages = {name for name, file in _module_files().items() if file.name == "__init__.py"}
+    packages = {name for name, file in _module_files().items()
+                if file.name == "__init__.py" and name.split(".")[0] not in INSTALLED_NOT}
     assert packages == set(setuptools["packages"])
     assert setuptools["package-dir"] == {"meteora.kernels": "kernels"}
     assert "py-modules" not in setuptools and "kernels" not in {name.split(".")[0] for name in setuptools["packages"]}
     installed = subprocess.run([sys.executable, "-c", "import meteora.kernels, sys; print(meteora.kernels.__file__); "
-                                "import importlib.util as u; print(u.find_spec('kernels'))"],
+                                "import importlib.util as u; print(u.find_spec('kernels'), u.find_spec('pipelines'))"],
                                capture_output=True, text=True, check=True, cwd="/").stdout.split()
-    assert installed == [str(ROOT / "kernels" / "__init__.py"), "None"]
+    assert installed == [str(ROOT / "kernels" / "__init__.py"), "None", "None"]
+
+
+def test_no_installed_top_level_name_is_a_project_on_the_package_index():
+    """Every top-level name the distribution installs, looked up on the index pip installs from (PyPI): a project of
+    that name there installs that package too (as `kernels` and `pipelines` do), and one would shadow the other.
+    `meteora`, the name of the Python API, is one (a weather-station client): renaming the API is a contract change
+    not yet decided, so this names it and fails on any other, and when it is gone."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    top_level = sorted({name.split(".")[0] for name in setuptools["packages"]})
+    on_the_index = [name for name in top_level if subprocess.run(
+        [sys.executable, "-m", "pip", "index", "versions", name], capture_output=True, text=True).returncode == 0]
+    assert subprocess.run([sys.executable, "-m", "pip", "index", "versions", "kernels"],
+                          capture_output=True).returncode == 0  # the lookup finds a project that exists
+    assert on_the_index == ["meteora"]
