@@ -3,7 +3,7 @@ in one run: one registry, one evaluation.
 
   methods       the first 10 adapters: fit and fit+sgd (the fit, then --refine-steps of the loop) with 2 Ray Train
                 workers, the fit also with 1; sgd (bench-real's recipe: --sgd-steps x 16, lr 0.01, a quarter
-                composites) with 2 workers, and with 1 of 2 CPUs (timed; its gates not evaluated again).
+                composites) with each of --sgd-workers (default 2, then 1 of 2 CPUs; the first evaluated).
                 Wall time of the training and of the whole job, peak memory of a worker, routing accuracy on eval
                 responses, per task MeteoRA top-1 / top-2 and composite-3/5/10 (--composites per n). The fit's
                 evaluation also scores the baselines (base, own adapters, LoRA-B, merged, perfect routing).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import shutil
 import sys
@@ -188,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sgd-steps", type=int, default=300,
                         help="the loop's steps (bench-real's first registration); 0: the loop is not run")
+    parser.add_argument("--sgd-workers", type=int, nargs="+", default=[2, 1], help="the loop's worker counts")
     parser.add_argument("--refine-steps", type=int, default=60, help="fit+sgd: the loop's steps after the fit")
     parser.add_argument("--samples", type=int, default=30, help="eval samples per task")
     parser.add_argument("--old-samples", type=int, default=100, help="eval samples per old task for the registration")
@@ -213,9 +215,11 @@ def main() -> None:
         "fit": lambda: train_job(registry, work, "fit", first, method="fit", **two),
         "fit, 1 worker": lambda: train_job(registry, work, "fit-1", first, method="fit", **one),
         "fit+sgd": lambda: train_job(registry, work, "fit-sgd", first, method="fit+sgd", steps=args.refine_steps, **two),
-        "sgd": lambda: train_job(registry, work, "sgd", first, method="sgd", steps=args.sgd_steps, **two),
-        "sgd, 1 worker": lambda: train_job(registry, work, "sgd-1", first, method="sgd", steps=args.sgd_steps, **one),
     }
+    for i, workers in enumerate(args.sgd_workers):  # the first is the one evaluated
+        name = "sgd" if i == 0 else f"sgd, {workers} worker" + "s" * (workers > 1)
+        runs[name] = functools.partial(train_job, registry, work, "sgd" if i == 0 else f"sgd-{workers}", first, method="sgd",
+                                       steps=args.sgd_steps, num_workers=workers, cpus_per_worker=max(1, 2 // workers))
     methods = {name: method_row(stages.run(f"train {name}", runs[name])) for name in ("fit", "fit, 1 worker", "fit+sgd")}
     fitted = methods["fit"]["checkpoint"]
     grown = stages.run("registration", lambda: method_row(train_job(  # the timed stages first, the evaluations after
@@ -236,9 +240,9 @@ def main() -> None:
         for name, checkpoint in (("before", fitted), ("after", grown["checkpoint"]))}
     inits = stages.run("initialisations", lambda: initialisations(Registry(registry), fitted, names, args.samples))
     if args.sgd_steps:  # last: the longest; 0 leaves the loop out (the report says so)
-        methods["sgd"] = method_row(stages.run("train sgd", runs["sgd"]))
+        for name in [n for n in runs if n.startswith("sgd")]:
+            methods[name] = method_row(stages.run(f"train {name}", runs[name]))
         evaluations["sgd"] = evaluation("sgd")
-        methods["sgd, 1 worker"] = method_row(stages.run("train sgd, 1 worker", runs["sgd, 1 worker"]))
     ray.shutdown()
 
     own = evaluations["fit"]["per_task"]["own adapter"]
