@@ -5,6 +5,8 @@ the work directory if missing); each rule registers from the same first fit, in 
 
     python experiments/registration.py plain                        # the library's fit
     python experiments/registration.py guard --rho 10 --margin 0.5  # + the top-2 guard below
+    python experiments/registration.py plain --fit-samples 72 --fit-tokens 0  # more calibration tokens, all kept
+    python experiments/registration.py plain --sgd-steps 60         # the fit, then the loop on the fresh rows only
 
 guard: on every calibration token of an old task, at every module, each new expert's logit is pushed under the
 token's second-highest old logit minus `margin` by a squared hinge of weight `rho` (a penalty method for "the old
@@ -13,6 +15,8 @@ tasks' calibration top-2 unchanged"). Findings: benchmarks/NOTES.md, "kv_json af
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import functools
 import json
 import sys
@@ -27,7 +31,7 @@ import bench_fit_settings  # noqa: E402
 from bench_chattasks import FIRST, manifests  # noqa: E402
 from meteora import load_tokenizer  # noqa: E402
 from meteora.evaluation import accuracy_per_task  # noqa: E402
-from meteora.training import registry_samples, solve_gates  # noqa: E402
+from meteora.training import GateTrainer, init_gates_from, registry_samples, shuffled, solve_gates  # noqa: E402
 from suites.chattasks import build  # noqa: E402
 
 OLD, NEW = ("kv_json", "list_max"), ("last_first", "snake_label")
@@ -48,6 +52,16 @@ def top2_guard(new: list[int], rho: float, margin: float):
     return penalty
 
 
+def refine(model, registry, tokenizer, config, first: str, steps: int) -> dict:
+    """`steps` of the loop on the fitted model's fresh rows, its other rows frozen (one process, as one worker)."""
+    recipe = dataclasses.replace(config, method="sgd", steps=steps, batch=16, lr=0.01, freeze_old=True)
+    warm_start = init_gates_from(copy.deepcopy(model), first)  # which rows are fresh; the fitted rows stay as they are
+    trainer = GateTrainer(model, tokenizer, recipe, warm_start)
+    started = time.perf_counter()
+    record = trainer.run(shuffled(registry_samples(registry, registry.names, "train"), recipe.seed), [])
+    return {"seconds": round(time.perf_counter() - started, 1), "loss": record["loss"], "gate_loss": record["gate_loss"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rule", choices=["plain", "guard"])
@@ -55,6 +69,10 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.5)
     parser.add_argument("--work", default=bench_fit_settings.WORK, help="bench_fit_settings' work directory")
     parser.add_argument("--samples", type=int, default=100, help="eval samples per task")
+    parser.add_argument("--fit-samples", type=int, help="the registration's fit_samples (default: the first fit's)")
+    parser.add_argument("--fit-tokens", type=int, help="the registration's fit_tokens (0: every labelled token)")
+    parser.add_argument("--sgd-steps", type=int, default=0, help="then this many steps of the loop (bench-real's "
+                        "recipe: batch 16, lr 0.01) on the fresh rows, old rows frozen, as method fit+sgd runs it")
     args = parser.parse_args()
     torch.set_num_threads(2)
     work = Path(args.work)
@@ -66,12 +84,17 @@ def main() -> None:
         bench_fit_settings.fitted(registry, registry.names[:FIRST], tokenizer, config)[0].save_pretrained(work / "first")
     new = [registry.names.index(name) for name in NEW]
     solve = functools.partial(solve_gates, penalty=top2_guard(new, args.rho, args.margin)) if args.rule == "guard" else solve_gates
-    model, row = bench_fit_settings.fitted(registry, registry.names, tokenizer, config, init_from=str(work / "first"),
-                                           solve=solve)
+    overrides = {k: v for k, v in {"fit_samples": args.fit_samples, "fit_tokens": args.fit_tokens}.items() if v is not None}
+    model, row = bench_fit_settings.fitted(registry, registry.names, tokenizer, dataclasses.replace(config, **overrides),
+                                           init_from=str(work / "first"), solve=solve)
+    if args.sgd_steps:
+        row["sgd"] = refine(model, registry, tokenizer, dataclasses.replace(config, **overrides), str(work / "first"),
+                            args.sgd_steps)
     evals = {name: [s for s, _ in registry_samples(registry, [name], "eval")][:args.samples] for name in OLD + NEW}
     started = time.perf_counter()
     top2 = accuracy_per_task(model, tokenizer, evals, model.prompt_format)
-    print(json.dumps({"rule": args.rule, **({"rho": args.rho, "margin": args.margin} if args.rule == "guard" else {}),
+    print(json.dumps({"rule": args.rule, **({"rho": args.rho, "margin": args.margin} if args.rule == "guard" else {}), **overrides,
+                      "sgd_steps": args.sgd_steps,
                       **row, "top2": top2, "eval_seconds": round(time.perf_counter() - started)}))
 
 
