@@ -1,4 +1,4 @@
-"""The adapter workflow as one Ray job: collect -> train the gates -> deploy -> evaluate.
+"""The adapter workflow as one Ray job: collect -> train the gates -> deploy -> [refine -> deploy] -> evaluate.
 
     python pipelines/workflow.py --manifest M [--config configs/workflow.yaml] [key=value ...]   (train.steps=600 ...)
     ray job submit --address http://HEAD:PORT --working-dir . -- python pipelines/workflow.py --manifest M
@@ -15,6 +15,9 @@ train     the manifest's experts in order (weights, config,  train_gates.train (
                                                               of the steps
 deploy    the checkpoint's content, the serving settings      deploy.deploy: serve.run, a running application updated in
                                                               place (new replicas start before old ones drain)
+refine    the train stage's inputs, refine_steps              with train.method fit and refine_steps > 0, once the fit
+                                                              serves: method fit+sgd from the fit's own start (the
+                                                              same warm start and frozen rows), then deploy again
 evaluate  the checkpoint's content, the evaluation settings   evaluate.evaluate_manifest in a Ray task on the driver's
                                                               node (work_dir is local to it), reading the registry:
                                                               tables, plots (after deploy: it reports on what
@@ -70,18 +73,33 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     previous = state.outputs("train")
     outputs["train"] = _stage(state, "train", train_key, lambda: _train(config, work, registry, experts, train_key, previous))
     checkpoint = outputs["train"].checkpoint
-    content = checkpoint_digest(checkpoint)
+    refine_key = digest(train_key, config.refine_steps)
+    refining = config.refine_steps > 0 and config.train_config().training.method == "fit"
+    refined = state.outputs("refine", refine_key) if refining else None
+    if refined is not None and checkpoint_exists(refined.checkpoint):
+        checkpoint = refined.checkpoint  # refined already: serve that, not the fit first
     if config.deploy.enabled and can_deploy:  # before the evaluation: it reports on what serves, gates nothing
-        if not app_running(config.deploy.app_name):
-            state.forget("deploy")  # recorded, but not running now (a restarted cluster): deploy again
-        outputs["deploy"] = _stage(state, "deploy", digest(content, config.deploy.model_dump()),
-                                   lambda: deploy(checkpoint, config.deploy))
+        outputs["deploy"] = _deploy(state, checkpoint, config)
     elif config.deploy.enabled:
         print("[deploy] skipped: no long-running Ray cluster to deploy to (set RAY_ADDRESS or use `ray job submit`)")
+    if refining:  # the fit serves meanwhile
+        trained = outputs["train"]
+        outputs["refine"] = _stage(state, "refine", refine_key, lambda: _refine(config, work, registry, trained, refine_key))
+        if outputs["refine"].checkpoint != checkpoint and "deploy" in outputs:
+            outputs["deploy"] = _deploy(state, outputs["refine"].checkpoint, config)
+        checkpoint = outputs["refine"].checkpoint
     if config.evaluate.enabled:
+        content = checkpoint_digest(checkpoint)
         outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), manifest.digest),
                                      lambda: _evaluate(manifest, checkpoint, config, work))
     return outputs
+
+
+def _deploy(state: State, checkpoint: str, config: WorkflowConfig):
+    if not app_running(config.deploy.app_name):
+        state.forget("deploy")  # recorded, but not running now (a restarted cluster): deploy again
+    return _stage(state, "deploy", digest(checkpoint_digest(checkpoint), config.deploy.model_dump()),
+                  lambda: deploy(checkpoint, config.deploy))
 
 
 def _stage(state: State, stage: str, inputs: str, action: Callable[[], StageResult]):
@@ -130,6 +148,22 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
         print(f"[train] incremental from {previous.checkpoint}, {how[settings.training.method]}: fresh gate rows for "
               f"{added or 'none'}, rows dropped for {removed or 'none'}"
               f"{', copied rows frozen' if config.incremental_freeze_old else ''}", flush=True)
+    return _run_training(config, artifacts, registry, experts, key, values, settings_digest)
+
+
+def _refine(config: WorkflowConfig, work: Path, registry: Registry, trained: Trained, key: str) -> StageResult:
+    """The loop from where the fit started (method fit+sgd: the same fit, then refine_steps steps; incremental: the
+    same warm start, copied rows as the fit held them)."""
+    artifacts = (config.artifacts or str(work)).rstrip("/")
+    values = {"registry": registry.uri, "experts": [name for name, _ in trained.experts], "storage_path": f"{artifacts}/runs",
+              "method": "fit+sgd", "steps": config.refine_steps}
+    if trained.init_from:
+        values.update(init_from=trained.init_from, freeze_old=config.incremental_freeze_old)
+    return _run_training(config, artifacts, registry, trained.experts, key, values, trained.settings)
+
+
+def _run_training(config: WorkflowConfig, artifacts: str, registry: Registry, experts: list[tuple[str, str]], key: str,
+                  values: dict, settings_digest: str) -> StageResult:
     run_name = f"gates-{digest(key, values)[:12]}"  # a retry resumes its run; another warm start is another run
     values.update(name=run_name, output=f"{artifacts}/checkpoints/{run_name}")
     started = time.perf_counter()
@@ -137,7 +171,7 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
     print_training_summary(summary, time.perf_counter() - started)
     outputs = Trained(summary["output"], experts, registry.base_model["fingerprint"], "init_from" in values,
                       summary["train_seconds"], (summary.get("final") or {}).get("eval_routing_accuracy"),
-                      settings_digest)
+                      settings_digest, values.get("init_from"))
     how = f"{summary['method']}, {summary['steps']} steps" if summary["steps"] else summary["method"]
     return StageResult(outputs, f"checkpoint {outputs.checkpoint} ({how}, {outputs.train_seconds} s of training)")
 

@@ -49,6 +49,7 @@ class WorkflowConfig(BaseModel):
     train: dict = {}  # pipelines/train_gates settings (configs/train_gates.yaml keys) but the ones the workflow sets
     incremental_steps: float = Field(0.25, gt=0, le=1)  # share of train.steps when training starts from the last one
     incremental_freeze_old: bool = True  # then: the copied gate rows stay fixed, only fresh rows and new gates train
+    refine_steps: int = Field(0, ge=0)  # train.method fit: after the fit is deployed, the loop from it, redeployed
     evaluate: EvaluateSettings = EvaluateSettings()
     deploy: DeploySettings = DeploySettings()
 

@@ -29,6 +29,7 @@ class Trained:
     train_seconds: float
     eval_routing_accuracy: float | None
     settings: str = ""  # digest of the settings that change the gates (TrainGatesConfig.run_settings)
+    init_from: str | None = None  # the checkpoint an incremental training started from
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Deployed:
     app: str
 
 
-STAGE_OUTPUTS = {"collect": Collected, "train": Trained, "evaluate": Evaluated, "deploy": Deployed}
+STAGE_OUTPUTS = {"collect": Collected, "train": Trained, "refine": Trained, "evaluate": Evaluated, "deploy": Deployed}
 
 
 @dataclass

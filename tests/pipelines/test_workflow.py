@@ -1,6 +1,6 @@
 """pipelines/workflow.py on a real local Ray and Serve: stages skipped when their inputs are unchanged, a failed
 training resumed at the train stage, and a manifest that adds an adapter trained incrementally and redeployed in
-place while a client keeps sending requests."""
+place while a client keeps sending requests, then refined by the loop and redeployed again."""
 import json
 import threading
 import time
@@ -89,12 +89,14 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         client = threading.Thread(target=keep_asking, args=(url, stop, answers))
         client.start()
         try:
-            third = run(load_manifest(grown_manifest), config, can_deploy=True)
+            third = run(load_manifest(grown_manifest), config.model_copy(update={"refine_steps": 2}), can_deploy=True)
         finally:
             stop.set()
             client.join()
-        assert stages_said(capsys.readouterr().out) == {"collect": "running", "train": "running", "evaluate": "running",
-                                                        "deploy": "running"}
+        output = capsys.readouterr().out
+        assert stages_said(output) == {"collect": "running", "train": "running", "evaluate": "running",
+                                       "deploy": "running", "refine": "running"}
+        assert output.index("[deploy] running") < output.index("[refine] running") < output.rindex("[deploy] running")
         assert third["train"].incremental
         grown_model = MeteoraModel.from_pretrained(third["train"].checkpoint)
         assert grown_model.expert_names == ["reverse", "upper", "length"]
@@ -104,6 +106,15 @@ def test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_p
         first_model = MeteoraModel.from_pretrained(first["train"].checkpoint)
         for name, layer in grown_model.layers.items():  # reverse's and upper's rows as the first run left them
             assert torch.equal(layer.meteora_gate[:2], first_model.layers[name].meteora_gate), name
+        refined = MeteoraModel.from_pretrained(third["refine"].checkpoint)  # the loop from the fit's start: fresh rows only
+        assert refined.training_summary["method"] == "fit+sgd" and refined.training_summary["steps"] == 2
+        assert refined.training_summary["warm_start"]["init_from"] == first["train"].checkpoint
+        for name, layer in refined.layers.items():
+            assert torch.equal(layer.meteora_gate[:2], first_model.layers[name].meteora_gate), name
+        assert any(not torch.equal(layer.meteora_gate[2], grown_model.layers[name].meteora_gate[2])  # the loop moved them
+                   for name, layer in refined.layers.items())
+        assert third["deploy"].checkpoint == third["refine"].checkpoint  # what serves now
+        assert Path(third["evaluate"].out_dir).name == Path(third["refine"].checkpoint).name
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
         assert [m["id"] for m in models][-1] == "meteora:length"  # the redeployed application serves the new model
         assert answers and all(status == 200 for status in answers), answers  # none failed during the update
