@@ -137,8 +137,7 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
            previous: Trained | None) -> StageResult:
     settings = config.train_config()
     settings_digest = digest(settings.run_settings())
-    artifacts = (config.artifacts or str(work)).rstrip("/")
-    values = {"registry": registry.uri, "experts": [name for name, _ in experts], "storage_path": f"{artifacts}/runs"}
+    values = {}
     if _can_start_from(previous, experts, registry, settings_digest):
         steps = max(1, math.ceil(config.incremental_steps * settings.training.steps))
         values.update(init_from=previous.checkpoint, steps=steps, freeze_old=config.incremental_freeze_old)
@@ -148,22 +147,24 @@ def _train(config: WorkflowConfig, work: Path, registry: Registry, experts: list
         print(f"[train] incremental from {previous.checkpoint}, {how[settings.training.method]}: fresh gate rows for "
               f"{added or 'none'}, rows dropped for {removed or 'none'}"
               f"{', copied rows frozen' if config.incremental_freeze_old else ''}", flush=True)
-    return _run_training(config, artifacts, registry, experts, key, values, settings_digest)
+    return _run_training(config, work, registry, experts, key, values, settings_digest)
 
 
 def _refine(config: WorkflowConfig, work: Path, registry: Registry, trained: Trained, key: str) -> StageResult:
     """The loop from where the fit started (method fit+sgd: the same fit, then refine_steps steps; incremental: the
     same warm start, copied rows as the fit held them)."""
-    artifacts = (config.artifacts or str(work)).rstrip("/")
-    values = {"registry": registry.uri, "experts": [name for name, _ in trained.experts], "storage_path": f"{artifacts}/runs",
-              "method": "fit+sgd", "steps": config.refine_steps}
+    values = {"method": "fit+sgd", "steps": config.refine_steps}
     if trained.init_from:
         values.update(init_from=trained.init_from, freeze_old=config.incremental_freeze_old)
-    return _run_training(config, artifacts, registry, trained.experts, key, values, trained.settings)
+    return _run_training(config, work, registry, trained.experts, key, values, trained.settings)
 
 
-def _run_training(config: WorkflowConfig, artifacts: str, registry: Registry, experts: list[tuple[str, str]], key: str,
-                  values: dict, settings_digest: str) -> StageResult:
+def _run_training(config: WorkflowConfig, work: Path, registry: Registry, experts: list[tuple[str, str]], key: str,
+                  training: dict, settings_digest: str) -> StageResult:
+    """One train_gates run of `experts` with the `training` settings on top of the workflow's, as a StageResult."""
+    artifacts = (config.artifacts or str(work)).rstrip("/")
+    values = {"registry": registry.uri, "experts": [name for name, _ in experts], "storage_path": f"{artifacts}/runs",
+              **training}
     run_name = f"gates-{digest(key, values)[:12]}"  # a retry resumes its run; another warm start is another run
     values.update(name=run_name, output=f"{artifacts}/checkpoints/{run_name}")
     started = time.perf_counter()
