@@ -215,12 +215,14 @@ def main() -> None:
         "fit": lambda: train_job(registry, work, "fit", first, method="fit", **two),
         "fit, 1 worker": lambda: train_job(registry, work, "fit-1", first, method="fit", **one),
         "fit+sgd": lambda: train_job(registry, work, "fit-sgd", first, method="fit+sgd", steps=args.refine_steps, **two),
+        "fit+sgd, 1 worker": lambda: train_job(registry, work, "fit-sgd-1", first, method="fit+sgd", steps=args.refine_steps,
+                                               **one),
     }
     for i, workers in enumerate(args.sgd_workers):  # the first is the one evaluated
         name = "sgd" if i == 0 else f"sgd, {workers} worker" + "s" * (workers > 1)
         runs[name] = functools.partial(train_job, registry, work, "sgd" if i == 0 else f"sgd-{workers}", first, method="sgd",
                                        steps=args.sgd_steps, num_workers=workers, cpus_per_worker=max(1, 2 // workers))
-    methods = {name: method_row(stages.run(f"train {name}", runs[name])) for name in ("fit", "fit, 1 worker", "fit+sgd")}
+    methods = {name: method_row(stages.run(f"train {name}", runs[name])) for name in runs if not name.startswith("sgd")}
     fitted = methods["fit"]["checkpoint"]
     grown = stages.run("registration", lambda: method_row(train_job(  # the timed stages first, the evaluations after
         registry, work, "registration", names, method="fit", init_from=fitted, freeze_old=True, **two)))
