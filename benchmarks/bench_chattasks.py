@@ -45,9 +45,9 @@ import yaml  # noqa: E402
 from bench_mixture import (decode_tokens_per_s, machine, prefill_tokens_per_s, ratios_to_peft,  # noqa: E402
                            side_by_side)
 from client import keep_asking, new_question  # noqa: E402
-from meteora import MeteoraModel, load_base_model  # noqa: E402
-from meteora.evaluation import markdown_table  # noqa: E402
-from meteora.registry import load_manifest  # noqa: E402
+from meteora_moe import MeteoraModel, load_base_model  # noqa: E402
+from meteora_moe.evaluation import markdown_table  # noqa: E402
+from meteora_moe.registry import load_manifest  # noqa: E402
 from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from pipelines.local_cluster import free_ports  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402

@@ -27,8 +27,8 @@ import ray
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meteora.registry import Manifest, Registry, load_manifest
-from meteora.registry import fetch_adapter, inspect_base, plan_index
+from meteora_moe.registry import Manifest, Registry, load_manifest
+from meteora_moe.registry import fetch_adapter, inspect_base, plan_index
 
 ROOT = Path(__file__).parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the pipelines and the tests' tiny-model helpers

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 from peft import PeftModel  # noqa: E402
 
 from bench_mixture import decode_tokens_per_s, machine, prefill_tokens_per_s, ratios_to_peft, side_by_side  # noqa: E402
-from meteora import MeteoraModel, load_base_model  # noqa: E402
-from meteora.registry import load_manifest  # noqa: E402
+from meteora_moe import MeteoraModel, load_base_model  # noqa: E402
+from meteora_moe.registry import load_manifest  # noqa: E402
 from suites.chattasks import build  # noqa: E402
 
 

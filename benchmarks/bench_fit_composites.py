@@ -26,8 +26,8 @@ import yaml  # noqa: E402
 
 from bench_fit_settings import collected_registry, fitted  # noqa: E402
 from bench_mixture import machine  # noqa: E402
-from meteora.evaluation import composite_problems, composite_scores, load_benchmark, teacher_routed_scores  # noqa: E402
-from meteora.training import GateTrainingConfig  # noqa: E402
+from meteora_moe.evaluation import composite_problems, composite_scores, load_benchmark, teacher_routed_scores  # noqa: E402
+from meteora_moe.training import GateTrainingConfig  # noqa: E402
 from suites.chattasks import DEMO, build  # noqa: E402
 
 DEMO_ADAPTERS = 4  # the demo's first registration (examples/demo.py)

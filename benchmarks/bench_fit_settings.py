@@ -28,11 +28,11 @@ import torch  # noqa: E402
 
 from bench_chattasks import FIRST, manifests  # noqa: E402
 from bench_mixture import machine  # noqa: E402
-from meteora import MeteoraModel, load_tokenizer  # noqa: E402
-from meteora.evaluation import accuracy_per_task  # noqa: E402
-from meteora.registry import Registry, load_manifest  # noqa: E402
-from meteora.store import cache_dir  # noqa: E402
-from meteora.training import (GateTrainingConfig, fit_gates, fit_items, init_gates_from, registry_samples,  # noqa: E402
+from meteora_moe import MeteoraModel, load_tokenizer  # noqa: E402
+from meteora_moe.evaluation import accuracy_per_task  # noqa: E402
+from meteora_moe.registry import Registry, load_manifest  # noqa: E402
+from meteora_moe.store import cache_dir  # noqa: E402
+from meteora_moe.training import (GateTrainingConfig, fit_gates, fit_items, init_gates_from, registry_samples,  # noqa: E402
                               response_routing_accuracy, shuffled, solve_gates)
 from pipelines.collect_adapters import collect  # noqa: E402
 from pipelines.ray_env import LOCAL_RAY  # noqa: E402

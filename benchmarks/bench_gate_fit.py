@@ -37,10 +37,10 @@ from safetensors.torch import load_file  # noqa: E402
 
 from bench_chattasks import manifests  # noqa: E402
 from bench_mixture import machine  # noqa: E402
-from meteora import MeteoraModel, load_tokenizer  # noqa: E402
-from meteora.evaluation import CompositeSettings, accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
-from meteora.registry import Registry, load_manifest  # noqa: E402
-from meteora.training import (GateTrainingConfig, fit_gates, fit_items, init_gates_from, registry_samples,  # noqa: E402
+from meteora_moe import MeteoraModel, load_tokenizer  # noqa: E402
+from meteora_moe.evaluation import CompositeSettings, accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
+from meteora_moe.registry import Registry, load_manifest  # noqa: E402
+from meteora_moe.training import (GateTrainingConfig, fit_gates, fit_items, init_gates_from, registry_samples,  # noqa: E402
                               response_routing_accuracy, shuffled, solve_gates)
 from pipelines.collect_adapters import collect  # noqa: E402
 from pipelines.ray_env import LOCAL_RAY  # noqa: E402

@@ -27,9 +27,9 @@ if SMOKE:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-import meteora.kernels as kernels  # noqa: E402
-from meteora import ExpertStack, LoraModule  # noqa: E402
-from meteora import BACKENDS  # noqa: E402
+import meteora_moe.kernels as kernels  # noqa: E402
+from meteora_moe import ExpertStack, LoraModule  # noqa: E402
+from meteora_moe import BACKENDS  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FULL = {"d": 4096, "experts": [28, 256], "ranks": [8, 16, 64], "decode": [1, 2, 4, 8, 16, 32, 64], "prefill": [2048, 4096]}

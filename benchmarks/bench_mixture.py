@@ -29,7 +29,7 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meteora import MeteoraModel
+from meteora_moe import MeteoraModel
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_EXPERTS = 28

@@ -33,7 +33,7 @@ ROOT = Path(__file__).parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import bench_mixture  # noqa: E402
 import serve_app  # noqa: E402
-from meteora.registry import Registry  # noqa: E402
+from meteora_moe.registry import Registry  # noqa: E402
 from pipelines.local_cluster import free_ports  # noqa: E402
 from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402
@@ -121,9 +121,9 @@ async def load(url: str, prompts: list[str], concurrency: int, total: int, max_t
 
 def engine_alone(checkpoint: str, prompts: list[str], max_tokens: int, backend: str) -> dict:
     """The same work without HTTP: GenerationEngine in this process, 16 prompts at once, one torch thread."""
-    from meteora import MeteoraModel, load_tokenizer
-    from meteora.prompts import prompt_format
-    from meteora.serving import GenerationEngine, SamplingParams, ServingLimits
+    from meteora_moe import MeteoraModel, load_tokenizer
+    from meteora_moe.prompts import prompt_format
+    from meteora_moe.serving import GenerationEngine, SamplingParams, ServingLimits
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

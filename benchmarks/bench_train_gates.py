@@ -28,9 +28,9 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
-from meteora import MeteoraModel  # noqa: E402
-from meteora.evaluation import CompositeSettings, accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
-from meteora.registry import Registry, load_manifest  # noqa: E402
+from meteora_moe import MeteoraModel  # noqa: E402
+from meteora_moe.evaluation import CompositeSettings, accuracy_per_task, evaluate, load_benchmark, markdown_table  # noqa: E402
+from meteora_moe.registry import Registry, load_manifest  # noqa: E402
 from pipelines.ray_env import LOCAL_RAY  # noqa: E402
 from pipelines.train_config import load_train_config  # noqa: E402
 from pipelines.train_gates import embedded_registry, train  # noqa: E402

@@ -40,8 +40,8 @@ import torch  # noqa: E402
 
 from bench_mixture import machine  # noqa: E402
 from demo import SUITES, publish  # noqa: E402
-from meteora import MeteoraModel  # noqa: E402
-from meteora.registry import Registry  # noqa: E402
+from meteora_moe import MeteoraModel  # noqa: E402
+from meteora_moe.registry import Registry  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
 from pipelines.local_s3 import LocalS3  # noqa: E402
 

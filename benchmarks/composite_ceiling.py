@@ -32,13 +32,13 @@ import torch
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
-from meteora import MeteoraModel  # noqa: E402
-from meteora.evaluation import composite_problems, load_benchmark  # noqa: E402
-from meteora.registry import load_manifest  # noqa: E402
+from meteora_moe import MeteoraModel  # noqa: E402
+from meteora_moe.evaluation import composite_problems, load_benchmark  # noqa: E402
+from meteora_moe.registry import load_manifest  # noqa: E402
 from pipelines.collect_adapters import collected  # noqa: E402
 from pipelines.evaluate import manifest_registry  # noqa: E402
-from meteora.store import open_store, split_uri  # noqa: E402
-from meteora.training import gate_batch  # noqa: E402
+from meteora_moe.store import open_store, split_uri  # noqa: E402
+from meteora_moe.training import gate_batch  # noqa: E402
 from suites.tinytasks import ALL_TASKS, build  # noqa: E402
 
 

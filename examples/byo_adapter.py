@@ -2,7 +2,7 @@
 
 What a user does before registering an adapter of theirs: pick a task, write its data as {"prompt", "response"}
 JSONL, train a PEFT LoRA on the instruct model's chat template (loss on the answer only), save it. Nothing
-here imports meteora; the adapter then goes into a manifest (`prompt_format: chat`) like any other.
+here imports meteora_moe; the adapter then goes into a manifest (`prompt_format: chat`) like any other.
 
     python examples/byo_adapter.py --base BASE --out DIR [--steps 40] [--rank 8] [--targets gate_proj,up_proj,down_proj]
 BASE: a transformers model directory, or a .gguf file (read with transformers' GGUF support).

@@ -7,8 +7,8 @@ import time
 
 import httpx
 
-from meteora.registry import Manifest, read_samples
-from meteora.store import read_uri
+from meteora_moe.registry import Manifest, read_samples
+from meteora_moe.store import read_uri
 
 
 def new_question(manifest: Manifest, task: str) -> tuple[str, dict]:

@@ -39,9 +39,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # the local cluster uses token 
 import ray  # noqa: E402
 import yaml  # noqa: E402
 
-from meteora.evaluation import composite_problems, load_benchmark, markdown_table  # noqa: E402
-from meteora.registry import Registry, load_manifest  # noqa: E402
-from meteora.store import open_store  # noqa: E402
+from meteora_moe.evaluation import composite_problems, load_benchmark, markdown_table  # noqa: E402
+from meteora_moe.registry import Registry, load_manifest  # noqa: E402
+from meteora_moe.store import open_store  # noqa: E402
 from pipelines import local_cluster  # noqa: E402
 from pipelines.local_s3 import LocalS3  # noqa: E402
 from pipelines.ray_env import LOCAL_RAY  # noqa: E402

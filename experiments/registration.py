@@ -29,9 +29,9 @@ import torch  # noqa: E402
 
 import bench_fit_settings  # noqa: E402
 from bench_chattasks import FIRST, manifests  # noqa: E402
-from meteora import load_tokenizer  # noqa: E402
-from meteora.evaluation import accuracy_per_task  # noqa: E402
-from meteora.training import GateTrainer, init_gates_from, registry_samples, shuffled, solve_gates  # noqa: E402
+from meteora_moe import load_tokenizer  # noqa: E402
+from meteora_moe.evaluation import accuracy_per_task  # noqa: E402
+from meteora_moe.training import GateTrainer, init_gates_from, registry_samples, shuffled, solve_gates  # noqa: E402
 from suites.chattasks import build  # noqa: E402
 
 OLD, NEW = ("kv_json", "list_max"), ("last_first", "snake_label")

@@ -5,12 +5,12 @@
     out = model.generate(**inputs, max_new_tokens=32, return_routing=True)
 
 The flow, one subpackage per stage (each with its own __all__):
-    meteora.registry    manifest -> registry (adapters and task data collected from an object store)
-    meteora.model       the fused model, its checkpoint, its base model
-    meteora.training    gate training (one loop for one process or N data-parallel workers)
-    meteora.evaluation  per-task and composite-n tables and plots against the baselines
-    meteora.serving     continuous batching and the service an HTTP layer wraps
-`import meteora` loads torch, transformers and safetensors only; the parts that need peft, boto3, yaml or
+    meteora_moe.registry    manifest -> registry (adapters and task data collected from an object store)
+    meteora_moe.model       the fused model, its checkpoint, its base model
+    meteora_moe.training    gate training (one loop for one process or N data-parallel workers)
+    meteora_moe.evaluation  per-task and composite-n tables and plots against the baselines
+    meteora_moe.serving     continuous batching and the service an HTTP layer wraps
+`import meteora_moe` loads torch, transformers and safetensors only; the parts that need peft, boto3, yaml or
 matplotlib import them when used.
 """
 from .errors import AdapterError, CheckpointError, ManifestError, RegistryError, RequestError, StoreError

@@ -76,7 +76,7 @@ class PromptFormat:
     def next_answer(self, written: str, n: int) -> int:
         """Which of a composite's n answers (0-based) the next token of its response belongs to, from the response
         written so far: the line being written, the next one once a line ends (chat: by the number last written).
-        Gate training labels every response token with this (meteora.training.gate_batch)."""
+        Gate training labels every response token with this (meteora_moe.training.gate_batch)."""
         lines = written.split("\n")
         if not self.numbered:
             return min(len(lines) - 1, n - 1)

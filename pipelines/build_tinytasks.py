@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/build_tinytasks.py` from anywhere
 
-from meteora import StoreError  # noqa: E402
-from meteora.store import local_dir, split_uri  # noqa: E402
+from meteora_moe import StoreError  # noqa: E402
+from meteora_moe.store import local_dir, split_uri  # noqa: E402
 from suites.tinytasks import TinyTasksConfig, build  # noqa: E402
 
 

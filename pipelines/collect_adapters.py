@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/collect_
 import ray  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from meteora import ManifestError, RegistryError, StoreError  # noqa: E402
-from meteora.registry import Collected, Manifest, Registry, fetch_adapter, inspect_base, load_manifest, plan_index  # noqa: E402
-from meteora.store import absolute_uri, open_store  # noqa: E402
+from meteora_moe import ManifestError, RegistryError, StoreError  # noqa: E402
+from meteora_moe.registry import Collected, Manifest, Registry, fetch_adapter, inspect_base, load_manifest, plan_index  # noqa: E402
+from meteora_moe.store import absolute_uri, open_store  # noqa: E402
 from pipelines.ray_env import ray_connection, runtime_env, where_readable  # noqa: E402
 
 log = logging.getLogger("collect_adapters")

@@ -10,7 +10,7 @@ from typing import Annotated, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ValidationError
 
-from meteora.store import checked_uri
+from meteora_moe.store import checked_uri
 
 ROOT = Path(__file__).parents[1]  # the repository: configs/ holds the default files
 Config = TypeVar("Config", bound=BaseModel)

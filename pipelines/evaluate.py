@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/evaluate
 import ray  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from meteora import ManifestError, StoreError  # noqa: E402
-from meteora.evaluation import CompositeSettings, evaluate, load_benchmark, markdown_table  # noqa: E402
-from meteora.registry import Manifest, Registry, load_manifest  # noqa: E402
-from meteora.store import cache_dir  # noqa: E402
+from meteora_moe import ManifestError, StoreError  # noqa: E402
+from meteora_moe.evaluation import CompositeSettings, evaluate, load_benchmark, markdown_table  # noqa: E402
+from meteora_moe.registry import Manifest, Registry, load_manifest  # noqa: E402
+from meteora_moe.store import cache_dir  # noqa: E402
 from pipelines.collect_adapters import collected  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def evaluate_task(manifest: Manifest, registry: str, checkpoint: str, settings: 
 @contextlib.contextmanager
 def _progress_records():
     """A queue of the harness's INFO records, while the block runs."""
-    logger, records = logging.getLogger("meteora.evaluation"), queue.Queue()
+    logger, records = logging.getLogger("meteora_moe.evaluation"), queue.Queue()
     handler, kept = logging.handlers.QueueHandler(records), (logger.level, logger.propagate)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

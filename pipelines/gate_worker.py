@@ -1,7 +1,7 @@
 """One Ray Train worker of pipelines/train_gates.py: data-parallel training of the MeteoRA gates.
 
 Every worker builds the same MeteoraModel (base + experts frozen, the gates start equal: same seed, then a
-broadcast from rank 0) and runs meteora.training.GateTrainer on its own share of the registry's task data:
+broadcast from rank 0) and runs meteora_moe.training.GateTrainer on its own share of the registry's task data:
   fit       each worker runs its share of the calibration items forward; at every module the gate's loss and
             gradient are summed over the workers (all-reduce), so all fit the same gate; rank 0 leaves a
             progress record at most every 5 s. In fit+sgd a checkpoint follows, so a restart does not fit again.
@@ -23,10 +23,10 @@ import ray.train.torch
 import torch.distributed as dist
 from transformers.utils import logging as transformers_logging
 
-from meteora.model import MeteoraModel, load_tokenizer, runtime
-from meteora.registry import Registry
-from meteora.store import open_store
-from meteora.training import Collective, GateTrainer, init_gates_from, registry_samples, shard, shuffled
+from meteora_moe.model import MeteoraModel, load_tokenizer, runtime
+from meteora_moe.registry import Registry
+from meteora_moe.store import open_store
+from meteora_moe.training import Collective, GateTrainer, init_gates_from, registry_samples, shard, shuffled
 
 from .train_config import TrainGatesConfig
 

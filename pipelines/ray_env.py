@@ -4,7 +4,7 @@ task that reads local paths must run.
     with ray_connection() as started_here: ...      # the initialized Ray, RAY_ADDRESS's, or a local one
     runtime_env()                                    # the driver's S3 settings and cache for tasks and workers
     task.options(**where_readable(uri, ...))         # a task reading or writing local paths: on this node
-Paths handed to other processes go through meteora.store.absolute_uri (remote URIs as they are).
+Paths handed to other processes go through meteora_moe.store.absolute_uri (remote URIs as they are).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from meteora.store import is_remote
+from meteora_moe.store import is_remote
 
 CHECKOUT = Path(__file__).parents[1]  # where pipelines/ is imported from
 # bf16 on a CPU runs oneDNN, which keeps the primitives of every shape it has run (1,024 by default). The loop's

@@ -1,6 +1,6 @@
 """The gate-training job's configuration: configs/train_gates.yaml, overridden by key=value arguments.
 
-One flat file: the method's settings are meteora.training.GateTrainingConfig's fields (steps, batch, lr, ...),
+One flat file: the method's settings are meteora_moe.training.GateTrainingConfig's fields (steps, batch, lr, ...),
 gathered into `training`; the rest say what to train and where it runs. Every key is validated (type, range,
 unknown keys refused) before anything starts, and errors name the key.
 """
@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from meteora.model import Precision
-from meteora.training import GateTrainingConfig
+from meteora_moe.model import Precision
+from meteora_moe.training import GateTrainingConfig
 
 from .config_files import ROOT, Uri, load_config
 

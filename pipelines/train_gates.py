@@ -35,10 +35,10 @@ import ray.train  # noqa: E402
 from pyarrow.fs import S3FileSystem  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
-from meteora import CheckpointError, StoreError  # noqa: E402
-from meteora.model import read_checkpoint_config  # noqa: E402
-from meteora.registry import Registry, load_manifest  # noqa: E402
-from meteora.store import absolute_uri, cache_dir, is_remote, open_store  # noqa: E402
+from meteora_moe import CheckpointError, StoreError  # noqa: E402
+from meteora_moe.model import read_checkpoint_config  # noqa: E402
+from meteora_moe.registry import Registry, load_manifest  # noqa: E402
+from meteora_moe.store import absolute_uri, cache_dir, is_remote, open_store  # noqa: E402
 from pipelines.collect_adapters import collected  # noqa: E402
 from pipelines.config_files import ConfigError  # noqa: E402
 from pipelines.ray_env import ray_connection, runtime_env  # noqa: E402

@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # `python pipelines/workflow
 
 import ray  # noqa: E402
 
-from meteora import RegistryError, StoreError  # noqa: E402
-from meteora.model import checkpoint_digest, checkpoint_exists  # noqa: E402
-from meteora.registry import Manifest, Registry, load_manifest, source_tags  # noqa: E402
+from meteora_moe import RegistryError, StoreError  # noqa: E402
+from meteora_moe.model import checkpoint_digest, checkpoint_exists  # noqa: E402
+from meteora_moe.registry import Manifest, Registry, load_manifest, source_tags  # noqa: E402
 from pipelines.collect_adapters import collect, print_summary  # noqa: E402
 from pipelines.deploy import app_running, deploy  # noqa: E402
 from pipelines.evaluate import evaluate_task  # noqa: E402

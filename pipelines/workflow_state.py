@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from meteora.store import atomic_write
+from meteora_moe.store import atomic_write
 from pipelines.config_files import ConfigError
 
 STATE_FILE = "workflow_state.json"

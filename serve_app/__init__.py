@@ -4,7 +4,7 @@
     GET  /healthz   GET /v1/models   POST /v1/completions   POST /v1/chat/completions   (README.md, "Serving")
 
     HTTP request ─► create_app (FastAPI: auth, schemas, OpenAI-shaped errors)
-                    ─► meteora.serving.MeteoraService (checkpoint + base model + tokenizer, prompt encoding, every
+                    ─► meteora_moe.serving.MeteoraService (checkpoint + base model + tokenizer, prompt encoding, every
                        check of a request, continuous batching in one thread per replica) ─► token events ─► JSON / SSE
 Each replica batches the requests it holds: a request joins the running batch at the next decoding step and
 requests for different tasks share forward passes, the gates routing every token. Extensions to OpenAI's

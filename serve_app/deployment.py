@@ -5,9 +5,9 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from meteora.model import checkpoint_exists
-from meteora.serving import MeteoraService
-from meteora.store import absolute_uri
+from meteora_moe.model import checkpoint_exists
+from meteora_moe.serving import MeteoraService
+from meteora_moe.store import absolute_uri
 
 from .metrics import ServeMetrics
 from .routes import create_app

@@ -9,10 +9,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meteora import RequestError
-from meteora.errors import Busy, InvalidRequest, PromptTooLong, UnknownExpert
+from meteora_moe import RequestError
+from meteora_moe.errors import Busy, InvalidRequest, PromptTooLong, UnknownExpert
 
-log = logging.getLogger("meteora.serve")
+log = logging.getLogger("meteora_moe.serve")
 
 
 class APIError(Exception):

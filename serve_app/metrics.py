@@ -1,7 +1,7 @@
 """Custom Prometheus metrics of a replica, beside Serve's own ray_serve_*."""
 from __future__ import annotations
 
-from meteora.serving import TokenEvent
+from meteora_moe.serving import TokenEvent
 
 
 class ServeMetrics:

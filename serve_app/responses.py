@@ -1,7 +1,7 @@
 """Whole response bodies: a choice (completion or chat), the usage counts, the routing extension."""
 from __future__ import annotations
 
-from meteora.serving import TokenEvent
+from meteora_moe.serving import TokenEvent
 
 
 def response_choice(kind: str, index: int, events: list[TokenEvent], routing: bool) -> dict:

@@ -9,9 +9,9 @@ import uuid
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from meteora import RequestError
-from meteora.errors import GenerationFailed
-from meteora.serving import MeteoraService, SamplingParams, TokenEvent
+from meteora_moe import RequestError
+from meteora_moe.errors import GenerationFailed
+from meteora_moe.serving import MeteoraService, SamplingParams, TokenEvent
 
 from .errors import APIError, add_error_handlers
 from .responses import response_choice, usage

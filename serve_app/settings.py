@@ -5,8 +5,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from meteora.model import check_backend
-from meteora.serving import ServingLimits
+from meteora_moe.model import check_backend
+from meteora_moe.serving import ServingLimits
 
 
 class ServeSettings(BaseModel):

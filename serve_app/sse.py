@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from meteora.errors import GenerationFailed
+from meteora_moe.errors import GenerationFailed
 
 from .responses import routing_trace
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from meteora.registry import API_VERSION, KIND
-from meteora.store import absolute_uri, cache_dir, open_store
+from meteora_moe.registry import API_VERSION, KIND
+from meteora_moe.store import absolute_uri, cache_dir, open_store
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.yaml"

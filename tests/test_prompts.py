@@ -2,9 +2,9 @@
 with a byte-level BPE tokenizer and a chat template, read back from a tiny GGUF file."""
 import pytest
 
-from meteora import load_tokenizer
-from meteora.prompts import prompt_format
-from meteora.training import gate_batch
+from meteora_moe import load_tokenizer
+from meteora_moe.prompts import prompt_format
+from meteora_moe.training import gate_batch
 from tiny import write_tiny_gguf
 
 SAMPLES = [({"prompt": "add one: 41", "response": "42"}, 2), ({"prompt": "Shout: hey you", "response": "HEY YOU"}, 0),
@@ -53,7 +53,7 @@ def test_chat_composite_tokens_are_labelled_with_their_problems_task(tokenizer):
 
 @pytest.mark.parametrize("name", ["chat", "plain"])
 def test_next_answer_routes_each_response_token_as_gate_training_labels_it(tokenizer, name):
-    fmt = prompt_format(name)  # perfect routing's rule when it generates (meteora.evaluation.teacher)
+    fmt = prompt_format(name)  # perfect routing's rule when it generates (meteora_moe.evaluation.teacher)
     batch = gate_batch(tokenizer, [SAMPLES], fmt)
     ids, tasks, prompt_length = batch["input_ids"][0].tolist(), batch["token_tasks"][0].tolist(), int(batch["prompt_lengths"][0])
     experts = [expert for _, expert in SAMPLES]

@@ -54,7 +54,7 @@ def random_ids(batch: int = 2, length: int = 10, seed: int = 0, vocab: int = VOC
 def tiny_checkpoint(root: Path, top_k: int = 2, names: tuple[str, str, str] = ("alpha", "beta", "gamma")) -> Path:
     """A MeteoRA checkpoint over a tiny base saved with the char tokenizer and three random adapters (named
     `names`; ranks 4, 8, 8; the third on q_proj only): what the serving tests load. Returns its directory."""
-    from meteora import MeteoraModel
+    from meteora_moe import MeteoraModel
 
     tokenizer = char_tokenizer()
     base = tiny_base(vocab=len(tokenizer))
@@ -148,8 +148,8 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
 
 def assert_serves(checkpoint: str | Path) -> None:
     """The checkpoint loads (with its base and tokenizer) and the serving engine generates from it."""
-    from meteora import MeteoraModel, load_tokenizer
-    from meteora.serving import GenerationEngine, SamplingParams
+    from meteora_moe import MeteoraModel, load_tokenizer
+    from meteora_moe.serving import GenerationEngine, SamplingParams
 
     model = MeteoraModel.from_pretrained(checkpoint)
     engine = GenerationEngine(model, load_tokenizer(model.base_info.uri))

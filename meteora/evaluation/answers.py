@@ -2,7 +2,7 @@
 
 Works for any causal LM with generate(): the base model, a peft.PeftModel (one adapter, LoRA-B, merged), or a
 MeteoraModel (routed, forced, or teacher-routed: evaluation/teacher.py). Prompts are written in the benchmark's
-prompt format (meteora.prompts); a composite is scored per sub-answer with its task's metric, and the paper's
+prompt format (meteora_moe.prompts); a composite is scored per sub-answer with its task's metric, and the paper's
 composite number is the sum over its n sub-problems.
 """
 from __future__ import annotations

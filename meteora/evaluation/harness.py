@@ -8,7 +8,7 @@
     outputs   results.json, results.md, accuracy.png, routing.png (one composite generation: tokens x experts)
 Everything is read through the registry (adapters, eval data, baselines: what was collected and checked, not
 what the manifest's sources hold now). Every variant answers the same prompts, in the adapters' prompt format
-(the composites too: meteora.prompts).
+(the composites too: meteora_moe.prompts).
 Progress: one INFO line on this module's logger per variant scored (its mean or summed score, its seconds).
 """
 from __future__ import annotations

@@ -67,7 +67,7 @@ class ExpertInfo:
     scaling: float
     target_modules: tuple[str, ...]
     source: str | None = None  # where the adapter was read from
-    prompt_format: str = "plain"  # how its training samples were written (meteora.prompts): plain | chat
+    prompt_format: str = "plain"  # how its training samples were written (meteora_moe.prompts): plain | chat
 
     def to_json(self) -> dict:
         return {**asdict(self), "target_modules": list(self.target_modules)}

@@ -10,7 +10,7 @@
         sha256: 9f2c...                         # optional, of adapter_model.safetensors
         data: {train: s3://.../train.jsonl, eval: s3://.../eval.jsonl}   # optional
         metric: exact_match                     # optional: exact_match | contains | bleu | rouge_l
-        prompt_format: chat                     # optional: plain (default) | chat (meteora.prompts)
+        prompt_format: chat                     # optional: plain (default) | chat (meteora_moe.prompts)
     baselines:                                  # optional: PEFT adapters evaluated beside MeteoRA (not experts)
       - {name: lora-b, uri: s3://meteora-demo/baselines/lora-b/}     # description, sha256: optional
 
@@ -31,7 +31,7 @@ from ..prompts import FORMATS
 from ..store import absolute_uri, is_remote, open_store, split_uri
 
 API_VERSION, KIND = "meteora/v1", "AdapterManifest"
-METRICS = ("exact_match", "contains", "bleu", "rouge_l")  # meteora.evaluation scores each (tested to agree)
+METRICS = ("exact_match", "contains", "bleu", "rouge_l")  # meteora_moe.evaluation scores each (tested to agree)
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DATA_SPLITS = ("train", "eval")
 

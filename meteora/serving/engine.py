@@ -57,7 +57,7 @@ class GenerationEngine:
 
     # ---- called from any thread ----------------------------------------------------------------------------
     def check(self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
-        """Raise the RequestError (meteora.errors) that says why this request cannot run; submit calls it too."""
+        """Raise the RequestError (meteora_moe.errors) that says why this request cannot run; submit calls it too."""
         check_request(prompt_ids, params, self.limits, self.max_context, param)
         if params.experts:
             self.model.expert_ids(params.experts)

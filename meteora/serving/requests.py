@@ -1,5 +1,5 @@
 """What a generation request is and may be: sampling parameters, the serving limits, and the one check of a
-request against both and the model (typed errors a server maps to its status codes: meteora.errors).
+request against both and the model (typed errors a server maps to its status codes: meteora_moe.errors).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
     service.admit(len(prompts))                                   # Busy when too many requests wait
     async for batch in service.streams(prompts, params): ...     # [(prompt index, TokenEvent)] as they arrive
 Every check of a request is done here and by the engine it wraps (GenerationEngine.check), raising the
-RequestErrors of meteora.errors; a model loaded here runs on CUDA in bf16 when there is one, else on CPU in fp32.
+RequestErrors of meteora_moe.errors; a model loaded here runs on CUDA in bf16 when there is one, else on CPU in fp32.
 """
 from __future__ import annotations
 

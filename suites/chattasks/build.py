@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from meteora.model import model_dir
+from meteora_moe.model import model_dir
 
 from ..assets import cached_build, progress, start_child, write_manifest, write_task_data
 from . import jobs

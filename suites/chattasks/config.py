@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from meteora.model import bf16_is_fast
+from meteora_moe.model import bf16_is_fast
 
 from . import lora
 from .lora import MLP, QKVO, QV, QVO

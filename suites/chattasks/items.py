@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from meteora.prompts import PromptFormat
+from meteora_moe.prompts import PromptFormat
 
 from . import lora
 from .config import ChatTasksConfig

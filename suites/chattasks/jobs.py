@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from meteora import load_base_model, load_tokenizer
-from meteora.evaluation import task_accuracy
+from meteora_moe import load_base_model, load_tokenizer
+from meteora_moe.evaluation import task_accuracy
 
 from ..baselines import merged_adapter
 from . import lora

@@ -10,8 +10,8 @@ Savings, none of which changes a step: logits only where there are labels (the 4
 a small model's cost); each batch run in passes of rows of about one length, cut where they cost least
 (passes), their gradients accumulated (step_gradients: little padding computed); the prefix every row of a pass
 shares (the template's system prompt) computed once and its keys and values repeated for the rows; eager
-attention for short rows (meteora.training.training_attention); bf16 autocast when asked (fp32 master weights;
-twice as fast as fp32 on a CPU with AMX, 0.68x without: meteora.model.bf16_is_fast), the frozen weights cast to
+attention for short rows (meteora_moe.training.training_attention); bf16 autocast when asked (fp32 master weights;
+twice as fast as fp32 on a CPU with AMX, 0.68x without: meteora_moe.model.bf16_is_fast), the frozen weights cast to
 bf16 once (frozen_weights_in_bf16).
 """
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from meteora.batching import pad_right
-from meteora.prompts import PromptFormat, encode_with_owners
-from meteora.training import training_attention
+from meteora_moe.batching import pad_right
+from meteora_moe.prompts import PromptFormat, encode_with_owners
+from meteora_moe.training import training_attention
 
 # target module sets (SmolLM2's names, as in LLaMA)
 QV, QKVO, QVO = ("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_proj", "v_proj", "o_proj")

@@ -36,9 +36,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from meteora.evaluation import accuracy_per_task
-from meteora.batching import training_batch
-from meteora.prompts import PromptFormat, composite
+from meteora_moe.evaluation import accuracy_per_task
+from meteora_moe.batching import training_batch
+from meteora_moe.prompts import PromptFormat, composite
 
 from ..assets import cached_build, progress, write_manifest, write_task_data
 from ..baselines import merged_adapter

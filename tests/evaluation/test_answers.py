@@ -1,7 +1,7 @@
 """Exact match generates no further than an answer could still score: the longest reference (in tokens) plus a
 margin, and the answers are the full-length ones cut there."""
-from meteora.evaluation import answer_budget, composite_problems, composite_shots, generate_answers
-from meteora.prompts import prompt_format
+from meteora_moe.evaluation import answer_budget, composite_problems, composite_shots, generate_answers
+from meteora_moe.prompts import prompt_format
 from suites.tinytasks import char_tokenizer
 from tiny import tiny_base
 

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 
-from meteora import MeteoraModel
-from meteora.evaluation import CompositeSettings, evaluate, load_benchmark
-from meteora.registry import Registry, load_manifest
+from meteora_moe import MeteoraModel
+from meteora_moe.evaluation import CompositeSettings, evaluate, load_benchmark
+from meteora_moe.registry import Registry, load_manifest
 from pipelines.collect_adapters import collect
 from tiny import write_world
 

@@ -8,9 +8,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from meteora import RegistryError
-from meteora.evaluation import load_benchmark
-from meteora.registry import Registry, load_manifest
+from meteora_moe import RegistryError
+from meteora_moe.evaluation import load_benchmark
+from meteora_moe.registry import Registry, load_manifest
 from pipelines.collect_adapters import collect
 from tiny import write_world
 

@@ -1,5 +1,5 @@
 """The evaluation's markdown tables (results.md)."""
-from meteora.evaluation import markdown_table
+from meteora_moe.evaluation import markdown_table
 
 PER_TASK = {"base": {"a": 0.0, "b": 0.5}, "meteora top-2": {"a": 1.0, "b": 0.75}}
 

@@ -5,9 +5,9 @@ import copy
 
 import torch
 
-from meteora import MeteoraModel
-from meteora.evaluation import CompositeProblem, teacher_routed_tokens
-from meteora.prompts import encode_with_owners, prompt_format
+from meteora_moe import MeteoraModel
+from meteora_moe.evaluation import CompositeProblem, teacher_routed_tokens
+from meteora_moe.prompts import encode_with_owners, prompt_format
 from suites.tinytasks import char_tokenizer
 from tiny import ALL_MODULES, make_adapter, tiny_base
 

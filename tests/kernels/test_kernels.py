@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import meteora.kernels as kernels
-from meteora import ExpertStack, LoraModule, MeteoraModel
+import meteora_moe.kernels as kernels
+from meteora_moe import ExpertStack, LoraModule, MeteoraModel
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 D_IN, D_OUT = 100, 136  # not multiples of any block size
@@ -153,10 +153,10 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(tmp_path):
 def test_meteora_imports_and_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None  # any 'import triton' now fails\n"
-        "import copy, torch, tempfile, pathlib, meteora\n"
+        "import copy, torch, tempfile, pathlib, meteora_moe\n"
         "from tiny import tiny_base, make_adapter, random_ids\n"
         "base = tiny_base(); path = make_adapter(base, pathlib.Path(tempfile.mkdtemp()) / 'a', 4)\n"
-        "model = meteora.MeteoraModel.from_adapters(base, {'a': path}, top_k=1)\n"
+        "model = meteora_moe.MeteoraModel.from_adapters(base, {'a': path}, top_k=1)\n"
         "assert 'triton' not in sys.modules or sys.modules['triton'] is None\n"
         "print(model(random_ids()).logits.shape)\n"
     )

@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from meteora import BACKENDS, ExpertStack, LoraModule, MeteoraModel
-from meteora.model import backends
+from meteora_moe import BACKENDS, ExpertStack, LoraModule, MeteoraModel
+from meteora_moe.model import backends
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 

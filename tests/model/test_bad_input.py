@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meteora import AdapterError, MeteoraLinear, MeteoraModel, load_adapter
-from meteora.errors import InvalidRequest, UnknownExpert
+from meteora_moe import AdapterError, MeteoraLinear, MeteoraModel, load_adapter
+from meteora_moe.errors import InvalidRequest, UnknownExpert
 from tiny import make_adapter, tiny_base
 
 WEIGHTS = "adapter_model.safetensors"

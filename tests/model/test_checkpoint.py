@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meteora import CheckpointError, MeteoraModel
-from meteora.model import checkpoint_exists, read_checkpoint, read_checkpoint_config
-from meteora.store import open_store
+from meteora_moe import CheckpointError, MeteoraModel
+from meteora_moe.model import checkpoint_exists, read_checkpoint, read_checkpoint_config
+from meteora_moe.store import open_store
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 # the checkpoint's files, as DESIGN.md names them (a contract: written out here, not imported)
@@ -173,7 +173,7 @@ def test_configured_changes_routing_inside_the_block_only(saved):
 
 def test_a_bad_checkpoint_or_backend_fails_before_the_base_model_loads(saved, monkeypatch):
     _, root = saved
-    monkeypatch.setattr("meteora.model.meteora_model.load_base_model", lambda *a: pytest.fail("the base model was loaded"))
+    monkeypatch.setattr("meteora_moe.model.meteora_model.load_base_model", lambda *a: pytest.fail("the base model was loaded"))
     with pytest.raises(ValueError, match="unknown backend"):
         MeteoraModel.from_pretrained(root / "ckpt", backend="cuda-magic")
     _edit_config(root / "ckpt", lambda cfg: {**cfg, "top_k": 4})

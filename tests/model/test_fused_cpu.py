@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from meteora import ExpertStack, LoraModule, MeteoraModel
-from meteora.model import MeteoraLinear, Routing, backends
+from meteora_moe import ExpertStack, LoraModule, MeteoraModel
+from meteora_moe.model import MeteoraLinear, Routing, backends
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 fused_cpu = backends.fused_cpu

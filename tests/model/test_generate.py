@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from meteora import MeteoraModel
+from meteora_moe import MeteoraModel
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 

@@ -10,9 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
-from meteora import MeteoraModel, load_base_model, load_tokenizer
-from meteora.model import model_dir
-from meteora.store import open_store
+from meteora_moe import MeteoraModel, load_base_model, load_tokenizer
+from meteora_moe.model import model_dir
+from meteora_moe.store import open_store
 from tiny import make_adapter, random_ids, write_tiny_gguf
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from meteora import MeteoraModel, load_adapter
+from meteora_moe import MeteoraModel, load_adapter
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 ADAPTERS = {  # name -> (rank, alpha, targets, rsLoRA, extra LoraConfig fields)

@@ -1,10 +1,10 @@
-"""Where and in which dtype a process runs the base model: meteora.model.runtime."""
+"""Where and in which dtype a process runs the base model: meteora_moe.model.runtime."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from meteora.model import runtime
+from meteora_moe.model import runtime
 
 
 @pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])

@@ -9,8 +9,8 @@ import openai
 import pytest
 import yaml
 
-from meteora import MeteoraModel
-from meteora.registry import load_manifest
+from meteora_moe import MeteoraModel
+from meteora_moe.registry import load_manifest
 from pipelines.local_cluster import free_ports
 from pipelines.workflow import load_workflow_config, run
 from tiny import write_tiny_gguf

@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from meteora import MeteoraModel, open_store
-from meteora.registry import load_manifest
+from meteora_moe import MeteoraModel, open_store
+from meteora_moe.registry import load_manifest
 from pipelines import local_cluster
 from pipelines.collect_adapters import collect
 from pipelines.train_config import load_train_config

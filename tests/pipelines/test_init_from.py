@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meteora import MeteoraModel
-from meteora.registry import Registry, load_manifest
+from meteora_moe import MeteoraModel
+from meteora_moe.registry import Registry, load_manifest
 from pipelines.collect_adapters import collect
 from pipelines.train_config import load_train_config
 from pipelines.train_gates import train

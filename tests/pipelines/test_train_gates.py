@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from meteora import MeteoraModel
-from meteora.registry import Registry, load_manifest
+from meteora_moe import MeteoraModel
+from meteora_moe.registry import Registry, load_manifest
 from pipelines.collect_adapters import collect
 from pipelines.config_files import ConfigError
 from pipelines.train_config import load_train_config

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from meteora import MeteoraModel
-from meteora.registry import load_manifest
+from meteora_moe import MeteoraModel
+from meteora_moe.registry import load_manifest
 from pipelines.config_files import ConfigError
 from pipelines.local_cluster import free_ports
 from pipelines.workflow import StageFailed, load_workflow_config, main, run

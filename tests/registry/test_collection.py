@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from meteora import ManifestError, MeteoraModel
-from meteora.registry import Registry, load_manifest, read_samples, source_tags
+from meteora_moe import ManifestError, MeteoraModel
+from meteora_moe.registry import Registry, load_manifest, read_samples, source_tags
 from pipelines.collect_adapters import collect, main
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 

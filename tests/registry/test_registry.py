@@ -1,8 +1,8 @@
 """The registry's index: commits that race on one store lose no update, on a local directory and on S3."""
 import threading
 
-from meteora import RegistryError
-from meteora.registry import Registry
+from meteora_moe import RegistryError
+from meteora_moe.registry import Registry
 
 
 def test_racing_commits_lose_no_update(store_uri):

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from meteora import MeteoraModel
-from meteora.errors import InvalidRequest, PromptTooLong, UnknownExpert
+from meteora_moe import MeteoraModel
+from meteora_moe.errors import InvalidRequest, PromptTooLong, UnknownExpert
 from suites.tinytasks import char_tokenizer
-from meteora.serving import AsyncEngine, GenerationEngine, SamplingParams, ServingLimits
+from meteora_moe.serving import AsyncEngine, GenerationEngine, SamplingParams, ServingLimits
 from tiny import ALL_MODULES, make_adapter, tiny_base
 
 TOKENIZER = char_tokenizer()

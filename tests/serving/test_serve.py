@@ -12,10 +12,10 @@ import schemathesis
 import torch
 from schemathesis.checks import not_a_server_error
 
-from meteora import MeteoraModel
-from meteora.errors import InvalidRequest
-from meteora.prompts import prompt_format
-from meteora.serving import MeteoraService, SamplingParams
+from meteora_moe import MeteoraModel
+from meteora_moe.errors import InvalidRequest
+from meteora_moe.prompts import prompt_format
+from meteora_moe.serving import MeteoraService, SamplingParams
 from pipelines.local_cluster import free_ports
 from suites.tinytasks import char_tokenizer
 from tiny import tiny_checkpoint
@@ -250,7 +250,7 @@ def test_the_app_loads_checkpoint_and_base_model_from_s3(tmp_path, s3_endpoint, 
     from fastapi.testclient import TestClient
 
     import serve_app
-    from meteora import open_store
+    from meteora_moe import open_store
 
     monkeypatch.setenv("METEORA_CACHE", str(tmp_path / "cache"))
     checkpoint = tiny_checkpoint(tmp_path / "local")
@@ -338,7 +338,7 @@ def test_errors_name_the_field_sent_and_a_tiny_temperature_is_greedy(tmp_path):
 
 def test_every_request_error_maps_to_an_openai_4xx():
     import serve_app
-    from meteora.errors import RequestError, UnknownExpert
+    from meteora_moe.errors import RequestError, UnknownExpert
 
     class Subclassed(UnknownExpert):
         pass

@@ -2,7 +2,7 @@
 import hashlib
 import os
 
-from meteora.store import atomic_write, file_sha256
+from meteora_moe.store import atomic_write, file_sha256
 
 
 def test_atomic_writes_get_the_umasks_mode_and_leave_no_temporary_file(tmp_path):

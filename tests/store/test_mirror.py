@@ -1,7 +1,7 @@
 """The local mirror of an S3 prefix follows the prefix: changed, added and removed objects."""
 import boto3
 
-from meteora.store import local_dir, open_store
+from meteora_moe.store import local_dir, open_store
 
 
 def test_the_mirror_of_an_s3_prefix_follows_what_the_prefix_holds(s3_endpoint, tmp_path, monkeypatch):

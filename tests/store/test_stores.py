@@ -1,6 +1,6 @@
 """Both stores, a local directory and an S3 prefix: an object's tag changes when it does, and the compare-and-swap
 writes only over what was read."""
-from meteora.store import open_store
+from meteora_moe.store import open_store
 
 
 def test_a_local_objects_tag_changes_when_it_is_rewritten(tmp_path):

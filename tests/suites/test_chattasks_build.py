@@ -9,7 +9,7 @@ import yaml
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from meteora import load_base_model, load_tokenizer
+from meteora_moe import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig
 from suites.chattasks.build import WeakAdapters, _build_into, check_own_adapters
 from suites.chattasks.items import adapter_items, task_data

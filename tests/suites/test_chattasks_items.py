@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from meteora import load_base_model, load_tokenizer
+from meteora_moe import load_base_model, load_tokenizer
 from suites.chattasks import ChatTasksConfig, split_samples
 from suites.chattasks.items import CHAT, adapter_items
 from suites.chattasks.jobs import train_adapter

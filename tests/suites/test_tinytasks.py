@@ -10,12 +10,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from meteora import MeteoraModel, load_tokenizer
-from meteora.evaluation import METRICS, CompositeSettings, evaluate, load_benchmark
-from meteora.prompts import composite
-from meteora.registry import METRICS as MANIFEST_METRICS
-from meteora.registry import Registry, load_manifest
-from meteora.training import GateTrainer, GateTrainingConfig, gate_batch, registry_samples, response_routing_accuracy
+from meteora_moe import MeteoraModel, load_tokenizer
+from meteora_moe.evaluation import METRICS, CompositeSettings, evaluate, load_benchmark
+from meteora_moe.prompts import composite
+from meteora_moe.registry import METRICS as MANIFEST_METRICS
+from meteora_moe.registry import Registry, load_manifest
+from meteora_moe.training import GateTrainer, GateTrainingConfig, gate_batch, registry_samples, response_routing_accuracy
 from pipelines.collect_adapters import collect
 from suites.tinytasks import ALL_TASKS, DEFAULT_TASKS, TinyTasksConfig, build, char_tokenizer, split_samples
 
@@ -122,7 +122,7 @@ def test_merged_baseline_is_the_uniform_average_of_the_adapters(built):
 
 
 def test_harness_runs_end_to_end_with_a_checkpoint(tiny_registry, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="meteora.evaluation")
+    caplog.set_level(logging.INFO, logger="meteora_moe.evaluation")
     bench = load_benchmark(tiny_registry, baselines=["lora-b", "merged"], samples=6)
     checkpoint = tmp_path / "ckpt"
     MeteoraModel.from_adapters(copy.deepcopy(bench.base), bench.adapters, top_k=2).save_pretrained(checkpoint)

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from meteora.training import training_attention
+from meteora_moe.training import training_attention
 from tiny import random_ids, tiny_base
 
 

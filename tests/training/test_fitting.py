@@ -1,4 +1,4 @@
-"""Fitting the gates from captured inputs (meteora.training.fitting), on tiny models: each module's solve against
+"""Fitting the gates from captured inputs (meteora_moe.training.fitting), on tiny models: each module's solve against
 an independent float64 Newton solver, held rows untouched to the bit, capture under the gates fitted upstream,
 two workers equal to one, and a fitted checkpoint that loads and serves."""
 import copy
@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from meteora import MeteoraModel
-from meteora.prompts import PromptFormat
-from meteora.training import (Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, input_groups, packed_batch,
+from meteora_moe import MeteoraModel
+from meteora_moe.prompts import PromptFormat
+from meteora_moe.training import (Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, input_groups, packed_batch,
                               solve_gates)
 from suites.tinytasks import char_tokenizer, split_samples
 from tiny import ALL_MODULES, assert_serves, make_adapter, tiny_base

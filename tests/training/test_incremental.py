@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from meteora import CheckpointError, MeteoraModel
-from meteora.training import init_gates_from, load_train_state, new_share, save_train_state, shard, step_samples
+from meteora_moe import CheckpointError, MeteoraModel
+from meteora_moe.training import init_gates_from, load_train_state, new_share, save_train_state, shard, step_samples
 from tiny import ALL_MODULES, make_adapter, random_ids, tiny_base
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from meteora import MeteoraModel, lm_labels, meteora_loss, routing_accuracy, task_labels
+from meteora_moe import MeteoraModel, lm_labels, meteora_loss, routing_accuracy, task_labels
 from tiny import ALL_MODULES, VOCAB, make_adapter, tiny_base
 
 N_TASKS = 4

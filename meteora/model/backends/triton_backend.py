@@ -17,7 +17,7 @@ from ..experts import ExpertStack
 def triton_available() -> bool:
     """Whether the kernels can be imported (asked only for CUDA activations, so CPU never imports triton)."""
     try:
-        import meteora.kernels  # noqa: F401  (imports triton)
+        import meteora_moe.kernels  # noqa: F401  (imports triton)
     except ImportError:
         return False
     return True
@@ -29,6 +29,6 @@ def triton_delta(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expe
         raise RuntimeError("the triton backend is inference-only: train the gates with backend='torch'")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on CPU)")
-    from meteora.kernels import mixture_lora_delta
+    from meteora_moe.kernels import mixture_lora_delta
 
     return mixture_lora_delta(x, ids, weights, experts.A, experts.B_t, experts.ranks, experts.offsets, experts.r_max)
