@@ -1,6 +1,6 @@
 """Every command the README shows is exercised somewhere, and this file says where: a command added to the README
 without an entry here fails, and so does an entry naming a test that does not exist. The Python entry points the
-README runs must at least start (`--help`)."""
+README runs must at least start (`--help`). The README stays a user's page: under 20 KB, operations in docs/."""
 import re
 import subprocess
 import sys
@@ -27,7 +27,7 @@ COVERAGE = [
     (r"ray up cluster\.yaml", "not runnable here (a cloud account): tests/pipelines/test_deploy_configs.py::test_cluster_yaml_passes_rays_schema_and_pins_this_ray"),
     (r"ray job submit --address http://HEAD:8265 .* python pipelines/workflow\.py", "not runnable here (a GPU cluster); the same entry point: tests/pipelines/test_workflow.py::test_skips_unchanged_stages_resumes_a_failed_training_and_adds_adapters_in_place"),
     (r"python pipelines/build_tinytasks\.py", "the same build() as make demo; cached builds: tests/suites/test_tinytasks.py::test_build_is_loadable_offline_and_cached"),
-    (r"python pipelines/evaluate\.py", "tests/suites/test_tinytasks.py::test_the_evaluate_command_writes_tables_and_plots"),
+    (r"python pipelines/evaluate\.py", "tests/pipelines/test_evaluate.py::test_the_evaluate_command_writes_tables_and_plots"),
     (r"python pipelines/local_s3\.py", "tests/pipelines/test_local_cluster.py::test_the_s3_server_command_starts_one_and_stops_it"),
     (r"python pipelines/local_cluster\.py kill-node", "tests/pipelines/test_cluster.py::test_a_node_killed_mid_training_resumes_from_s3_checkpoints_to_the_same_gates"),
     (r"make chaos", "benchmarks/chaos_cluster.py, its results committed in benchmarks/results/cluster/"),
@@ -57,3 +57,8 @@ def test_every_readme_command_is_exercised_somewhere():
 @pytest.mark.parametrize("script", sorted({m for c in readme_commands() for m in re.findall(r"python (pipelines/\w+\.py)", c)}))
 def test_the_readme_entry_points_start(script):
     assert subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, timeout=120).returncode == 0
+
+
+def test_the_readme_stays_under_20_kb_and_links_the_operations_page():
+    assert len((ROOT / "README.md").read_bytes()) < 20_000
+    assert "(docs/operations.md)" in (ROOT / "README.md").read_text() and (ROOT / "docs" / "operations.md").is_file()

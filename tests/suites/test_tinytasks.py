@@ -143,17 +143,6 @@ def test_harness_runs_end_to_end_with_a_checkpoint(tiny_registry, tmp_path, capl
     assert len([line for line in caplog.text.splitlines() if ", per task: " in line]) == len(results["per_task"])
 
 
-def test_the_evaluate_command_writes_tables_and_plots(built, tmp_path, capsys):
-    from pipelines.evaluate import main
-
-    _, manifest = built
-    assert main(["--manifest", manifest, "--samples", "2", "--composite", "2", "--composite-count", "2",
-                 "--out", str(tmp_path / "eval")]) == 0
-    assert "| **mean** |" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "eval").iterdir()} >= {"results.json", "results.md", "accuracy.png", "routing.png"}
-    assert main(["--manifest", manifest, "--tasks", "nope"]) == 2
-
-
 def test_build_into_s3_then_the_cache_hits(s3_endpoint, local_ray, tmp_path, monkeypatch):
     import boto3
 
