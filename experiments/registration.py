@@ -8,12 +8,14 @@ the work directory if missing); each rule registers from the same first fit, in 
     python experiments/registration.py plain --fit-samples 72 --fit-tokens 0  # more calibration tokens, all kept
     python experiments/registration.py plain --sgd-steps 60         # the fit, then the loop on the fresh rows only
     python experiments/registration.py scratch                      # no registration: all 12 experts' rows fitted
+    python experiments/registration.py first --seed 1               # the first 10 fitted again, another draw
     python experiments/registration.py guard --fit-l2 0.001 --fit-iters 50  # sharper rows: a tenth of the L2
 
 guard: on every calibration token of an old task, at every module, each new expert's logit is pushed under the
 token's second-highest old logit minus `margin` by a squared hinge of weight `rho` (a penalty method for "the old
 tasks' calibration top-2 unchanged"). scratch: what the method gives the old tasks with the 2 new experts in the
-mixture when nothing is held, a reference for any registration. Findings: benchmarks/NOTES.md, "kv_json after a registration".
+mixture when nothing is held, a reference for any registration. first: the first fit again with another seed
+(another draw of calibration items), all 10 tasks scored: how far two equally good fits differ. Findings: benchmarks/NOTES.md, "kv_json after a registration".
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def refine(model, registry, tokenizer, config, first: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rule", choices=["plain", "guard", "scratch"])
+    parser.add_argument("rule", choices=["plain", "guard", "scratch", "first"])
     parser.add_argument("--rho", type=float, default=10.0)
     parser.add_argument("--margin", type=float, default=0.5)
     parser.add_argument("--work", default=bench_fit_settings.WORK, help="bench_fit_settings' work directory")
@@ -76,6 +78,7 @@ def main() -> None:
     parser.add_argument("--fit-tokens", type=int, help="the registration's fit_tokens (0: every labelled token)")
     parser.add_argument("--fit-l2", type=float, help="the registration's fit_l2 (default: the first fit's)")
     parser.add_argument("--fit-iters", type=int, help="the registration's fit_iters (default: the first fit's)")
+    parser.add_argument("--seed", type=int, help="the fit's seed, which draws its calibration items (default: 0)")
     parser.add_argument("--sgd-steps", type=int, default=0, help="then this many steps of the loop (bench-real's "
                         "recipe: batch 16, lr 0.01) on the fresh rows, old rows frozen, as method fit+sgd runs it")
     args = parser.parse_args()
@@ -90,14 +93,16 @@ def main() -> None:
     new = [registry.names.index(name) for name in NEW]
     solve = functools.partial(solve_gates, penalty=top2_guard(new, args.rho, args.margin)) if args.rule == "guard" else solve_gates
     overrides = {k: v for k, v in {"fit_samples": args.fit_samples, "fit_tokens": args.fit_tokens, "fit_l2": args.fit_l2,
-                                   "fit_iters": args.fit_iters}.items() if v is not None}
-    init_from = None if args.rule == "scratch" else str(work / "first")
-    model, row = bench_fit_settings.fitted(registry, registry.names, tokenizer, dataclasses.replace(config, **overrides),
+                                   "fit_iters": args.fit_iters, "seed": args.seed}.items() if v is not None}
+    names = registry.names[:FIRST] if args.rule == "first" else registry.names
+    init_from = None if args.rule in ("scratch", "first") else str(work / "first")
+    model, row = bench_fit_settings.fitted(registry, names, tokenizer, dataclasses.replace(config, **overrides),
                                            init_from=init_from, solve=solve)
     if args.sgd_steps:
         row["sgd"] = refine(model, registry, tokenizer, dataclasses.replace(config, **overrides), str(work / "first"),
                             args.sgd_steps)
-    evals = {name: [s for s, _ in registry_samples(registry, [name], "eval")][:args.samples] for name in OLD + NEW}
+    scored = names if args.rule == "first" else OLD + NEW
+    evals = {name: [s for s, _ in registry_samples(registry, [name], "eval")][:args.samples] for name in scored}
     started = time.perf_counter()
     top2 = accuracy_per_task(model, tokenizer, evals, model.prompt_format)
     print(json.dumps({"rule": args.rule, **({"rho": args.rho, "margin": args.margin} if args.rule == "guard" else {}), **overrides,
