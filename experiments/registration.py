@@ -1,7 +1,7 @@
 """What a registration costs the old tasks, and a remedy tried: chattasks' last 2 adapters registered into a fit of
 its first 10, only their rows fitted, then MeteoRA top-2 on 100 eval samples of the two old tasks a registration
 cost (kv_json, list_max) and of the two new ones. The registry and the first fit are bench_fit_settings' (made in
-the work directory if missing); each rule registers from the same first fit, in one process.
+the work directory if missing); each registering rule starts from the same first fit, in one process.
 
     python experiments/registration.py plain                        # the library's fit
     python experiments/registration.py guard --rho 10 --margin 0.5  # + the top-2 guard below
@@ -13,9 +13,10 @@ the work directory if missing); each rule registers from the same first fit, in 
 
 guard: on every calibration token of an old task, at every module, each new expert's logit is pushed under the
 token's second-highest old logit minus `margin` by a squared hinge of weight `rho` (a penalty method for "the old
-tasks' calibration top-2 unchanged"). scratch: what the method gives the old tasks with the 2 new experts in the
-mixture when nothing is held, a reference for any registration. first: the first fit again with another seed
-(another draw of calibration items), all 10 tasks scored: how far two equally good fits differ. Findings: benchmarks/NOTES.md, "kv_json after a registration".
+tasks' calibration top-2 unchanged"). Two rules register nothing, as references: scratch, what the method gives
+the old tasks with the 2 new experts in the mixture when no row is held; first, the first fit again with another
+seed (another draw of calibration items), all 10 tasks scored: how far two equally good fits differ.
+Findings: benchmarks/NOTES.md, "kv_json after a registration".
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument("--sgd-steps", type=int, default=0, help="then this many steps of the loop (bench-real's "
                         "recipe: batch 16, lr 0.01) on the fresh rows, old rows frozen, as method fit+sgd runs it")
     args = parser.parse_args()
+    if args.sgd_steps and args.rule in ("scratch", "first"):
+        parser.error(f"--sgd-steps refines a registration's fresh rows: {args.rule} registers nothing")
     torch.set_num_threads(2)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
