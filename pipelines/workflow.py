@@ -67,16 +67,14 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
     experts = [(name, registry.entry(name)["sha256"]) for name in manifest.names]
     train_key = digest(experts, [registry.trained_on(name) for name in manifest.names],
                        registry.base_model["fingerprint"], config.train_config().run_settings())
-    recorded = state.outputs("train", train_key)
-    if recorded and not checkpoint_exists(recorded.checkpoint):
-        state.forget("train")  # recorded, but its checkpoint is gone: train again
+    _recorded_checkpoint(state, "train", train_key)  # forgotten if its checkpoint is gone: trained again
     previous = state.outputs("train")
     outputs["train"] = _stage(state, "train", train_key, lambda: _train(config, work, registry, experts, train_key, previous))
     checkpoint = outputs["train"].checkpoint
     refine_key = digest(train_key, config.refine_steps)
     refining = config.refine_steps > 0 and config.train_config().training.method == "fit"
-    refined = state.outputs("refine", refine_key) if refining else None
-    if refined is not None and checkpoint_exists(refined.checkpoint):
+    refined = _recorded_checkpoint(state, "refine", refine_key) if refining else None
+    if refined is not None:
         checkpoint = refined.checkpoint  # refined already: serve that, not the fit first
     if config.deploy.enabled and can_deploy:  # before the evaluation: it reports on what serves, gates nothing
         outputs["deploy"] = _deploy(state, checkpoint, config)
@@ -93,6 +91,16 @@ def run(manifest: Manifest, config: WorkflowConfig, can_deploy: bool) -> dict:
         outputs["evaluate"] = _stage(state, "evaluate", digest(content, config.evaluate.model_dump(), manifest.digest),
                                      lambda: _evaluate(manifest, checkpoint, config, work))
     return outputs
+
+
+def _recorded_checkpoint(state: State, stage: str, inputs: str) -> Trained | None:
+    """A training stage's recorded outputs for these inputs; a record whose checkpoint is gone is forgotten (the
+    stage runs again) and gives None."""
+    recorded = state.outputs(stage, inputs)
+    if recorded is not None and not checkpoint_exists(recorded.checkpoint):
+        state.forget(stage)
+        return None
+    return recorded
 
 
 def _deploy(state: State, checkpoint: str, config: WorkflowConfig):

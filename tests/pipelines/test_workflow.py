@@ -15,7 +15,8 @@ from meteora_moe import MeteoraModel
 from meteora_moe.registry import load_manifest
 from pipelines.config_files import ConfigError
 from pipelines.local_cluster import free_ports
-from pipelines.workflow import StageFailed, load_workflow_config, main, run
+from pipelines.workflow import StageFailed, _recorded_checkpoint, load_workflow_config, main, run
+from pipelines.workflow_state import State, Trained
 from tiny import assert_serves, write_world
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -168,3 +169,17 @@ def test_a_corrupt_state_file_is_named_and_left_as_it_was(tmp_path, capsys):
     assert "workflow_state.json: not a workflow state file" in capsys.readouterr().err
     assert (tmp_path / "w" / "workflow_state.json").read_text() == "{not json"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("stage", ["train", "refine"])
+def test_a_recorded_training_whose_checkpoint_is_gone_is_forgotten(tmp_path, stage):
+    """So the stage trains again (and a refined checkpoint that is gone is not served) instead of being skipped."""
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    kept.mkdir()
+    (kept / "meteora_config.json").write_text("{}")
+    state = State(tmp_path)
+    state.record(stage, "inputs", Trained(str(kept), [("a", "0" * 64)], "base", False, 1.0, None))
+    assert _recorded_checkpoint(state, stage, "inputs").checkpoint == str(kept)
+    assert _recorded_checkpoint(state, stage, "other inputs") is None and stage in state.records
+    state.record(stage, "inputs", Trained(str(gone), [("a", "0" * 64)], "base", False, 1.0, None))
+    assert _recorded_checkpoint(state, stage, "inputs") is None and stage not in state.records
