@@ -52,11 +52,13 @@ def fitted(registry: Registry, names: list[str], tokenizer, config: GateTraining
     """A fused model of `names` with fitted gates (from init_from: only the fresh rows; solve: fit_gates' rule for a
     module group's rows), and its numbers."""
     model = MeteoraModel.from_adapters(registry.base_model["uri"], registry.adapter_dirs(names), prompt_format="chat").eval()
-    fresh = init_gates_from(model, init_from).fresh_rows(model) if init_from else None
+    warm = init_gates_from(model, init_from) if init_from else None
+    fresh = warm.fresh_rows(model) if warm else None
+    new = [model.expert_names.index(name) for name in warm.new_experts] if warm else []
     items = fit_items(registry_samples(registry, names, "train"), config)
     started = time.perf_counter()
     for _ in range(passes):
-        report = fit_gates(model, tokenizer, items, config, rows=fresh, solve=solve)
+        report = fit_gates(model, tokenizer, items, config, rows=fresh, solve=solve, new_experts=new)
     seconds = time.perf_counter() - started
     modules = report["modules"].values()
     evaluation = shuffled(registry_samples(registry, names, "eval"), 0)[:256]

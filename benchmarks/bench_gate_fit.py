@@ -130,7 +130,7 @@ NO_STATS = {"accuracy": float("nan"), "iterations": 0, "seconds": 0.0}
 def per_gate(direction_rule):
     """A solver with solve_gates' signature from direction_rule(x, labels, gate, row) -> [d_in]: each fresh row that
     direction, its sign and scale fitted from the data (scaled_rows)."""
-    def solve(x, labels, gates, rows, l2, iterations, collective):
+    def solve(x, labels, gates, rows, l2, iterations, collective, guard=None):  # guard: no fit, nothing to guard
         x = x.float()
         fitted = [scaled_rows(torch.stack([direction_rule(x, labels, gate, row) for row in r]), x, labels, gate, list(r))
                   for gate, r in zip(gates, rows)]

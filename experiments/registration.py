@@ -4,16 +4,14 @@ cost (kv_json, list_max) and of the two new ones. The registry and the first fit
 the work directory if missing); each registering rule starts from the same first fit, in one process.
 
     python experiments/registration.py plain                        # the library's fit
-    python experiments/registration.py guard --rho 10 --margin 0.5  # + the top-2 guard below
+    python experiments/registration.py plain --fit-guard 3          # + the guard (meteora_moe.training.fitting.Guard)
     python experiments/registration.py plain --fit-samples 72 --fit-tokens 0  # more calibration tokens, all kept
     python experiments/registration.py plain --sgd-steps 60         # the fit, then the loop on the fresh rows only
     python experiments/registration.py scratch                      # no registration: all 12 experts' rows fitted
     python experiments/registration.py first --seed 1               # the first 10 fitted again, another draw
-    python experiments/registration.py guard --fit-l2 0.001 --fit-iters 50  # sharper rows: a tenth of the L2
+    python experiments/registration.py plain --fit-l2 0.001 --fit-iters 50  # sharper rows: a tenth of the L2
 
-guard: on every calibration token of an old task, at every module, each new expert's logit is pushed under the
-token's second-highest old logit minus `margin` by a squared hinge of weight `rho` (a penalty method for "the old
-tasks' calibration top-2 unchanged"). Two rules register nothing, as references: scratch, what the method gives
+Two rules register nothing, as references: scratch, what the method gives
 the old tasks with the 2 new experts in the mixture when no row is held; first, the first fit again with another
 seed (another draw of calibration items), all 10 tasks scored: how far two equally good fits differ.
 Findings: benchmarks/NOTES.md, "kv_json after a registration".
@@ -23,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import sys
 import time
@@ -37,25 +34,10 @@ import bench_fit_settings  # noqa: E402
 from bench_chattasks import FIRST, manifests  # noqa: E402
 from meteora_moe import load_tokenizer  # noqa: E402
 from meteora_moe.evaluation import accuracy_per_task  # noqa: E402
-from meteora_moe.training import GateTrainer, init_gates_from, registry_samples, shuffled, solve_gates  # noqa: E402
+from meteora_moe.training import GateTrainer, init_gates_from, registry_samples, shuffled  # noqa: E402
 from suites.chattasks import build  # noqa: E402
 
 OLD, NEW = ("kv_json", "list_max"), ("last_first", "snake_label")
-
-
-def top2_guard(new: list[int], rho: float, margin: float):
-    """A solve_gates penalty: (value, gradient [E, N]) of the squared hinge above, over old tasks' tokens."""
-    def penalty(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # logits [E, N]
-        is_new = torch.zeros(logits.shape[0], dtype=torch.bool)
-        is_new[new] = True
-        old = logits.masked_fill(is_new[:, None], float("-inf")).topk(2, dim=0)
-        second, where = old.values[1], old.indices[1]  # [N]
-        over = (logits[new] - second + margin).clamp_min(0) * (~is_new[labels])  # [new, N]
-        gradient = torch.zeros_like(logits)
-        gradient[new] = rho * over
-        gradient.scatter_add_(0, where[None], -rho * over.sum(0, keepdim=True))
-        return 0.5 * rho * over.square().sum(), gradient
-    return penalty
 
 
 def refine(model, registry, tokenizer, config, first: str, steps: int) -> dict:
@@ -70,15 +52,14 @@ def refine(model, registry, tokenizer, config, first: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rule", choices=["plain", "guard", "scratch", "first"])
-    parser.add_argument("--rho", type=float, default=10.0)
-    parser.add_argument("--margin", type=float, default=0.5)
+    parser.add_argument("rule", choices=["plain", "scratch", "first"])
     parser.add_argument("--work", default=bench_fit_settings.WORK, help="bench_fit_settings' work directory")
     parser.add_argument("--samples", type=int, default=100, help="eval samples per task")
     parser.add_argument("--fit-samples", type=int, help="the registration's fit_samples (default: the first fit's)")
     parser.add_argument("--fit-tokens", type=int, help="the registration's fit_tokens (0: every labelled token)")
     parser.add_argument("--fit-l2", type=float, help="the registration's fit_l2 (default: the first fit's)")
     parser.add_argument("--fit-iters", type=int, help="the registration's fit_iters (default: the first fit's)")
+    parser.add_argument("--fit-guard", type=float, help="the registration's fit_guard (default: the first fit's)")
     parser.add_argument("--seed", type=int, help="the fit's seed, which draws its calibration items (default: 0)")
     parser.add_argument("--sgd-steps", type=int, default=0, help="then this many steps of the loop (bench-real's "
                         "recipe: batch 16, lr 0.01) on the fresh rows, old rows frozen, as method fit+sgd runs it")
@@ -93,14 +74,13 @@ def main() -> None:
     config = bench_fit_settings.DEFAULTS
     if not (work / "first" / "meteora_config.json").is_file():
         bench_fit_settings.fitted(registry, registry.names[:FIRST], tokenizer, config)[0].save_pretrained(work / "first")
-    new = [registry.names.index(name) for name in NEW]
-    solve = functools.partial(solve_gates, penalty=top2_guard(new, args.rho, args.margin)) if args.rule == "guard" else solve_gates
     overrides = {k: v for k, v in {"fit_samples": args.fit_samples, "fit_tokens": args.fit_tokens, "fit_l2": args.fit_l2,
-                                   "fit_iters": args.fit_iters, "seed": args.seed}.items() if v is not None}
+                                   "fit_iters": args.fit_iters, "fit_guard": args.fit_guard, "seed": args.seed}.items()
+                 if v is not None}
     names = registry.names[:FIRST] if args.rule == "first" else registry.names
     init_from = None if args.rule in ("scratch", "first") else str(work / "first")
     model, row = bench_fit_settings.fitted(registry, names, tokenizer, dataclasses.replace(config, **overrides),
-                                           init_from=init_from, solve=solve)
+                                           init_from=init_from)
     if args.sgd_steps:
         row["sgd"] = refine(model, registry, tokenizer, dataclasses.replace(config, **overrides), str(work / "first"),
                             args.sgd_steps)
@@ -108,7 +88,7 @@ def main() -> None:
     evals = {name: [s for s, _ in registry_samples(registry, [name], "eval")][:args.samples] for name in scored}
     started = time.perf_counter()
     top2 = accuracy_per_task(model, tokenizer, evals, model.prompt_format)
-    print(json.dumps({"rule": args.rule, **({"rho": args.rho, "margin": args.margin} if args.rule == "guard" else {}), **overrides,
+    print(json.dumps({"rule": args.rule, **overrides,
                       "sgd_steps": args.sgd_steps,
                       **row, "top2": top2, "eval_seconds": round(time.perf_counter() - started)}))
 

@@ -30,12 +30,15 @@ class GateTrainingConfig:
     fit_tokens: int = 8192  # fit: labelled tokens per module and worker the gate is fitted on (0: all)
     fit_l2: float = 1e-2  # fit: L2 weight on the gate rows, each input feature in units of its RMS
     fit_iters: int = 25  # fit: L-BFGS iterations per module (or per group of modules reading one input)
+    fit_guard: float = 3.0  # fit, registering (freeze_old): the Guard's weight (fitting.py; 0: off)
+    fit_guard_l2: float = 1e-3  # fit, registering with the guard: fit_l2 and fit_iters for the new rows
+    fit_guard_iters: int = 50
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
         positive = {"steps": self.steps, "batch": self.batch, "top_k": self.top_k, "checkpoint_every": self.checkpoint_every,
-                    "fit_samples": self.fit_samples, "fit_iters": self.fit_iters}
+                    "fit_samples": self.fit_samples, "fit_iters": self.fit_iters, "fit_guard_iters": self.fit_guard_iters}
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -43,7 +46,8 @@ class GateTrainingConfig:
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         for name, value in {"gate_weight": self.gate_weight, "eval_samples": self.eval_samples, "fit_tokens": self.fit_tokens,
-                            "fit_l2": self.fit_l2}.items():
+                            "fit_l2": self.fit_l2, "fit_guard": self.fit_guard,
+                            "fit_guard_l2": self.fit_guard_l2}.items():
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         fractions = {"composite_fraction": self.composite_fraction, "new_fraction": self.new_fraction}

@@ -33,6 +33,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,8 @@ from .loss import IGNORE
 from .sampling import Item, Sample, composite_around
 
 PACKED_ROW = 512  # tokens per packed row (an item longer than that gets a row of its own)
+UNLABELLED = -1  # a guarded token that no task labels (the shared prompt prefix): in the guard's hinge only
+GUARD_MARGIN = 0.5  # how far under the old experts' k-th logit the guard pushes a new expert's
 
 
 def fit_items(samples: list[Sample], config: GateTrainingConfig, experts: Sequence[int] | None = None) -> list[Item]:
@@ -63,44 +66,89 @@ def fit_items(samples: list[Sample], config: GateTrainingConfig, experts: Sequen
     return items
 
 
-Penalty = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+Penalty = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A registration's hold on the old experts' routing (fit_guard > 0). At each module, on every token that no new
+    expert's task labels, each new expert's logit is pushed under the old experts' k-th highest logit minus
+    GUARD_MARGIN by a squared hinge of weight rho: a penalty method for "the old top-k stays as it was". Those
+    tokens are the old tasks' and the prompt prefix every item shares (UNLABELLED: no task labels it, yet every
+    prompt starts with it, so a new expert routed there changes every old task's answers). The fit computes the
+    prefix once per packed row, so its tokens weigh prefix_weight each: one copy per item, as inference sees it."""
+
+    new: tuple[int, ...]  # the new experts' ids
+    top_k: int
+    rho: float
+    prefix_weight: float = 1.0
+
+    def hinge(self, labels: torch.Tensor, held: torch.Tensor, fitted: torch.Tensor) -> Penalty:
+        """One module's hinge as a function of its logits [E, N]: (value, gradient [E, N]). labels [N]; held [E, N]
+        the held rows' logits (0 in the fitted rows, whose ids are `fitted`). Where no old row is fitted (a
+        registration at a module it shares), the old experts' k-th logit is a constant, computed once."""
+        is_new = torch.zeros(held.shape[0], dtype=torch.bool, device=held.device)
+        is_new[list(self.new)] = True
+        k, new = min(self.top_k, int((~is_new).sum())), is_new.nonzero().flatten()
+        unlabelled = labels == UNLABELLED
+        weight = self.rho * torch.where(unlabelled, self.prefix_weight, 1.0) * (unlabelled | ~is_new[labels.clamp_min(0)])
+
+        def kth_old(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [N] the k-th old logit, whose it is
+            old = logits.masked_fill(is_new[:, None], float("-inf")).topk(k, dim=0)
+            return old.values[k - 1], old.indices[k - 1]
+
+        constant = None if bool((~is_new)[fitted].any()) else kth_old(held)
+
+        def penalty(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            kth, where = constant or kth_old(logits)
+            over = (logits[new] - kth + GUARD_MARGIN).clamp_min(0)  # [new, N]
+            push = weight * over
+            gradient = torch.zeros_like(logits)
+            gradient[new] = push
+            if constant is None:  # the k-th old row is fitted too: it is pushed up as much
+                gradient.scatter_add_(0, where[None], -push.sum(0, keepdim=True))
+            return 0.5 * (push * over).sum(), gradient
+
+        return penalty
 
 
 def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Tensor], rows: Sequence[Sequence[int]],
                 l2: float, iterations: int, collective: Collective = Collective(),
-                penalty: Penalty | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+                guard: Guard | None = None) -> tuple[list[torch.Tensor], list[dict]]:
     """For gates whose modules read the same inputs (q, k and v; gate and up), the rows rows[j] of gates[j] that
     minimise module j's loss (above) over every worker's tokens, its other rows held. The losses are independent,
     so their sum is minimised as one problem: one L-BFGS, one all-reduce per evaluation, for all of them; the
     gradient is computed in closed form (softmax minus one-hot), with no autograd graph, and logits are kept as
     [E, N] (a softmax over a short contiguous axis is 30x faster than over rows of E on a CPU).
-    x [N, d_in] this worker's inputs, labels [N] expert ids, gates[j] [E, d_in]. penalty(logits [E, N], labels): a
-    term added to each module's summed loss and its gradient [E, N] (experiments/registration.py tries one). Returns
-    per module the fitted rows [len(rows[j]), d_in] fp32 and {accuracy, loss, iterations, seconds} over every
-    worker's tokens (the loss without the penalty)."""
+    x [N, d_in] this worker's inputs, labels [N] expert ids (UNLABELLED: a token for the guard only), gates[j]
+    [E, d_in]. guard: a registration's hinge (Guard), added to each module's summed loss. Returns per module the
+    fitted rows [len(rows[j]), d_in] fp32 and {accuracy, loss, iterations, seconds} over every worker's labelled
+    tokens (the loss without the guard)."""
     started = time.perf_counter()
     x = x.float()
-    totals = collective.sum_(torch.cat([x.square().sum(0), x.new_tensor([x.shape[0]])]).double())
+    labelled = labels != UNLABELLED
+    totals = collective.sum_(torch.cat([x[labelled].square().sum(0), x.new_tensor([labelled.sum()])]).double())
     count = max(totals[-1].item(), 1.0)
-    sigma = (totals[:-1] / count).sqrt().float().clamp_min(1e-6)  # [d_in] each feature's RMS
+    sigma = (totals[:-1] / count).sqrt().float().clamp_min(1e-6)  # [d_in] each feature's RMS (labelled tokens)
     xs, sizes = x / sigma, [len(r) for r in rows]
     xs_t = xs.t().contiguous()  # [d_in, N]
     parts = [_held_logits(x, gate.detach().float(), r) for gate, r in zip(gates, rows)]  # per module (fixed, index)
     start = torch.cat([gate.detach().float()[index] for gate, (_, index) in zip(gates, parts)])
     weights = (start * sigma).requires_grad_()  # [R, d_in]: every module's fitted rows, in the standardised space
-    one_hot = F.one_hot(labels, gates[0].shape[0]).t().float() if labels.numel() else x.new_zeros(gates[0].shape[0], 0)
+    one_hot = F.one_hot(labels.clamp_min(0), gates[0].shape[0]).t().float() * labelled  # [E, N], 0 where unlabelled
+    hinges = [guard.hinge(labels, fixed, index) for fixed, index in parts] if guard is not None else []
 
     def per_module(w: torch.Tensor) -> list[torch.Tensor]:  # each module's logits [E, N]
         return [fixed.index_copy(0, index, z) for (fixed, index), z in zip(parts, (w @ xs_t).split(sizes, 0))]
 
     def closure() -> torch.Tensor:
         loss, dz = x.new_zeros(()), []
-        for logits, (_, index) in zip(per_module(weights.detach()), parts):
+        for j, (logits, (_, index)) in enumerate(zip(per_module(weights.detach()), parts)):
             log_p = torch.log_softmax(logits, dim=0)  # [E, N]
             loss -= (log_p * one_hot).sum()
-            d_logits = log_p.exp() - one_hot
-            if penalty is not None:
-                value, gradient = penalty(logits, labels)
+            d_logits = (log_p.exp() - one_hot) * labelled
+            if hinges:
+                value, gradient = hinges[j](logits)
                 loss, d_logits = loss + value, d_logits + gradient
             dz.append(d_logits.index_select(0, index))  # d loss / d logits of the fitted rows
         gradient = torch.cat(dz) @ xs  # [R, d_in]
@@ -113,7 +161,7 @@ def solve_gates(x: torch.Tensor, labels: torch.Tensor, gates: Sequence[torch.Ten
     optimizer.step(closure)
     fitted = weights.detach()
     with torch.no_grad():  # each module's loss and accuracy at the fitted rows, every worker's tokens
-        scores = [torch.stack([-(torch.log_softmax(logits, dim=0) * one_hot).sum(), (logits.argmax(0) == labels).sum()])
+        scores = [torch.stack([-(torch.log_softmax(logits, dim=0) * one_hot).sum(), ((logits.argmax(0) == labels) & labelled).sum()])
                   for logits in per_module(fitted)]
         scores = collective.sum_(torch.stack(scores).double()).tolist()
     steps = optimizer.state[weights].get("n_iter", 0)
@@ -136,11 +184,13 @@ def _held_logits(x: torch.Tensor, gate: torch.Tensor, rows: Sequence[int]) -> tu
 @torch.no_grad()
 def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTrainingConfig,
               collective: Collective = Collective(), rows: dict[str, list[int]] | None = None,
-              on_module: Callable[[int, int, str, dict], None] | None = None, solve: Callable = solve_gates) -> dict:
+              on_module: Callable[[int, int, str, dict], None] | None = None, solve: Callable = solve_gates,
+              new_experts: Sequence[int] = ()) -> dict:
     """Fit the gates of `model` in place from this worker's calibration `items`, in one forward pass (above).
     rows: per module the rows to fit (registration: the new experts'; a module missing from it is left as it is);
-    default every row of every gate. on_module(done, total, module, stats) after each fit. solve: another rule for
-    a module group's rows from their captured inputs, with solve_gates' signature and result (benchmarks compare).
+    default every row of every gate. new_experts: a registration's, kept off the old experts' routing by a Guard
+    when config.fit_guard > 0 (the rows then fitted with fit_guard_l2 and fit_guard_iters). on_module(done, total, module, stats) after each fit. solve: another rule for a
+    module group's rows from their captured inputs, with solve_gates' signature and result (benchmarks compare).
     Returns {seconds, tokens (labelled, every worker), modules: {module: stats}}."""
     started = time.perf_counter()
     plan = {name: list(range(len(model.expert_names))) for name in model.layer_names} if rows is None else rows
@@ -151,8 +201,17 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
         raise ValueError("fit_gates needs at least one calibration item on every worker: fewer workers, or more "
                          "fit_samples")
     dtype = model.base_model.get_input_embeddings().weight.dtype
-    batch = to_device(packed_batch(gate_batch(tokenizer, items, model.prompt_format), dtype), model.device)
+    padded = gate_batch(tokenizer, items, model.prompt_format)
+    batch = to_device(packed_batch(padded, dtype), model.device)
     labels, picked = _picked_tokens(batch["token_tasks"], config.fit_tokens, config.seed + collective.rank)
+    guard = None
+    if new_experts and config.fit_guard > 0:
+        items_everywhere = collective.sum_(torch.tensor([float(len(items))], dtype=torch.float64)).item()
+        guard = Guard(tuple(new_experts), model.routing.top_k, config.fit_guard, prefix_weight=items_everywhere)
+        if collective.rank == 0:  # the shared prompt prefix, once for every worker: row 0's first positions
+            prefix = torch.arange(_shared_prefix(padded), device=picked.device)
+            labels, picked = torch.cat([labels, torch.full_like(prefix, UNLABELLED)]), torch.cat([picked, prefix])
+    l2, iterations = (config.fit_guard_l2, config.fit_guard_iters) if guard else (config.fit_l2, config.fit_iters)
     groups = input_groups(model, batch["input_ids"][:1, :2], plan)  # leader -> the modules reading its input
     stats: dict[str, dict] = {}
 
@@ -160,7 +219,7 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
         x = args[0].reshape(-1, args[0].shape[-1]).index_select(0, picked)  # [N, d_in] this worker's labelled tokens
         members = [model.layers[name] for name in groups[layer.name]]
         fitted, group_stats = solve(x, labels, [m.meteora_gate for m in members], [plan[m.name] for m in members],
-                                    config.fit_l2, config.fit_iters, collective)
+                                    l2, iterations, collective, guard)
         for member, rows_fitted, member_stats in zip(members, fitted, group_stats):
             gate = member.meteora_gate
             gate.index_copy_(0, torch.tensor(plan[member.name], device=gate.device), rows_fitted.to(gate.device))
@@ -176,7 +235,7 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
     finally:
         for hook in hooks:
             hook.remove()
-    tokens = collective.sum_(labels.new_tensor([labels.numel()], dtype=torch.float64)).item()
+    tokens = collective.sum_(torch.tensor([float((labels != UNLABELLED).sum())], dtype=torch.float64)).item()
     return {"seconds": round(time.perf_counter() - started, 2), "tokens": int(tokens), "modules": stats}
 
 
@@ -210,7 +269,7 @@ def packed_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.floa
     minimum elsewhere: what transformers' attention adds to its scores). Positions and labels are each item's own,
     so a forward of it computes what a forward of `batch` does at every labelled token."""
     lengths = batch["attention_mask"].sum(1).tolist()
-    prefix = _shared_prefix(batch, min(lengths))
+    prefix = _shared_prefix(batch)
     rows: list[list[tuple[int, int]]] = [[]]  # per row: (item, its length past the prefix)
     for item, length in enumerate(lengths):
         used = prefix + sum(n for _, n in rows[-1])
@@ -239,8 +298,10 @@ def packed_batch(batch: dict[str, torch.Tensor], dtype: torch.dtype = torch.floa
     return {"input_ids": ids, "position_ids": positions, "token_tasks": tasks, "attention_mask": mask}
 
 
-def _shared_prefix(batch: dict[str, torch.Tensor], shortest: int) -> int:
-    """The length of the unlabelled token prefix every row shares (0 when one row has a label from its start)."""
+def _shared_prefix(batch: dict[str, torch.Tensor]) -> int:
+    """The length of the unlabelled token prefix every row of a right-padded batch shares (0 when one row has a
+    label from its start)."""
+    shortest = int(batch["attention_mask"].sum(1).min())
     ids, tasks = batch["input_ids"][:, :shortest], batch["token_tasks"][:, :shortest]
     shared = (ids == ids[:1]).all(0) & (tasks == IGNORE).all(0)  # [shortest]
     return int(shared.long().cumprod(0).sum())

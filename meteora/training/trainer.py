@@ -66,7 +66,8 @@ class GateTrainer:
             if on_module is not None:
                 on_module({"stage": "fit", "module": module, "done": done, "modules": total, **stats})
 
-        report = fit_gates(self.model, self.tokenizer, items, self.config, self.collective, self.fit_rows, progress)
+        report = fit_gates(self.model, self.tokenizer, items, self.config, self.collective, self.fit_rows, progress,
+                           new_experts=sorted(self.new_experts) if self.fit_rows else ())
         modules = report.pop("modules")
         accuracy = [m["accuracy"] for m in modules.values()]
         record = {"step": 0, "stage": "fit", **report, "modules": len(modules),

@@ -2,6 +2,7 @@
 an independent float64 Newton solver, held rows untouched to the bit, capture under the gates fitted upstream,
 two workers equal to one, and a fitted checkpoint that loads and serves."""
 import copy
+import dataclasses
 import os
 import socket
 
@@ -15,6 +16,7 @@ from meteora_moe import MeteoraModel
 from meteora_moe.prompts import PromptFormat
 from meteora_moe.training import (Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, input_groups, packed_batch,
                               solve_gates)
+from meteora_moe.training.fitting import GUARD_MARGIN, UNLABELLED, Guard
 from suites.tinytasks import char_tokenizer, split_samples
 from tiny import ALL_MODULES, assert_serves, make_adapter, tiny_base
 
@@ -146,35 +148,54 @@ def test_solving_some_rows_holds_the_others_bit_identical_and_is_optimal_for_the
     assert stats["iterations"] > 0
 
 
-def test_a_penalty_on_the_logits_is_minimised_with_the_cross_entropy():
-    """penalty(logits, labels) -> (value, gradient) joins each module's summed loss: here a squared hinge keeping
-    row 3's logit under row 0's: the fit is stationary for the penalised loss (autograd), and row 3 exceeds row 0 by
-    far less than without it."""
+def test_the_guard_is_minimised_with_the_cross_entropy_and_keeps_a_new_expert_off_the_old_top_k():
+    """Guard: on the tokens no new expert's task labels (old tasks' and UNLABELLED ones, these weighing
+    prefix_weight), the squared hinge of the new expert's logit over the old experts' k-th (plus the margin) joins
+    the summed loss. The fit is stationary for that loss (autograd, float64, independent of the closed form), and
+    the new expert enters those tokens' top-2 far less than without the guard."""
     torch.manual_seed(2)
-    x, labels = torch.randn(300, 16) * 5.0, torch.randint(0, 4, (300,))
-    gate, rho = torch.randn(4, 16) * 0.1, 10.0
+    x, truth = torch.randn(300, 16) * 5.0, torch.randn(4, 16)
+    x[:, 0] = 5.0  # a constant feature, as a residual stream has: a bias-free row's offset
+    labels = (x @ truth.t()).argmax(1)  # tasks a linear gate tells apart; the old rows (0-2) those of the truth
+    labels[:20] = UNLABELLED
+    gate, rho, prefix_weight = torch.cat([truth[:3], torch.randn(1, 16) * 0.1]), 10.0, 5.0
+    guard = Guard(new=(3,), top_k=2, rho=rho, prefix_weight=prefix_weight)
+    labelled, guarded = labels != UNLABELLED, labels != 3
 
-    def hinge(logits: torch.Tensor, _labels: torch.Tensor):  # logits [E, N]
-        over = (logits[3] - logits[0]).clamp_min(0)
-        gradient = torch.zeros_like(logits)
-        gradient[3], gradient[0] = rho * over, -rho * over
-        return 0.5 * rho * over.square().sum(), gradient
-
-    def gradient(G: torch.Tensor) -> torch.Tensor:  # the penalised loss's, per row, in units of each feature's RMS
-        sigma, free = x.square().mean(0).sqrt(), G.clone().requires_grad_()
-        logits = x @ free.t()  # [N, E]
-        loss = (F.cross_entropy(logits, labels) + 0.5 * rho * (logits[:, 3] - logits[:, 0]).clamp_min(0).square().mean()
-                + 0.5 * 1e-2 * ((free[[0, 3]] * sigma).square()).sum())
+    def gradient(G: torch.Tensor) -> torch.Tensor:  # the guarded loss's, new row, in units of each feature's RMS
+        x64, free = x.double(), G.double().clone().requires_grad_()
+        sigma = x64[labelled].square().mean(0).sqrt()
+        logits = x64 @ free.t()  # [N, E]
+        over = (logits[:, 3] - logits[:, :3].topk(2, dim=1).values[:, 1] + GUARD_MARGIN).clamp_min(0)
+        weight = torch.where(labelled, 1.0, prefix_weight) * guarded
+        summed = F.cross_entropy(logits[labelled], labels[labelled], reduction="sum") + 0.5 * rho * (weight * over.square()).sum()
+        loss = summed / labelled.sum() + 0.5 * 1e-2 * (free[3] * sigma).square().sum()
         loss.backward()
-        return free.grad / sigma
+        return free.grad[3] / sigma
 
-    [plain], _ = solve_gates(x, labels, [gate], [[0, 3]], l2=1e-2, iterations=500)
-    [rows], _ = solve_gates(x, labels, [gate], [[0, 3]], l2=1e-2, iterations=500, penalty=hinge)
+    [plain], _ = solve_gates(x, labels, [gate], [[3]], l2=1e-2, iterations=500)
+    [row], _ = solve_gates(x, labels, [gate], [[3]], l2=1e-2, iterations=500, guard=guard)
     full = gate.clone()
-    full[[0, 3]] = rows
-    assert gradient(full)[[0, 3]].abs().max() < 1e-3 * gradient(gate)[[0, 3]].abs().max()
-    excess = lambda r: (x @ r[1] - x @ r[0]).clamp_min(0).mean().item()  # noqa: E731  (row 3's logit over row 0's)
-    assert excess(rows) < 0.5 * excess(plain)
+    full[3] = row[0]
+    assert gradient(full).abs().max() < 1e-3 * gradient(gate).abs().max()
+    second_old = (x @ gate[:3].t()).topk(2, dim=1).values[:, 1]
+    entering = lambda r: ((x @ r[0] > second_old) & guarded).sum().item()  # noqa: E731
+    assert entering(row) < 0.5 * entering(plain)
+    unlabelled_entering = lambda r: (x[:20] @ r[0] > second_old[:20]).sum().item()  # noqa: E731
+    assert unlabelled_entering(row) < unlabelled_entering(plain)
+
+
+def test_unlabelled_tokens_are_in_no_cross_entropy():
+    """Without a guard, tokens labelled UNLABELLED change nothing: the same rows as a solve without them."""
+    torch.manual_seed(3)
+    x, labels = torch.randn(200, 16) * 3.0, torch.randint(0, 3, (200,))
+    gate = torch.randn(3, 16) * 0.1
+    extra = torch.randn(30, 16) * 10.0
+    [alone], _ = solve_gates(x, labels, [gate], [[0, 1, 2]], l2=1e-2, iterations=300)
+    [mixed], stats = solve_gates(torch.cat([extra, x]), torch.cat([torch.full((30,), UNLABELLED), labels]), [gate],
+                                 [[0, 1, 2]], l2=1e-2, iterations=300)
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=1e-4 * alone.abs().max().item())
+    assert stats[0]["accuracy"] == pytest.approx(((x @ mixed.t()).argmax(1) == labels).double().mean().item())
 
 
 def test_gates_reading_one_input_are_solved_together_as_each_alone():
@@ -209,6 +230,28 @@ def test_registration_fits_only_new_rows_and_leaves_old_rows_bit_identical(world
     for name, layer in model.layers.items():
         assert torch.equal(layer.meteora_gate[:2], before[name][:2])
         assert not torch.equal(layer.meteora_gate[2], before[name][2])
+
+
+def test_a_guarded_registration_keeps_the_new_expert_off_the_old_top_k_on_the_shared_prompt_prefix(world):
+    """The tokens every chat prompt starts with (no task labels them, so no cross-entropy sees them) keep their old
+    routing when the registration is guarded: the new expert enters no prefix token's top-2 at any module in a
+    prompt's own forward; fitted without the guard, it does."""
+    _, tokenizer, _, samples = world
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("system: be brief\n{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    prefix = len("system: be brief\nuser: ")
+    entering = {}
+    for fit_guard in (0.0, 100.0):
+        model = fused(world)
+        model.prompt_format = PromptFormat("chat")
+        fit_gates(model, chat, fit_items(samples, CONFIG), dataclasses.replace(CONFIG, fit_guard=fit_guard),
+                  rows={name: [2] for name in model.layer_names}, new_experts=[2])
+        prompt = model.prompt_format.prompt_ids(chat, samples[0][0]["prompt"])
+        with torch.no_grad(), model.recording_routing() as recorder:
+            model(input_ids=torch.tensor([prompt]))
+        entering[fit_guard] = int((recorder.trace(1).ids[0, :prefix] == 2).sum())  # ids [1, P, L, k]
+    assert entering[100.0] == 0 < entering[0.0]
 
 
 def test_nothing_to_fit_runs_no_forward_pass(world):
