@@ -8,10 +8,12 @@ in one run: one registry, one evaluation.
                 responses, per task MeteoRA top-1 / top-2 and composite-3/5/10 (--composites per n). The fit's
                 evaluation also scores the baselines (base, own adapters, LoRA-B, merged, perfect routing).
   registration  +2 adapters on MLP projections (modules no first adapter targets) from the fit's checkpoint: only
-                their rows fitted (old rows held: checked bit for bit), its time; new tasks against their own
+                their rows fitted (old rows held: checked bit for bit), guarded (fit_guard), with 1 worker of 2
+                CPUs and timed again with 2 of 1; the 1-worker one evaluated: new tasks against their own
                 adapters, old tasks against the first fit on --old-samples eval samples each
   init          a fresh row at 0 steps of SGD, four ways: the mean of the old rows (the SGD warm start), a difference
-                of class means, Arrow's prototype (the top right singular vector of B A), the fit: routing accuracy
+                of class means, Arrow's prototype (the top right singular vector of B A), the fit (the registration's,
+                guarded): routing accuracy
                 on eval responses, per task top-2
 Writes benchmarks/results/gate_fit/: results.json (command, machine), results.md, fit_per_depth.png.
 
@@ -130,7 +132,7 @@ NO_STATS = {"accuracy": float("nan"), "iterations": 0, "seconds": 0.0}
 def per_gate(direction_rule):
     """A solver with solve_gates' signature from direction_rule(x, labels, gate, row) -> [d_in]: each fresh row that
     direction, its sign and scale fitted from the data (scaled_rows)."""
-    def solve(x, labels, gates, rows, l2, iterations, collective, guard=None):  # guard: no fit, nothing to guard
+    def solve(x, labels, gates, rows, l2, iterations, collective, guard=None):  # unguarded: an initialisation
         x = x.float()
         fitted = [scaled_rows(torch.stack([direction_rule(x, labels, gate, row) for row in r]), x, labels, gate, list(r))
                   for gate, r in zip(gates, rows)]
@@ -175,7 +177,9 @@ def initialisations(registry: Registry, first_checkpoint: str, names: list[str],
         if how != "mean of old rows":
             solve = {"class means": per_gate(class_mean_difference), "arrow": per_gate(arrow_prototype(model)),
                      "fit": solve_gates}[how]
-            fit_gates(model, tokenizer, fit_items(train_samples, config), config, rows=warm.fresh_rows(model), solve=solve)
+            new = [names.index(name) for name in warm.new_experts] if how == "fit" else []  # the registration's guard
+            fit_gates(model, tokenizer, fit_items(train_samples, config), config, rows=warm.fresh_rows(model), solve=solve,
+                      new_experts=new)
         seconds = time.perf_counter() - started
         top2 = accuracy_per_task(model, tokenizer, eval_sets, model.prompt_format)
         rows[how] = {"seconds": round(seconds, 1), "routing_accuracy": response_routing_accuracy(model, tokenizer, evaluation,
@@ -224,8 +228,11 @@ def main() -> None:
                                        steps=args.sgd_steps, num_workers=workers, cpus_per_worker=max(1, 2 // workers))
     methods = {name: method_row(stages.run(f"train {name}", runs[name])) for name in runs if not name.startswith("sgd")}
     fitted = methods["fit"]["checkpoint"]
-    grown = stages.run("registration", lambda: method_row(train_job(  # the timed stages first, the evaluations after
-        registry, work, "registration", names, method="fit", init_from=fitted, freeze_old=True, **two)))
+    def registration(name: str, workers: dict) -> dict:  # the timed stages first, the evaluations after
+        return stages.run(name, lambda: method_row(train_job(registry, work, name.replace(", ", "-").replace(" ", "-"), names,
+                                                             method="fit", init_from=fitted, freeze_old=True, **workers)))
+
+    grown, grown_two = registration("registration", one), registration("registration, 2 workers", two)
 
     def evaluation(name: str) -> dict:
         return stages.run(f"evaluate {name}", lambda: evaluated(
@@ -248,7 +255,8 @@ def main() -> None:
     ray.shutdown()
 
     own = evaluations["fit"]["per_task"]["own adapter"]
-    registration = {**grown, "old_rows_bit_identical": held, "new_tasks_top2": new_tasks["per_task"]["meteora top-2"],
+    registration = {**grown, "two_workers": grown_two, "old_rows_bit_identical": held,
+                    "new_tasks_top2": new_tasks["per_task"]["meteora top-2"],
                     "old_tasks_top2": old_tasks, "own_adapters": new_tasks["per_task"]["own adapter"]}
     result = {"command": "python " + " ".join(sys.argv), "machine": machine(), "settings": vars(args), "recipe": RECIPE,
               "methods": methods, "evaluations": evaluations, "own_adapter": own, "registration": registration,
@@ -296,7 +304,9 @@ def summarize(result: dict) -> dict:
             "fit_time_share_of_sgd": round(rows["fit"]["train_seconds"] / rows["sgd"]["train_seconds"], 4) if "sgd" in rows else None,
             "composite_baselines": {v: {n: r["summed"] for n, r in result["evaluations"]["fit"]["composite"][v].items()}
                                     for v in ("lora-b", "perfect routing", "own adapter")},
-            "registration": {"fit_seconds": registration["fit_seconds"], "job_seconds": registration["job_seconds"],
+            "registration": {"workers": registration["workers"], "fit_seconds": registration["fit_seconds"],
+                             "job_seconds": registration["job_seconds"],
+                             "fit_seconds_2_workers": registration["two_workers"]["fit_seconds"],
                              "old_rows_bit_identical": registration["old_rows_bit_identical"],
                              "new_over_own": {t: round(v / max(registration["own_adapters"][t], 1e-9), 3)
                                               for t, v in registration["new_tasks_top2"].items()},

@@ -31,8 +31,8 @@ class GateTrainingConfig:
     fit_l2: float = 1e-2  # fit: L2 weight on the gate rows, each input feature in units of its RMS
     fit_iters: int = 25  # fit: L-BFGS iterations per module (or per group of modules reading one input)
     fit_guard: float = 3.0  # fit, registering (freeze_old): the Guard's weight (fitting.py; 0: off)
-    fit_guard_l2: float = 1e-3  # fit, registering with the guard: fit_l2 and fit_iters for the new rows
-    fit_guard_iters: int = 50
+    fit_guard_l2: float = 1e-3  # fit, registering with the guard: fit_l2 of every fitted row
+    fit_guard_iters: int = 50  # ... and fit_iters where old rows are held (modules new experts share with old ones)
 
     def __post_init__(self):
         if self.method not in METHODS:

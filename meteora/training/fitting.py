@@ -189,7 +189,7 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
     """Fit the gates of `model` in place from this worker's calibration `items`, in one forward pass (above).
     rows: per module the rows to fit (registration: the new experts'; a module missing from it is left as it is);
     default every row of every gate. new_experts: a registration's, kept off the old experts' routing by a Guard
-    when config.fit_guard > 0 (the rows then fitted with fit_guard_l2 and fit_guard_iters). on_module(done, total, module, stats) after each fit. solve: another rule for a
+    when config.fit_guard > 0 (every row then fitted with fit_guard_l2; where old rows are held, with fit_guard_iters). on_module(done, total, module, stats) after each fit. solve: another rule for a
     module group's rows from their captured inputs, with solve_gates' signature and result (benchmarks compare).
     Returns {seconds, tokens (labelled, every worker), modules: {module: stats}}."""
     started = time.perf_counter()
@@ -211,15 +211,17 @@ def fit_gates(model: MeteoraModel, tokenizer, items: list[Item], config: GateTra
         if collective.rank == 0:  # the shared prompt prefix, once for every worker: row 0's first positions
             prefix = torch.arange(_shared_prefix(padded), device=picked.device)
             labels, picked = torch.cat([labels, torch.full_like(prefix, UNLABELLED)]), torch.cat([picked, prefix])
-    l2, iterations = (config.fit_guard_l2, config.fit_guard_iters) if guard else (config.fit_l2, config.fit_iters)
+    l2 = config.fit_guard_l2 if guard else config.fit_l2
     groups = input_groups(model, batch["input_ids"][:1, :2], plan)  # leader -> the modules reading its input
     stats: dict[str, dict] = {}
 
     def fit(layer: MeteoraLinear, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).index_select(0, picked)  # [N, d_in] this worker's labelled tokens
         members = [model.layers[name] for name in groups[layer.name]]
-        fitted, group_stats = solve(x, labels, [m.meteora_gate for m in members], [plan[m.name] for m in members],
-                                    l2, iterations, collective, guard)
+        rows = [plan[m.name] for m in members]
+        holds = guard is not None and any(len(r) < m.meteora_gate.shape[0] for r, m in zip(rows, members))
+        iterations = config.fit_guard_iters if holds else config.fit_iters
+        fitted, group_stats = solve(x, labels, [m.meteora_gate for m in members], rows, l2, iterations, collective, guard)
         for member, rows_fitted, member_stats in zip(members, fitted, group_stats):
             gate = member.meteora_gate
             gate.index_copy_(0, torch.tensor(plan[member.name], device=gate.device), rows_fitted.to(gate.device))

@@ -245,13 +245,27 @@ def test_a_guarded_registration_keeps_the_new_expert_off_the_old_top_k_on_the_sh
     for fit_guard in (0.0, 100.0):
         model = fused(world)
         model.prompt_format = PromptFormat("chat")
-        fit_gates(model, chat, fit_items(samples, CONFIG), dataclasses.replace(CONFIG, fit_guard=fit_guard),
+        fit_gates(model, chat, fit_items(samples, CONFIG), dataclasses.replace(CONFIG, fit_iters=50, fit_guard=fit_guard),
                   rows={name: [2] for name in model.layer_names}, new_experts=[2])
         prompt = model.prompt_format.prompt_ids(chat, samples[0][0]["prompt"])
         with torch.no_grad(), model.recording_routing() as recorder:
             model(input_ids=torch.tensor([prompt]))
         entering[fit_guard] = int((recorder.trace(1).ids[0, :prefix] == 2).sum())  # ids [1, P, L, k]
     assert entering[100.0] == 0 < entering[0.0]
+
+
+def test_a_guarded_registration_uses_the_guard_settings_where_old_rows_are_held(world):
+    """Under the guard every row is fitted with fit_guard_l2; fit_guard_iters where old rows are held (here the
+    q, k and v gates, solved as one group), fit_iters at modules whose every row is fitted."""
+    _, tokenizer, _, samples = world
+    model = fused(world)
+    shared = {name for name in model.layer_names if name.endswith(("q_proj", "k_proj", "v_proj"))}
+    plan = {name: [2] if name in shared else [0, 1, 2] for name in model.layer_names}
+    config = dataclasses.replace(CONFIG, fit_guard=1.0, fit_iters=3, fit_guard_iters=9)
+    report = fit_gates(model, tokenizer, fit_items(samples, CONFIG), config, rows=plan, new_experts=[2])
+    iterations = {name: stats["iterations"] for name, stats in report["modules"].items()}
+    assert max(iterations[name] for name in shared) > 3
+    assert max(iterations.values()) <= 9 and max(iterations[n] for n in model.layer_names if n not in shared) <= 3
 
 
 def test_nothing_to_fit_runs_no_forward_pass(world):
