@@ -3,18 +3,21 @@ its first 10, only their rows fitted, then MeteoRA top-2 on 100 eval samples of 
 cost (kv_json, list_max) and of the two new ones. The registry and the first fit are bench_fit_settings' (made in
 the work directory if missing); each registering rule starts from the same first fit, in one process.
 
-    python experiments/registration.py plain                        # the library's fit
-    python experiments/registration.py plain --fit-guard 3          # + the guard (meteora_moe.training.fitting.Guard)
-    python experiments/registration.py plain --fit-samples 72 --fit-tokens 0  # more calibration tokens, all kept
-    python experiments/registration.py plain --sgd-steps 60         # the fit, then the loop on the fresh rows only
+    python experiments/registration.py register                     # the library's registration (guarded)
+    python experiments/registration.py register --fit-guard 0       # without the guard (Guard in training/fitting.py)
+    python experiments/registration.py register --fit-guard 0 --fit-samples 72 --fit-tokens 0  # more tokens, all kept
+    python experiments/registration.py register --fit-guard 0 --sgd-steps 60  # the fit, then the loop on the fresh rows
     python experiments/registration.py scratch                      # no registration: all 12 experts' rows fitted
     python experiments/registration.py first --seed 1               # the first 10 fitted again, another draw
-    python experiments/registration.py plain --fit-l2 0.001 --fit-iters 50  # sharper rows: a tenth of the L2
+    python experiments/registration.py register --fit-guard-l2 0.01 --fit-guard-iters 25  # the first fit's L2, iterations
+
+Without the guard the new rows are fitted with --fit-l2 and --fit-iters, with it with --fit-guard-l2 (every row)
+and --fit-guard-iters (where old rows are held).
 
 Two rules register nothing, as references: scratch, what the method gives
 the old tasks with the 2 new experts in the mixture when no row is held; first, the first fit again with another
 seed (another draw of calibration items), all 10 tasks scored: how far two equally good fits differ.
-Findings: benchmarks/NOTES.md, "kv_json after a registration".
+Findings: benchmarks/NOTES.md, "kv_json after a registration" and "The cause, and the guard".
 """
 from __future__ import annotations
 
@@ -52,14 +55,16 @@ def refine(model, registry, tokenizer, config, first: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rule", choices=["plain", "scratch", "first"])
+    parser.add_argument("rule", choices=["register", "scratch", "first"])
     parser.add_argument("--work", default=bench_fit_settings.WORK, help="bench_fit_settings' work directory")
     parser.add_argument("--samples", type=int, default=100, help="eval samples per task")
     parser.add_argument("--fit-samples", type=int, help="the registration's fit_samples (default: the first fit's)")
     parser.add_argument("--fit-tokens", type=int, help="the registration's fit_tokens (0: every labelled token)")
     parser.add_argument("--fit-l2", type=float, help="the registration's fit_l2 (default: the first fit's)")
     parser.add_argument("--fit-iters", type=int, help="the registration's fit_iters (default: the first fit's)")
-    parser.add_argument("--fit-guard", type=float, help="the registration's fit_guard (default: the first fit's)")
+    parser.add_argument("--fit-guard", type=float, help="the registration's fit_guard (default: the library's)")
+    parser.add_argument("--fit-guard-l2", type=float, help="the registration's fit_guard_l2 (default: the library's)")
+    parser.add_argument("--fit-guard-iters", type=int, help="the registration's fit_guard_iters (default: the library's)")
     parser.add_argument("--seed", type=int, help="the fit's seed, which draws its calibration items (default: 0)")
     parser.add_argument("--sgd-steps", type=int, default=0, help="then this many steps of the loop (bench-real's "
                         "recipe: batch 16, lr 0.01) on the fresh rows, old rows frozen, as method fit+sgd runs it")
@@ -75,7 +80,8 @@ def main() -> None:
     if not (work / "first" / "meteora_config.json").is_file():
         bench_fit_settings.fitted(registry, registry.names[:FIRST], tokenizer, config)[0].save_pretrained(work / "first")
     overrides = {k: v for k, v in {"fit_samples": args.fit_samples, "fit_tokens": args.fit_tokens, "fit_l2": args.fit_l2,
-                                   "fit_iters": args.fit_iters, "fit_guard": args.fit_guard, "seed": args.seed}.items()
+                                   "fit_iters": args.fit_iters, "fit_guard": args.fit_guard, "fit_guard_l2": args.fit_guard_l2,
+                                   "fit_guard_iters": args.fit_guard_iters, "seed": args.seed}.items()
                  if v is not None}
     names = registry.names[:FIRST] if args.rule == "first" else registry.names
     init_from = None if args.rule in ("scratch", "first") else str(work / "first")

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from meteora_moe import MeteoraModel
 from meteora_moe.prompts import PromptFormat
-from meteora_moe.training import (Collective, GateTrainingConfig, fit_gates, fit_items, gate_batch, input_groups, packed_batch,
-                              solve_gates)
-from meteora_moe.training.fitting import GUARD_MARGIN, UNLABELLED, Guard
+from meteora_moe.training import (GUARD_MARGIN, UNLABELLED, Collective, GateTrainingConfig, Guard, fit_gates, fit_items,
+                                  gate_batch, input_groups, packed_batch, solve_gates)
 from suites.tinytasks import char_tokenizer, split_samples
 from tiny import ALL_MODULES, assert_serves, make_adapter, tiny_base
 
 TASKS = {"reverse": 4, "upper": 8, "length": 2}
-CONFIG = GateTrainingConfig(method="fit", fit_samples=12, fit_tokens=0, fit_l2=1e-2, fit_iters=200, composite_fraction=0.25)
+CONFIG = GateTrainingConfig(method="fit", fit_samples=12, fit_tokens=0, fit_l2=1e-2, fit_iters=200, fit_guard_iters=200,
+                            composite_fraction=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,14 @@ def world(tmp_path_factory):
 def fused(world, names=tuple(TASKS), seed=0) -> MeteoraModel:
     base, _, adapters, _ = world
     return MeteoraModel.from_adapters(copy.deepcopy(base), {n: adapters[n] for n in names}, top_k=2, seed=seed)
+
+
+def chat_tokenizer(tokenizer):
+    """The char tokenizer with a chat template whose every prompt starts with the same scaffolding (the prefix)."""
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("system: be brief\n{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    return chat
 
 
 def newton_reference(x: torch.Tensor, labels: torch.Tensor, experts: int, l2: float) -> tuple[torch.Tensor, float]:
@@ -109,9 +117,7 @@ def test_a_packed_batch_computes_what_the_padded_batch_does_at_every_labelled_to
     """Items packed into rows after one shared chat prefix (system prompt computed once a row), each attending to
     the prefix and itself: the same inputs at every adapted module as the padded batch, in the same order."""
     _, tokenizer, _, samples = world
-    chat = copy.deepcopy(tokenizer)
-    chat.chat_template = ("system: be brief\n{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    chat = chat_tokenizer(tokenizer)
     model = fused(world)
     model.prompt_format = PromptFormat("chat")
     items = fit_items(samples, CONFIG)
@@ -148,41 +154,58 @@ def test_solving_some_rows_holds_the_others_bit_identical_and_is_optimal_for_the
     assert stats["iterations"] > 0
 
 
-def test_the_guard_is_minimised_with_the_cross_entropy_and_keeps_a_new_expert_off_the_old_top_k():
+@pytest.mark.parametrize("fitted_rows, tolerance", [([3], 1e-3), ([0, 1, 2, 3], 1e-2)],
+                         ids=["old rows held", "every row fitted"])
+def test_the_guard_is_minimised_with_the_cross_entropy(fitted_rows, tolerance):
     """Guard: on the tokens no new expert's task labels (old tasks' and UNLABELLED ones, these weighing
     prefix_weight), the squared hinge of the new expert's logit over the old experts' k-th (plus the margin) joins
-    the summed loss. The fit is stationary for that loss (autograd, float64, independent of the closed form), and
-    the new expert enters those tokens' top-2 far less than without the guard."""
-    torch.manual_seed(2)
-    x, truth = torch.randn(300, 16) * 5.0, torch.randn(4, 16)
-    x[:, 0] = 5.0  # a constant feature, as a residual stream has: a bias-free row's offset
-    labels = (x @ truth.t()).argmax(1)  # tasks a linear gate tells apart; the old rows (0-2) those of the truth
-    labels[:20] = UNLABELLED
-    gate, rho, prefix_weight = torch.cat([truth[:3], torch.randn(1, 16) * 0.1]), 10.0, 5.0
+    the summed loss. The fit is stationary for that loss (autograd, float64, independent of the closed form), held
+    old rows or fitted ones (then the k-th old logit moves with them and can change rows: piecewise smooth, so
+    L-BFGS stops less tightly)."""
+    x, labels, gate = _guard_problem()
+    rho, prefix_weight = 10.0, 5.0
     guard = Guard(new=(3,), top_k=2, rho=rho, prefix_weight=prefix_weight)
     labelled, guarded = labels != UNLABELLED, labels != 3
 
-    def gradient(G: torch.Tensor) -> torch.Tensor:  # the guarded loss's, new row, in units of each feature's RMS
+    def gradient(G: torch.Tensor) -> torch.Tensor:  # the guarded loss's, fitted rows, in units of each feature's RMS
         x64, free = x.double(), G.double().clone().requires_grad_()
         sigma = x64[labelled].square().mean(0).sqrt()
         logits = x64 @ free.t()  # [N, E]
         over = (logits[:, 3] - logits[:, :3].topk(2, dim=1).values[:, 1] + GUARD_MARGIN).clamp_min(0)
         weight = torch.where(labelled, 1.0, prefix_weight) * guarded
         summed = F.cross_entropy(logits[labelled], labels[labelled], reduction="sum") + 0.5 * rho * (weight * over.square()).sum()
-        loss = summed / labelled.sum() + 0.5 * 1e-2 * (free[3] * sigma).square().sum()
+        loss = summed / labelled.sum() + 0.5 * 1e-2 * (free[fitted_rows] * sigma).square().sum()
         loss.backward()
-        return free.grad[3] / sigma
+        return free.grad[fitted_rows] / sigma
 
-    [plain], _ = solve_gates(x, labels, [gate], [[3]], l2=1e-2, iterations=500)
-    [row], _ = solve_gates(x, labels, [gate], [[3]], l2=1e-2, iterations=500, guard=guard)
+    [rows], _ = solve_gates(x, labels, [gate], [fitted_rows], l2=1e-2, iterations=500, guard=guard)
     full = gate.clone()
-    full[3] = row[0]
-    assert gradient(full).abs().max() < 1e-3 * gradient(gate).abs().max()
+    full[fitted_rows] = rows
+    assert gradient(full).abs().max() < tolerance * gradient(gate).abs().max()
+
+
+def test_the_guard_keeps_a_new_expert_off_the_old_top_k():
+    """Held old rows, the new one fitted: with the guard it enters the top-2 of far fewer old tokens than without,
+    and of no unlabelled one."""
+    x, labels, gate = _guard_problem()
+    guarded = labels != 3
+    [plain], _ = solve_gates(x, labels, [gate], [[3]], l2=1e-2, iterations=500)
+    [row], _ = solve_gates(x, labels, [gate], [[3]], l2=1e-2, iterations=500, guard=Guard((3,), 2, 10.0, 5.0))
     second_old = (x @ gate[:3].t()).topk(2, dim=1).values[:, 1]
-    entering = lambda r: ((x @ r[0] > second_old) & guarded).sum().item()  # noqa: E731
-    assert entering(row) < 0.5 * entering(plain)
-    unlabelled_entering = lambda r: (x[:20] @ r[0] > second_old[:20]).sum().item()  # noqa: E731
-    assert unlabelled_entering(row) < unlabelled_entering(plain)
+    entering = lambda r: (x @ r[0] > second_old) & guarded  # noqa: E731  [N]
+    assert entering(row).sum() < 0.5 * entering(plain).sum()
+    assert entering(row)[:20].sum() == 0 < entering(plain)[:20].sum()  # the unlabelled tokens
+
+
+def _guard_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """300 tokens of 4 tasks a linear gate tells apart, the first 20 UNLABELLED; a gate whose old rows (0-2) are
+    the truth's and whose new row (3) starts small."""
+    torch.manual_seed(2)
+    x, truth = torch.randn(300, 16) * 5.0, torch.randn(4, 16)
+    x[:, 0] = 5.0  # a constant feature, as a residual stream has: a bias-free row's offset
+    labels = (x @ truth.t()).argmax(1)
+    labels[:20] = UNLABELLED
+    return x, labels, torch.cat([truth[:3], torch.randn(1, 16) * 0.1])
 
 
 def test_unlabelled_tokens_are_in_no_cross_entropy():
@@ -194,7 +217,7 @@ def test_unlabelled_tokens_are_in_no_cross_entropy():
     [alone], _ = solve_gates(x, labels, [gate], [[0, 1, 2]], l2=1e-2, iterations=300)
     [mixed], stats = solve_gates(torch.cat([extra, x]), torch.cat([torch.full((30,), UNLABELLED), labels]), [gate],
                                  [[0, 1, 2]], l2=1e-2, iterations=300)
-    torch.testing.assert_close(mixed, alone, rtol=0, atol=1e-4 * alone.abs().max().item())
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=1e-3 * alone.abs().max().item())
     assert stats[0]["accuracy"] == pytest.approx(((x @ mixed.t()).argmax(1) == labels).double().mean().item())
 
 
@@ -237,9 +260,7 @@ def test_a_guarded_registration_keeps_the_new_expert_off_the_old_top_k_on_the_sh
     routing when the registration is guarded: the new expert enters no prefix token's top-2 at any module in a
     prompt's own forward; fitted without the guard, it does."""
     _, tokenizer, _, samples = world
-    chat = copy.deepcopy(tokenizer)
-    chat.chat_template = ("system: be brief\n{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    chat = chat_tokenizer(tokenizer)
     prefix = len("system: be brief\nuser: ")
     entering = {}
     for fit_guard in (0.0, 100.0):
@@ -268,6 +289,18 @@ def test_a_guarded_registration_uses_the_guard_settings_where_old_rows_are_held(
     assert max(iterations.values()) <= 9 and max(iterations[n] for n in model.layer_names if n not in shared) <= 3
 
 
+def test_a_registration_with_no_old_expert_fits_unguarded(world):
+    """Every expert new (none kept from the checkpoint): nothing to guard, the plain fit of every row."""
+    _, tokenizer, _, samples = world
+    config = dataclasses.replace(CONFIG, fit_guard=3.0, fit_iters=20)
+    plain, guarded = fused(world), fused(world)
+    every_row = {name: [0, 1, 2] for name in plain.layer_names}
+    fit_gates(plain, tokenizer, fit_items(samples, CONFIG), config)
+    fit_gates(guarded, tokenizer, fit_items(samples, CONFIG), config, rows=every_row, new_experts=[0, 1, 2])
+    for name, layer in plain.layers.items():
+        assert torch.equal(guarded.layers[name].meteora_gate, layer.meteora_gate)
+
+
 def test_nothing_to_fit_runs_no_forward_pass(world):
     _, tokenizer, _, _ = world
     model = fused(world)
@@ -294,31 +327,44 @@ def test_each_module_is_fitted_on_inputs_under_the_gates_fitted_before_it(world)
     assert (gate - on_final).abs().max() < 0.1 * (gate - on_start).abs().max()  # 10x nearer: what it was fitted on
 
 
-def _fit_on_rank(rank: int, port: int, world, items, out):
+REGISTRATION = {"rows": {"model.layers.0.self_attn.q_proj": [2], "model.layers.0.self_attn.v_proj": [2]},
+                "new_experts": [2]}  # guarded (CONFIG's fit_guard) in the chat format: the prefix on rank 0 only
+
+
+def _fitted(world, tokenizer, items, registering: bool, collective: Collective = Collective()) -> MeteoraModel:
+    model = fused(world)
+    if registering:
+        model.prompt_format = PromptFormat("chat")
+    fit_gates(model, chat_tokenizer(tokenizer) if registering else tokenizer, items, CONFIG, collective,
+              **(REGISTRATION if registering else {}))
+    return model
+
+
+def _fit_on_rank(rank: int, port: int, world, items, registering: bool, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    model = fused(world)
-    fit_gates(model, world[1], items[rank::2], CONFIG, Collective(rank, 2, dist.all_reduce))
+    model = _fitted(world, world[1], items[rank::2], registering, Collective(rank, 2, dist.all_reduce))
     out[rank] = {name: layer.meteora_gate.detach().clone() for name, layer in model.layers.items()}
     dist.destroy_process_group()
 
 
-def test_two_workers_fit_the_gates_one_worker_fits(world):
+@pytest.mark.parametrize("registering", [False, True], ids=["every row", "a guarded registration"])
+def test_two_workers_fit_the_gates_one_worker_fits(world, registering):
     _, tokenizer, _, samples = world
     items = fit_items(samples, CONFIG)
-    alone = fused(world)
-    fit_gates(alone, tokenizer, items, CONFIG)
+    alone = _fitted(world, tokenizer, items, registering)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_fit_on_rank, args=(port, world, items, out), nprocs=2)
+    mp.spawn(_fit_on_rank, args=(port, world, items, registering, out), nprocs=2)
     for name, layer in alone.layers.items():
         assert torch.equal(out[0][name], out[1][name])  # every worker ends with the same gates
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):  # inputs no gate changes:
         gate = alone.layers[name].meteora_gate.detach()  # the same loss, summed in another order (fp32 apart)
-        torch.testing.assert_close(out[0][name], gate, rtol=0, atol=1e-3 * gate.abs().max().item())
+        tolerance = 5e-3 if registering else 1e-3  # the guard's hinge: converged less tightly in as many steps
+        torch.testing.assert_close(out[0][name], gate, rtol=0, atol=tolerance * gate.abs().max().item())
 
 
 def test_a_fitted_checkpoint_loads_and_serves(world, tmp_path):
