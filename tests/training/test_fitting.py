@@ -357,7 +357,7 @@ def test_two_workers_fit_the_gates_one_worker_fits(world, registering):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
+    out = mp.get_context("spawn").Manager().dict()  # not forked: the session's Ray threads must not be copied
     mp.spawn(_fit_on_rank, args=(port, world, items, registering, out), nprocs=2)
     for name, layer in alone.layers.items():
         assert torch.equal(out[0][name], out[1][name])  # every worker ends with the same gates
