@@ -54,7 +54,7 @@ def fitted(registry: Registry, names: list[str], tokenizer, config: GateTraining
     model = MeteoraModel.from_adapters(registry.base_model["uri"], registry.adapter_dirs(names), prompt_format="chat").eval()
     warm = init_gates_from(model, init_from) if init_from else None
     fresh = warm.fresh_rows(model) if warm else None
-    new = [model.expert_names.index(name) for name in warm.new_experts] if warm else []
+    new = warm.new_expert_ids(model) if warm else []
     items = fit_items(registry_samples(registry, names, "train"), config)
     started = time.perf_counter()
     for _ in range(passes):

@@ -177,7 +177,7 @@ def initialisations(registry: Registry, first_checkpoint: str, names: list[str],
         if how != "mean of old rows":
             solve = {"class means": per_gate(class_mean_difference), "arrow": per_gate(arrow_prototype(model)),
                      "fit": solve_gates}[how]
-            new = [names.index(name) for name in warm.new_experts] if how == "fit" else []  # the registration's guard
+            new = warm.new_expert_ids(model) if how == "fit" else []  # the registration's guard
             fit_gates(model, tokenizer, fit_items(train_samples, config), config, rows=warm.fresh_rows(model), solve=solve,
                       new_experts=new)
         seconds = time.perf_counter() - started

@@ -43,7 +43,7 @@ class GateTrainer:
                  collective: Collective = Collective()):
         self.model, self.tokenizer, self.config, self.collective = model, tokenizer, config, collective
         self.optimizer = torch.optim.Adam(model.gate_parameters(), lr=config.lr)
-        self.new_experts = {model.expert_names.index(n) for n in warm_start.new_experts} if warm_start else set()
+        self.new_experts = set(warm_start.new_expert_ids(model)) if warm_start else set()
         self.new_fraction = new_share(config.new_fraction, len(self.new_experts), len(model.expert_names))
         self.masks = warm_start.trainable_rows(model) if warm_start and config.freeze_old else None
         self.fit_rows = warm_start.fresh_rows(model) if warm_start and config.freeze_old else None

@@ -33,6 +33,10 @@ class WarmStart:
     def new_experts(self) -> list[str]:
         return [name for name, how in self.experts.items() if how == "fresh"]
 
+    def new_expert_ids(self, model: MeteoraModel) -> list[int]:
+        """The fresh experts' indices in the model's expert order."""
+        return [model.expert_names.index(name) for name in self.new_experts]
+
     def trainable_rows(self, model: MeteoraModel) -> list[torch.Tensor]:
         """Per gate (model order) a [E, 1] mask, 0 for copied rows, 1 for fresh ones: multiplying the gradients
         by it trains only the fresh rows (freeze_old)."""
